@@ -1,0 +1,7 @@
+"""Numerical engine of cryopick.
+
+Everything under this package works on numpy arrays, torch tensors and plain files (MRC, STAR). It never
+imports pyworkflow, pwem or tomo, so each stage can be run, timed and debugged outside Scipion through the
+`cryopick` command. Array axis order is (z, y, x); coordinates in files are x, y, z in voxels (pixels) of
+the volume (micrograph) they refer to, with the origin at the first voxel.
+"""

@@ -1,0 +1,42 @@
+"""Rotations in RELION's Euler convention and the (z, y, x) array frame.
+
+RELION's (rot, tilt, psi) give the matrix A = Rz(psi)·Ry(tilt)·Rz(rot) written with passive rotations,
+the transpose of the active intrinsic ZYZ rotation Rz(rot)·Ry(tilt)·Rz(psi). For positions x (x, y, z
+order, relative to the box centre) a particle at those angles is ``particle(x) = reference(A x)``: the
+reference rotated actively by Aᵀ. Averaging subtomograms with RELION (`relion_reconstruct --3d_rot`) at
+these angles rebuilds the reference.
+"""
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+
+def euler_to_matrix(rot, tilt, psi):
+    """RELION's A (3×3, acting on x, y, z column vectors) from angles in degrees."""
+    return Rotation.from_euler('ZYZ', [rot, tilt, psi], degrees=True).as_matrix().T
+
+
+def matrix_to_euler(matrix):
+    """(rot, tilt, psi) in degrees of RELION's A matrix."""
+    return tuple(Rotation.from_matrix(np.asarray(matrix).T).as_euler('ZYZ', degrees=True))
+
+
+def random_eulers(n, rng):
+    """`n` orientations uniformly distributed over SO(3), as RELION (rot, tilt, psi) rows in degrees."""
+    rots = Rotation.random(n, random_state=rng)
+    return np.atleast_2d(rots.inv().as_euler('ZYZ', degrees=True)) if n else np.zeros((0, 3))
+
+
+def rotate_volume(volume, matrix, order=1, cval=0.0):
+    """Resample a (z, y, x) volume as out(x) = volume(matrix · x) about the box centre (x, y, z frame).
+
+    With RELION's A this turns a reference into the particle at angles A; with Aᵀ it turns a particle
+    back into the reference frame.
+    """
+    from scipy.ndimage import affine_transform
+    volume = np.asarray(volume, dtype=np.float32)
+    # Reorder the x, y, z matrix to the array's z, y, x axes.
+    perm = np.array([2, 1, 0])
+    m_zyx = np.asarray(matrix)[np.ix_(perm, perm)]
+    centre = (np.array(volume.shape) - 1) / 2.0
+    offset = centre - m_zyx @ centre
+    return affine_transform(volume, m_zyx, offset=offset, order=order, mode='constant', cval=cval)

@@ -1,0 +1,2 @@
+"""cryopick protocols. Each module holds one protocol; classes are re-exported here for Scipion."""
+from .protocol_import_coordinates import CryopickImportCoordinates3D, CryopickImportCoordinates2D  # noqa: F401

@@ -1,0 +1,1 @@
+"""Scripts that build whole cryopick pipelines in a new Scipion project."""

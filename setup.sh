@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Set up cryopick on this machine and run one job:
+#   bash setup.sh demo    set up, then run the demo pipeline (the main job)
+#   bash setup.sh test    set up, then run the test suite
+#   bash setup.sh         set up only
+# Needs Python 3.11 with pip. Run as root, it installs the system packages it needs with apt-get;
+# otherwise it names them. The environment lives in .venv/ beside this script.
+set -euo pipefail
+cd "$(dirname "$0")"
+HERE=$(pwd)
+JOB=${1:-setup}
+shift || true
+
+log() { echo "[setup] $*" >&2; }
+
+have_tk() { "$1" -c 'import tkinter, venv, ensurepip' >/dev/null 2>&1; }
+
+# --- a Python 3.11 with tkinter (Scipion imports it even headless) -----------------------------
+PY=""
+for cand in "${PYTHON:-}" python3.11 python3 /usr/bin/python3.11; do
+  [ -n "$cand" ] || continue
+  command -v "$cand" >/dev/null 2>&1 || continue
+  if [ "$("$cand" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" = "3.11" ] && have_tk "$cand"; then
+    PY=$(command -v "$cand"); break
+  fi
+done
+APT_PKGS=()
+if [ -z "$PY" ]; then APT_PKGS+=(python3.11 python3.11-venv python3-tk); fi
+if [ ${#APT_PKGS[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing system packages: ${APT_PKGS[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${APT_PKGS[@]}" >/dev/null
+  else
+    echo "cryopick setup: please install the system packages: ${APT_PKGS[*]}" >&2; exit 1
+  fi
+  [ -n "$PY" ] || PY=/usr/bin/python3.11
+fi
+
+# --- the virtual environment -------------------------------------------------------------------
+VENV="$HERE/.venv"
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV with $PY"
+  "$PY" -m venv "$VENV"
+fi
+STAMP="$VENV/.cryopick-installed"
+WANT=$(cat requirements.txt requirements-test.txt setup.py | sha1sum | cut -d' ' -f1)
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+  log "installing the Python stack (first time: several minutes)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
+  "$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-test.txt
+  "$VENV/bin/python" -m pip install -q --no-deps -e .
+  echo "$WANT" > "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
+
+case "$JOB" in
+  setup) log "ready: activate with 'source .venv/bin/activate', then run 'cryopick --help'" ;;
+  demo)  exec "$VENV/bin/cryopick" demo "$@" ;;
+  test)  exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" ;;
+  *) echo "usage: bash setup.sh [setup|demo|test]" >&2; exit 2 ;;
+esac
