@@ -1,24 +1,5 @@
-"""Test session setup: a throw-away headless Scipion, configured before pyworkflow is imported."""
-import os
-import shutil
-import tempfile
-
-_HOME = tempfile.mkdtemp(prefix='cryopick-tests-')
-os.environ['CRYOPICK_HOME'] = _HOME
-os.environ['SCIPION_USER_DATA'] = os.path.join(_HOME, 'ScipionUserData')
-for _var in ('SCIPION_HOME', 'SCIPION_TESTS', 'SCIPION_HOSTS'):
-    os.environ.pop(_var, None)
-
-from cryopick_plugin import headless  # noqa: E402
-
-headless.configure(_HOME)
-
-import pytest  # noqa: E402
-
-
-def pytest_sessionfinish(session, exitstatus):
-    if not os.environ.get('CRYOPICK_KEEP_TEST_DATA'):
-        shutil.rmtree(_HOME, ignore_errors=True)
+"""Shared fixtures. The Scipion environment itself is set up by the repository's root conftest.py."""
+import pytest
 
 
 @pytest.fixture(scope='session')

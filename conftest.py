@@ -1,0 +1,19 @@
+"""Test session setup: a throw-away headless Scipion, configured before pyworkflow (or the plugin) is imported.
+
+This file sits at the repository root so pytest loads it before it imports the `cryopick_plugin` package
+(whose import configures Scipion from the environment).
+"""
+import os
+import shutil
+import tempfile
+
+_HOME = tempfile.mkdtemp(prefix='cryopick-tests-')
+os.environ['CRYOPICK_HOME'] = _HOME
+os.environ['SCIPION_USER_DATA'] = os.path.join(_HOME, 'ScipionUserData')
+for _var in ('SCIPION_HOME', 'SCIPION_TESTS', 'SCIPION_HOSTS'):
+    os.environ.pop(_var, None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not os.environ.get('CRYOPICK_KEEP_TEST_DATA'):
+        shutil.rmtree(_HOME, ignore_errors=True)
