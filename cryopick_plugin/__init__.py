@@ -64,21 +64,23 @@ class Plugin(pwem.Plugin):
         return f'{sys.executable} -m cryopick_plugin'
 
     @classmethod
-    def runCryopick(cls, protocol, command, args, gpu=False, cwd=None):
+    def runCryopick(cls, protocol, command, args, gpu=False, cwd=None, extra_env=None):
         """Run one `cryopick <command>` stage as a Scipion job (so it can go to a queue).
 
         With ``gpu=True`` the protocol's GPU list is exported as CUDA_VISIBLE_DEVICES (Scipion fills
-        %(GPU)s, comma-separated) and the device becomes 'cuda' unless the user forced the CPU.
+        %(GPU)s, comma-separated) and the engine uses CUDA when it works there, unless the user turned the
+        GPU off in the form or set CRYOPICK_DEVICE=cpu.
         """
         program = cls.getProgram()
         environ = cls.getEnviron()
-        if gpu and getattr(protocol, 'useGpu', None) is not None and protocol.useGpu.get() \
-                and str(cls.getVar(DEVICE_VAR)).lower() != 'cpu':
+        environ.update({k: str(v) for k, v in (extra_env or {}).items()})
+        wants_gpu = gpu and bool(getattr(protocol, 'useGpu', None) is None or protocol.useGpu.get())
+        if wants_gpu and str(cls.getVar(DEVICE_VAR)).lower() != 'cpu':
+            # 'auto': the engine takes the (first) visible GPU when CUDA works, the CPU otherwise.
             program = 'CUDA_VISIBLE_DEVICES=%(GPU)s ' + program
-            environ[DEVICE_VAR] = 'cuda'
-        elif gpu:
-            environ[DEVICE_VAR] = 'cpu' if getattr(protocol, 'useGpu', None) is not None \
-                and not protocol.useGpu.get() else str(cls.getVar(DEVICE_VAR) or 'auto')
+            environ[DEVICE_VAR] = 'auto'
+        else:
+            environ[DEVICE_VAR] = 'cpu'
         protocol.runJob(program, f'{command} {args}', env=environ, cwd=cwd)
 
     @classmethod

@@ -1,0 +1,70 @@
+"""What every cryopick protocol shares: running engine commands as jobs, GPU fields, tsId bookkeeping.
+
+Protocols never compute: each step writes the inputs the engine needs (through `convert`), runs one
+`cryopick <command>` as a Scipion job (so it can go to a queue and shows in the log), and registers the
+engine's output files as Scipion objects. Per-tomogram steps are keyed by tsId strings in sorted order, so
+"Continue" finds them again and skips the finished ones.
+"""
+import json
+import os
+import shlex
+
+from pyworkflow.protocol import params
+from pwem.protocols import EMProtocol
+
+from .. import Plugin, convert
+from ..engine import star
+
+
+class CryopickProtocol(EMProtocol):
+    """Base of cryopick protocols (not shown in menus)."""
+    _label = None
+
+    # ------------------------------------------------------------------ form helpers
+    @staticmethod
+    def _defineComputeParams(form, gpu=True):
+        if gpu:
+            form.addHidden(params.USE_GPU, params.BooleanParam, default=True,
+                           label='Use GPU', help='Run the network on a GPU when one is available. Without '
+                                                 'CUDA the CPU is used whatever this says.')
+            form.addHidden(params.GPU_LIST, params.StringParam, default='0', label='GPU IDs',
+                           help='GPUs to use (CUDA numbering), e.g. "0" or "0,1".')
+        form.addParallelSection(threads=1, mpi=0)
+
+    # ------------------------------------------------------------------ running engine commands
+    def _runCryopick(self, command, args, gpu=False):
+        """Run `cryopick <command> <args>` (args: list of strings, quoted here) as a job of this protocol."""
+        if not isinstance(args, str):
+            args = ' '.join(shlex.quote(str(a)) for a in args)
+        threads = self.numberOfThreads.get() if hasattr(self, 'numberOfThreads') else 1
+        # torch and BLAS use as many threads as the protocol was given, not every core of the node.
+        Plugin.runCryopick(self, command, args, gpu=gpu,
+                           extra_env={'OMP_NUM_THREADS': max(1, int(threads or 1))})
+
+    # ------------------------------------------------------------------ paths
+    def _tsPath(self, tsId, suffix):
+        """extra/<tsId><suffix>, absolute (jobs may run elsewhere than the project folder)."""
+        return os.path.abspath(self._getExtraPath(f'{tsId}{suffix}'))
+
+    @staticmethod
+    def _absFile(obj):
+        return os.path.abspath(obj.getFileName())
+
+    # ------------------------------------------------------------------ coordinates ↔ STAR
+    def _writeCoordinatesStar(self, coords, tomograms, path, tsId=None):
+        """Write a SetOfCoordinates3D (optionally one tomogram's rows) as STAR in tomogram voxels."""
+        df = convert.coordinates3d_to_frame(coords, tomograms)
+        if tsId is not None:
+            df = df[df[star.TOMO] == tsId]
+        star.write_coordinates(path, df)
+        return len(df)
+
+    @staticmethod
+    def _readJson(path):
+        with open(path) as fh:
+            return json.load(fh)
+
+    @staticmethod
+    def _writeJson(path, data):
+        with open(path, 'w') as fh:
+            json.dump(data, fh, indent=2, sort_keys=True, default=str)
