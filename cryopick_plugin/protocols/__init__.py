@@ -1,2 +1,3 @@
 """cryopick protocols. Each module holds one protocol; classes are re-exported here for Scipion."""
 from .protocol_import_coordinates import CryopickImportCoordinates3D, CryopickImportCoordinates2D  # noqa: F401
+from .protocol_weak_labels import CryopickWeakLabels  # noqa: F401
