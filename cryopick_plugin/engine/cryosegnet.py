@@ -1,0 +1,477 @@
+"""CryoSegNet: an attention U-Net segments particles in a micrograph; picks come from its probability map.
+
+Frames and orientation
+    All arrays are (y, x) as read; a pick's rlnCoordinateX is the column and rlnCoordinateY the row of the
+    micrograph array as read, in its own pixels, origin at the first pixel. Nothing here flips images: the
+    vertical flip in CryoSegNet's code comes from how it reads MRC files, and the β-gal JPGs were written
+    after that flip, so their annotations are already in the JPG's own array frame.
+
+Network frame
+    A micrograph is scaled, keeping its aspect ratio, so that its longer side is ``input_size`` (1024 in the
+    paper, 512 for the CPU preset by default) and padded at the bottom/right with its mean to a square.
+    CryoSegNet squashes every micrograph to 1024² instead; keeping the aspect ratio keeps particles round on
+    non-square detectors (5760 × 4092). Downscaling uses area averaging. Pixel centres map as
+    ``x_net = (x + 0.5)·s − 0.5``.
+
+Inputs
+    The network sees an image in [0, 1]: the output of `preprocess2d.cryosegnet_chain` (model meta
+    ``preprocess`` = the chain switches) or, for images already denoised (meta ``preprocess`` = None), the
+    image min–max scaled.
+
+Training targets
+    Filled circles of the particle diameter, drawn directly in the network frame with fractional edge
+    coverage (what resizing a full-size binary mask would give, without building it).
+
+Loss, augmentation, checkpoints
+    (BCE-with-logits + soft Dice) / 2 as in CryoSegNet; random flips and 90° rotations (micrographs have no
+    preferred orientation, so these are label-preserving; the reference trained on ≈5,000 micrographs from
+    22 data sets and used none, but fine-tuning on a handful of micrographs over-fits without them); Adam;
+    the kept weights are those with the best validation Dice (threshold 0.5), evaluated also before the
+    first epoch so fine-tuning never returns a model worse than the one it started from.
+
+Picking without SAM (`picks_from_map`)
+    Threshold the map, take the maxima of the distance transform of the foreground (touching particles
+    give one maximum each), keep maxima whose inscribed circle radius lies in [0.3 r, 1.5 r] (too thin:
+    noise; too wide: contamination or carbon). This is our U-Net-only path, not CryoSegNet's published
+    post-processing, which is `sam_picking.picks_with_sam`.
+"""
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import pandas as pd
+
+from . import attention_unet, star
+from .errors import InputError
+from .model_io import load_model, save_model
+
+log = logging.getLogger(__name__)
+
+METHOD = 'cryosegnet'
+DEFAULT_INPUT_SIZE = {'paper': 1024, 'cpu': 512}
+DEFAULT_CHAIN = {'blur': True, 'nlmeans': True, 'wiener': True, 'clahe': True, 'guided': True}
+COLUMNS = [star.X, star.Y, star.SCORE, star.DIAMETER]
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+def check_micrograph(image, source='micrograph'):
+    """The image as a float32 (y, x) array; InputError for RGB, wrong dimensionality, NaN or constant."""
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
+        raise InputError(source, f"is a colour image (shape {arr.shape}); give a single-channel micrograph")
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise InputError(source, f"expected a 2D micrograph, found shape {arr.shape}")
+    if min(arr.shape) < 8:
+        raise InputError(source, f"micrograph of shape {arr.shape} is too small")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(arr)):
+        raise InputError(source, "micrograph holds NaN or infinite values")
+    if float(arr.max()) == float(arr.min()):
+        raise InputError(source, "micrograph is constant")
+    return arr
+
+
+def check_diameter(diameter_px, shape, source='diameter'):
+    d = float(diameter_px)
+    if not np.isfinite(d) or d <= 1:
+        raise InputError(source, f"particle diameter must be more than 1 pixel, got {diameter_px}")
+    if d >= min(shape):
+        raise InputError(source, f"particle diameter {d:g} px does not fit in a micrograph of "
+                                 f"{shape[1]} × {shape[0]} pixels")
+    return d
+
+
+def chain_switches(preprocess):
+    """None (no chain) or a full dict of cryosegnet_chain switches from True/False/None/dict."""
+    if preprocess is None or preprocess is False:
+        return None
+    if preprocess is True:
+        return dict(DEFAULT_CHAIN)
+    if isinstance(preprocess, dict):
+        unknown = set(preprocess) - set(DEFAULT_CHAIN)
+        if unknown:
+            raise InputError('preprocess', f"unknown chain switch(es) {sorted(unknown)}; "
+                                           f"known: {sorted(DEFAULT_CHAIN)}")
+        return {**DEFAULT_CHAIN, **{k: bool(v) for k, v in preprocess.items()}}
+    raise InputError('preprocess', f"expected True, False or a dict of switches, got {preprocess!r}")
+
+
+def to_unit_range(image, switches):
+    """The network's input in [0, 1]: the CryoSegNet chain when `switches` is a dict, else min–max."""
+    if switches is not None:
+        from . import preprocess2d
+        out = preprocess2d.cryosegnet_chain(image, **switches)
+        return np.asarray(out, dtype=np.float32)
+    lo, hi = float(image.min()), float(image.max())
+    return ((image - lo) / (hi - lo)).astype(np.float32)
+
+
+def network_frame(shape, input_size):
+    """(h, w, sy, sx): size of the scaled micrograph inside the input_size² square and the scales."""
+    H, W = shape
+    s = input_size / max(H, W)
+    h, w = max(1, int(round(H * s))), max(1, int(round(W * s)))
+    return h, w, h / H, w / W
+
+
+def to_network(image01, input_size):
+    """Scale a [0,1] image into the network frame and pad it to input_size²; returns (square, (h, w))."""
+    import cv2
+    h, w, _, _ = network_frame(image01.shape, input_size)
+    interp = cv2.INTER_AREA if h < image01.shape[0] else cv2.INTER_LINEAR
+    small = cv2.resize(image01, (w, h), interpolation=interp)
+    square = np.full((input_size, input_size), float(small.mean()), dtype=np.float32)
+    square[:h, :w] = small
+    return square, (h, w)
+
+
+def disk_target(centres_xy, diameter_px, shape, input_size):
+    """Filled circles (fractional coverage at the edge) at the centres, in the padded network frame."""
+    h, w, sy, sx = network_frame(shape, input_size)
+    target = np.zeros((input_size, input_size), dtype=np.float32)
+    centres = np.asarray(centres_xy, dtype=float).reshape(-1, 2)
+    r = 0.5 * diameter_px * 0.5 * (sx + sy)
+    reach = int(math.ceil(r + 1))
+    for x, y in centres:
+        cx, cy = (x + 0.5) * sx - 0.5, (y + 0.5) * sy - 0.5
+        x0, x1 = max(0, int(cx) - reach), min(w, int(cx) + reach + 2)
+        y0, y1 = max(0, int(cy) - reach), min(h, int(cy) + reach + 2)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        cover = np.clip(r + 0.5 - np.hypot(xx - cx, yy - cy), 0.0, 1.0)
+        np.maximum(target[y0:y1, x0:x1], cover, out=target[y0:y1, x0:x1])
+    return target
+
+
+# --------------------------------------------------------------------------------------------- training
+
+def _dice_terms(prob, target):
+    inter = (prob * target).sum()
+    return inter, prob.sum() + target.sum()
+
+
+def _loss(logits, target):
+    import torch.nn.functional as F
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    inter, total = _dice_terms(logits.sigmoid(), target)
+    dice = 1.0 - (2.0 * inter + 1.0) / (total + 1.0)
+    return 0.5 * (bce + dice)
+
+
+def _augment(batch_x, batch_y, rng):
+    """Same random flip / 90° rotation for an image and its target (numpy, per sample)."""
+    k = int(rng.integers(4))
+    flip = bool(rng.integers(2))
+    out = []
+    for a in (batch_x, batch_y):
+        a = np.rot90(a, k)
+        out.append(np.ascontiguousarray(a[:, ::-1] if flip else a))
+    return out
+
+
+def _evaluate(net, xs, ys, device, threshold=0.5):
+    """Mean Dice loss (soft) and mean hard Dice over whole validation images."""
+    import torch
+    net.eval()
+    losses, dices = [], []
+    with torch.no_grad():
+        for x, y in zip(xs, ys):
+            prob = net(torch.from_numpy(x)[None, None].to(device)).sigmoid()[0, 0].cpu().numpy()
+            inter, total = _dice_terms(prob, y)
+            losses.append(1.0 - (2 * inter + 1.0) / (total + 1.0))
+            hard = prob >= threshold
+            truth = y >= 0.5
+            denom = hard.sum() + truth.sum()
+            dices.append(1.0 if denom == 0 else 2.0 * np.logical_and(hard, truth).sum() / denom)
+    return float(np.mean(losses)), float(np.mean(dices))
+
+
+def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epochs=30, batch_size=2,
+                     lr=1e-4, val_fraction=0.2, init_model=None, device='auto', seed=0, log=None,
+                     input_size=None, crop_size=None, preprocess=False, pixel_size=None, names=None):
+    """Train (or fine-tune) the attention U-Net on micrographs and particle centres.
+
+    images        list of (y, x) arrays; raw when `preprocess` is True or a dict of chain switches (the
+                  CryoSegNet chain runs on them, and on every micrograph the model later picks), already
+                  denoised when False.
+    coords        list of (N, 2) arrays of x (column), y (row) centres, one per image.
+    diameter_px   particle diameter in pixels of these micrographs (the radius of the drawn circles).
+    out_model     where the best model goes (model_io format, method 'cryosegnet').
+    preset        'cpu' (base width 8) or 'paper' (base width 64, 131 M parameters), or an arch dict
+                  (base_width, levels); ignored when fine-tuning.
+    input_size    side of the network input (multiple of 32); default 512 ('cpu'), 1024 ('paper'), or
+                  the initial model's.
+    crop_size     train on random crop_size² windows of the network frame (multiple of 32) instead of the
+                  whole square: cheaper steps and more of them per epoch (input_size // crop_size squared).
+    val_fraction  fraction of the micrographs held out for validation (at least one when two or more are
+                  given; with one micrograph it validates on the training micrograph and says so in meta).
+    init_model    fine-tune from this model file: its architecture, weights, input size and chain.
+    log           callable(str) receiving one line per epoch (default: the module logger).
+    Returns the history: a list of dicts (epoch, train_loss, val_loss, val_dice, seconds); epoch 0 is the
+    evaluation before training.
+    """
+    import torch
+    say = log or (lambda msg: logging.getLogger(__name__).info(msg))
+    if len(images) == 0 or len(images) != len(coords):
+        raise InputError('micrographs', f"need one coordinate array per micrograph "
+                                        f"({len(images)} micrographs, {len(coords)} coordinate sets)")
+    names = list(names) if names is not None else [f'micrograph {i + 1}' for i in range(len(images))]
+    init_meta, init_state = {}, None
+    if init_model:
+        arch, init_state, init_meta = load_model(init_model, METHOD)
+        switches = chain_switches(init_meta.get('preprocess'))
+        input_size = int(input_size or init_meta.get('input_size', 1024))
+    else:
+        if isinstance(preset, dict):
+            arch = {'in_ch': 1, 'levels': 5, **preset}
+        elif preset in attention_unet.PRESETS:
+            arch = attention_unet.preset_arch(preset)
+        else:
+            raise InputError('preset', f"unknown preset {preset!r}; choose from {sorted(attention_unet.PRESETS)}")
+        switches = chain_switches(preprocess)
+        input_size = int(input_size or DEFAULT_INPUT_SIZE.get(preset if isinstance(preset, str) else 'cpu'))
+    mult = 2 ** int(arch.get('levels', 5))
+    if input_size % mult:
+        raise InputError('input_size', f"{input_size} is not a multiple of {mult}")
+    crop = int(crop_size or input_size)
+    if crop % mult or crop > input_size:
+        raise InputError('crop_size', f"{crop} must be a multiple of {mult} and at most the input size {input_size}")
+    if epochs < 0 or batch_size < 1 or not (0 <= val_fraction < 1):
+        raise InputError('options', "epochs ≥ 0, batch size ≥ 1 and 0 ≤ val_fraction < 1 are required")
+
+    # Check everything before the (long) preprocessing and training start.
+    checked, centres = [], []
+    for img, xy, name in zip(images, coords, names):
+        img = check_micrograph(img, name)
+        check_diameter(diameter_px, img.shape, 'diameter')
+        xy = np.asarray(xy, dtype=float).reshape(-1, 2)
+        if not np.all(np.isfinite(xy)):
+            raise InputError(name, "coordinates hold non-finite values")
+        outside = (xy < -0.5).any(axis=1) | (xy[:, 0] > img.shape[1] - 0.5) | (xy[:, 1] > img.shape[0] - 0.5)
+        if outside.any():
+            raise InputError(name, f"{int(outside.sum())} coordinate(s) outside the micrograph "
+                                   f"({img.shape[1]} × {img.shape[0]} pixels)")
+        checked.append(img)
+        centres.append(xy)
+
+    device = _device(device)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    xs, ys = [], []
+    for img, xy in zip(checked, centres):
+        square, _ = to_network(to_unit_range(img, switches), input_size)
+        xs.append(square)
+        ys.append(disk_target(xy, diameter_px, img.shape, input_size))
+    say(f'prepared {len(xs)} micrograph(s) at {input_size}² in {time.time() - t0:.1f} s')
+
+    n = len(xs)
+    order = rng.permutation(n)
+    n_val = 0 if (n < 2 or val_fraction == 0) else min(n - 1, max(1, int(round(val_fraction * n))))
+    val_idx = sorted(order[:n_val].tolist()) if n_val else list(range(n))
+    train_idx = sorted(order[n_val:].tolist())
+    val_is_train = n_val == 0
+
+    net = attention_unet.build(arch).to(device)
+    if init_state is not None:
+        net.load_state_dict(init_state)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    val_x, val_y = [xs[i] for i in val_idx], [ys[i] for i in val_idx]
+
+    def snapshot():
+        return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+
+    history = []
+    val_loss, val_dice = _evaluate(net, val_x, val_y, device)
+    history.append({'epoch': 0, 'train_loss': None, 'val_loss': val_loss, 'val_dice': val_dice, 'seconds': 0.0})
+    say(f'epoch 0: val loss {val_loss:.4f}, val Dice {val_dice:.4f}')
+    best = {'epoch': 0, 'val_dice': val_dice, 'state': snapshot()}
+    crops_per_image = (input_size // crop) ** 2
+
+    for epoch in range(1, epochs + 1):
+        t_epoch = time.time()
+        net.train()
+        samples = np.repeat(np.asarray(train_idx), crops_per_image)
+        rng.shuffle(samples)
+        losses = []
+        for start in range(0, len(samples), batch_size):
+            bx, by = [], []
+            for i in samples[start:start + batch_size]:
+                oy, ox = rng.integers(0, input_size - crop + 1, size=2)
+                ax, ay = _augment(xs[i][oy:oy + crop, ox:ox + crop], ys[i][oy:oy + crop, ox:ox + crop], rng)
+                bx.append(ax)
+                by.append(ay)
+            tx = torch.from_numpy(np.stack(bx))[:, None].to(device)
+            ty = torch.from_numpy(np.stack(by))[:, None].to(device)
+            loss = _loss(net(tx), ty)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        val_loss, val_dice = _evaluate(net, val_x, val_y, device)
+        row = {'epoch': epoch, 'train_loss': float(np.mean(losses)), 'val_loss': val_loss,
+               'val_dice': val_dice, 'seconds': round(time.time() - t_epoch, 2)}
+        history.append(row)
+        say(f"epoch {epoch}: train loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, "
+            f"val Dice {val_dice:.4f} ({row['seconds']:.1f} s)")
+        if val_dice > best['val_dice']:
+            best = {'epoch': epoch, 'val_dice': val_dice, 'state': snapshot()}
+
+    h, w, sy, sx = network_frame(checked[0].shape, input_size)
+    meta = {
+        'input_size': input_size, 'pixel_size': pixel_size, 'diameter_px': float(diameter_px),
+        'diameter_net_px': float(diameter_px) * 0.5 * (sx + sy), 'preprocess': switches,
+        'normalisation': 'chain output' if switches else 'min-max to [0, 1]',
+        'frame': 'aspect ratio kept, longer side = input_size, padded bottom/right with the mean',
+        'threshold': 0.5, 'iou_filter': 0.94, 'size_factor': 0.2,
+        'epochs': epochs, 'batch_size': batch_size, 'lr': lr, 'crop_size': crop, 'seed': seed,
+        'augmentation': 'random flips and 90° rotations',
+        'train_micrographs': [names[i] for i in train_idx], 'val_micrographs': [names[i] for i in val_idx],
+        'val_is_train': val_is_train, 'best_epoch': best['epoch'], 'best_val_dice': best['val_dice'],
+        'history': history, 'init_model': os.fspath(init_model) if init_model else None,
+        'preset': None if (init_model or isinstance(preset, dict)) else preset,
+        'n_particles': int(sum(len(c) for c in centres)),
+    }
+    save_model(out_model, METHOD, arch, best['state'], meta)
+    say(f"best val Dice {best['val_dice']:.4f} at epoch {best['epoch']} → {out_model}")
+    return history
+
+
+# -------------------------------------------------------------------------------------------- inference
+
+def _device(device):
+    from .settings import resolve_device
+    return resolve_device(device)
+
+
+class CryoSegNetModel:
+    """A trained network on a device with the facts it was trained with (`meta`)."""
+
+    def __init__(self, net, arch, meta, device, path=None):
+        self.net, self.arch, self.meta, self.device, self.path = net, arch, meta, device, path
+
+    @property
+    def input_size(self):
+        return int(self.meta.get('input_size', 1024))
+
+
+def load_cryosegnet(path, device='auto'):
+    """Load a 'cryosegnet' model file; InputError when it is missing or another kind of model."""
+    arch, state, meta = load_model(path, METHOD)
+    device = _device(device)
+    net = attention_unet.build(arch)
+    net.load_state_dict(state)
+    net.to(device).eval()
+    return CryoSegNetModel(net, arch, meta, device, os.fspath(path))
+
+
+def _as_model(model, device):
+    return model if isinstance(model, CryoSegNetModel) else load_cryosegnet(model, device)
+
+
+def predict_map(image, model, device='auto', preprocess=None, source='micrograph'):
+    """Particle probability (float32 (y, x), the micrograph's own size) from a model or model path.
+
+    The model's own preprocessing (meta 'preprocess') is applied unless `preprocess` says otherwise
+    (False: the image is already in the form the model expects).
+    """
+    import cv2
+    import torch
+    model = _as_model(model, device)
+    image = check_micrograph(image, source)
+    switches = chain_switches(model.meta.get('preprocess')) if preprocess is None else chain_switches(preprocess)
+    square, (h, w) = to_network(to_unit_range(image, switches), model.input_size)
+    with torch.no_grad():
+        prob = model.net(torch.from_numpy(square)[None, None].to(model.device)).sigmoid()[0, 0].cpu().numpy()
+    return cv2.resize(np.ascontiguousarray(prob[:h, :w]), (image.shape[1], image.shape[0]),
+                      interpolation=cv2.INTER_LINEAR).astype(np.float32)
+
+
+def picks_frame(xy, scores, diameters):
+    xy = np.asarray(xy, dtype=float).reshape(-1, 2)
+    return pd.DataFrame({star.X: xy[:, 0], star.Y: xy[:, 1],
+                         star.SCORE: np.asarray(scores, dtype=float).reshape(-1),
+                         star.DIAMETER: np.broadcast_to(np.asarray(diameters, dtype=float), (len(xy),)).copy()})
+
+
+def picks_from_map(prob, diameter_px, threshold=0.5, min_radius=0.3, max_radius=1.5):
+    """U-Net-only picking (no SAM): centres of particles in a probability map.
+
+    Foreground = prob ≥ threshold; one pick per maximum of its distance transform, maxima at least 0.4
+    diameters apart; a maximum is kept when its inscribed-circle radius is within [min_radius, max_radius]
+    times the particle radius. Works on a copy scaled so the diameter is about 24 pixels (fast on 4k²
+    maps). Returns a DataFrame with rlnCoordinateX/Y (pixels of `prob`), rlnAutopickFigureOfMerit (the
+    map smoothed over a third of the radius, at the pick) and rlnDiameter.
+    """
+    import cv2
+    from scipy import ndimage
+    from skimage.feature import peak_local_max
+    prob = np.asarray(prob, dtype=np.float32)
+    d = check_diameter(diameter_px, prob.shape)
+    f = max(1, int(d // 24))
+    small = cv2.resize(prob, (prob.shape[1] // f, prob.shape[0] // f), interpolation=cv2.INTER_AREA) \
+        if f > 1 else prob
+    sy, sx = small.shape[0] / prob.shape[0], small.shape[1] / prob.shape[1]
+    r = 0.5 * d * 0.5 * (sx + sy)
+    fg = small >= threshold
+    if not fg.any():
+        return picks_frame(np.zeros((0, 2)), [], d)
+    dist = ndimage.distance_transform_edt(fg)
+    smooth = ndimage.gaussian_filter(small, max(0.5, r / 3))
+    # The smoothed map breaks ties on distance-transform plateaus (it never outweighs a whole pixel).
+    peaks = peak_local_max(dist + 0.5 * smooth, min_distance=max(1, int(round(0.4 * 2 * r))),
+                           labels=ndimage.label(fg)[0], exclude_border=False)
+    if len(peaks) == 0:
+        return picks_frame(np.zeros((0, 2)), [], d)
+    radius = dist[peaks[:, 0], peaks[:, 1]]
+    keep = (radius >= min_radius * r) & (radius <= max_radius * r)
+    peaks = peaks[keep]
+    xy = np.stack([(peaks[:, 1] + 0.5) / sx - 0.5, (peaks[:, 0] + 0.5) / sy - 0.5], axis=1)
+    scores = smooth[peaks[:, 0], peaks[:, 1]]
+    order = np.argsort(-scores, kind='stable')
+    return picks_frame(xy[order], scores[order], d)
+
+
+def cryosegnet_pick(image, model_path, diameter_px=None, sam_checkpoint=None, sam_type=None, threshold=0.5,
+                    points_per_side=32, pred_iou_thresh=0.88, stability_score_thresh=0.95, iou_filter=0.94,
+                    size_factor=0.2, device='auto', sam_model=None, preprocess=None, source='micrograph'):
+    """Pick one micrograph: U-Net map, then SAM post-processing (when a SAM model/checkpoint is given) or
+    the U-Net-only path.
+
+    model_path   model file or a loaded CryoSegNetModel.
+    diameter_px  particle diameter in pixels of this micrograph (default: the training diameter).
+    sam_checkpoint / sam_type   Segment Anything checkpoint (vit_b/vit_l/vit_h, inferred when None);
+                 `sam_model` may instead be an already built Sam (loaded once for many micrographs).
+    Returns (DataFrame with rlnCoordinateX (column), rlnCoordinateY (row of the array as read),
+    rlnAutopickFigureOfMerit, rlnDiameter; sorted by score), diagnostics dict: 'prob' (the map),
+    'path' ('sam' or 'unet'), 'seconds' per stage, 'n_masks' (SAM masks before filtering).
+    """
+    image = check_micrograph(image, source)
+    model = _as_model(model_path, device)
+    d = check_diameter(diameter_px if diameter_px is not None else model.meta.get('diameter_px', 0),
+                       image.shape, 'diameter')
+    if sam_model is None and sam_checkpoint:
+        from .sam_picking import load_sam
+        sam_model = load_sam(sam_checkpoint, sam_type, device=model.device)
+    t0 = time.time()
+    prob = predict_map(image, model, preprocess=preprocess, source=source)
+    t1 = time.time()
+    diag = {'prob': prob, 'seconds': {'network': t1 - t0}}
+    if sam_model is not None:
+        from .sam_picking import picks_with_sam
+        picks, n_masks = picks_with_sam(prob, sam_model, d, points_per_side=points_per_side,
+                                        pred_iou_thresh=pred_iou_thresh,
+                                        stability_score_thresh=stability_score_thresh,
+                                        iou_filter=iou_filter, size_factor=size_factor, return_count=True)
+        diag.update(path='sam', n_masks=n_masks)
+    else:
+        picks = picks_from_map(prob, d, threshold=threshold)
+        diag.update(path='unet', n_masks=None)
+    diag['seconds']['postprocess'] = time.time() - t1
+    return picks.reset_index(drop=True), diag
