@@ -1,0 +1,56 @@
+"""Pick particles in tomograms with a trained DeepETPicker model (overlap tiles + MP-NMS) → STAR.
+
+The tomogram is standardised, predicted tile by tile (only each tile's centre is kept), and the per-class
+probability map is reduced to particle centres by mean-pool NMS: binarise at t_seg, mean-pool k³ ⌈d/(k−1)⌉
+times, keep local maxima above t_lm, then drop picks within t_dist of a better one. Unset thresholds come
+from the model (tuned on validation data when it was trained) or from the label diameter. All tomograms'
+picks go to one STAR file (rlnTomoName = file name without extension; rlnClassNumber;
+rlnAutopickFigureOfMerit = MP-NMS score in 0..1).
+
+Example:
+  cryopick pick3d TS_01.mrc TS_02.mrc --model deepet.pt --out picks.star --t-seg 0.5 --device cuda
+"""
+import logging
+
+import pandas as pd
+
+from ..engine import pick3d, star
+from ..engine.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def add_args(parser):
+    parser.add_argument('tomograms', nargs='+', help='tomograms (MRC) to pick')
+    parser.add_argument('--model', required=True, help='model file written by `cryopick train3d`')
+    parser.add_argument('--out', required=True, help='output STAR file with the picks of every tomogram')
+    parser.add_argument('--t-seg', type=float, default=None, help='segmentation threshold (model default)')
+    parser.add_argument('--t-lm', type=float, default=None, help='local-maximum threshold (model default)')
+    parser.add_argument('--t-dist', type=float, default=None, help='de-duplication distance in voxels')
+    parser.add_argument('--kernel', type=int, default=None, help='MP-NMS pooling kernel (odd, default 5)')
+    parser.add_argument('--iterations', type=int, default=None, help='mean-pool passes (default ⌈d/(k−1)⌉)')
+    parser.add_argument('--pad', type=int, default=None, help='tile margin discarded per side (model default)')
+    parser.add_argument('--padding', choices=('zero', 'mirror'), default='zero',
+                        help='what the network sees beyond the tomogram border')
+    parser.add_argument('--batch-size', type=int, default=2, help='tiles per forward pass')
+    parser.add_argument('--rescale', action='store_true',
+                        help='resample tomograms whose voxel size differs from the model\'s instead of failing')
+    parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N (default $CRYOPICK_DEVICE)')
+    parser.add_argument('--work-dir', default=None, help='folder for temporary memory-mapped maps')
+
+
+def main(args):
+    if args.batch_size < 1:
+        raise InputError('--batch-size', 'must be at least 1')
+    from ..engine.settings import resolve_device
+    device = resolve_device(args.device)
+    model = pick3d.load_picker(args.model, device)
+    frames = []
+    for tomo in args.tomograms:
+        frames.append(pick3d.pick(tomo, args.model, device=device, t_seg=args.t_seg, t_lm=args.t_lm,
+                                  t_dist=args.t_dist, pad=args.pad, batch_size=args.batch_size,
+                                  rescale=args.rescale, kernel=args.kernel, iterations=args.iterations,
+                                  padding=args.padding, work_dir=args.work_dir, model=model))
+        log.info('%s: %d picks', tomo, len(frames[-1]))
+    star.write_coordinates(args.out, pd.concat(frames, ignore_index=True))
+    return 0

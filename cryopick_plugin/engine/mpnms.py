@@ -1,0 +1,120 @@
+"""Mean-pool non-maximum suppression (MP-NMS, DeepETPicker) and de-duplication of picks.
+
+On a probability map: binarise at t_seg, smooth the binary mask with a k×k×k mean filter `iterations`
+times (by default ⌈d/(k−1)⌉ for a particle/label diameter d, which spreads each blob to about one
+diameter so one blob gives one dome), and keep the voxels that are the maximum of their k×k×k
+neighbourhood and above t_lm. The score of a pick is the smoothed value at the peak: close to 1 for a
+solid blob of the expected size, smaller for fragments.
+
+Everything runs in torch (CPU or GPU). `mp_nms_slabs` runs the same computation over z-slabs of a
+(memory-mapped) map with a halo wide enough that the result equals a single pass over the whole map.
+
+`deduplicate` removes picks closer than t_dist to a higher-scoring pick (KD-tree, greedy by score).
+"""
+import math
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+DEFAULT_KERNEL = 5
+DEFAULT_T_SEG = 0.5
+DEFAULT_T_LM = 0.1
+
+
+def default_iterations(diameter, kernel=DEFAULT_KERNEL):
+    """⌈d/(k−1)⌉ mean-pool passes for diameter d (at least 1)."""
+    return max(1, int(math.ceil(float(diameter) / (kernel - 1))))
+
+
+def default_t_dist(diameter):
+    """De-duplication distance: half the diameter plus one voxel (the reference's min(d)//2 + 1)."""
+    return int(diameter) // 2 + 1
+
+
+def halo(kernel, iterations):
+    """Voxels of context one output voxel of `mp_nms` depends on along each axis."""
+    return (iterations + 1) * (kernel // 2)
+
+
+def _pooled(prob, t_seg, kernel, iterations):
+    import torch
+    import torch.nn.functional as F
+    h = (prob > t_seg).to(torch.float32)[None, None]
+    for _ in range(iterations):
+        h = F.avg_pool3d(h, kernel, stride=1, padding=kernel // 2)
+    return h
+
+
+def mp_nms(prob, diameter=None, t_seg=DEFAULT_T_SEG, t_lm=DEFAULT_T_LM, kernel=DEFAULT_KERNEL,
+           iterations=None, device='cpu'):
+    """Peaks of one class's probability map (z, y, x), numpy or torch.
+
+    Returns (zyx int array (N, 3), scores (N,)) sorted by decreasing score.
+    """
+    import torch
+    import torch.nn.functional as F
+    if kernel < 3 or kernel % 2 == 0:
+        raise ValueError(f"MP-NMS kernel must be odd and ≥ 3, got {kernel}")
+    if iterations is None:
+        if diameter is None:
+            raise ValueError("give the diameter or the number of iterations")
+        iterations = default_iterations(diameter, kernel)
+    prob = torch.as_tensor(np.asarray(prob, dtype=np.float32) if not torch.is_tensor(prob) else prob,
+                           device=device)
+    with torch.no_grad():
+        h = _pooled(prob, t_seg, kernel, iterations)
+        peak = (F.max_pool3d(h, kernel, stride=1, padding=kernel // 2) == h) & (h > t_lm)
+        idx = torch.nonzero(peak[0, 0]).cpu().numpy()
+        scores = h[0, 0][peak[0, 0]].cpu().numpy().astype(np.float64)
+    order = np.lexsort((idx[:, 2], idx[:, 1], idx[:, 0], -scores)) if len(idx) else np.zeros(0, int)
+    return idx[order].astype(int), scores[order]
+
+
+def mp_nms_slabs(prob_map, diameter=None, t_seg=DEFAULT_T_SEG, t_lm=DEFAULT_T_LM, kernel=DEFAULT_KERNEL,
+                 iterations=None, device='cpu', slab=64):
+    """`mp_nms` over a large (z, y, x) map read `slab` planes at a time (plus halo); same result as one pass.
+
+    The map may be a numpy memmap; each slab is copied to float32 with its halo only.
+    """
+    if iterations is None:
+        iterations = default_iterations(diameter, kernel)
+    nz = prob_map.shape[0]
+    margin = halo(kernel, iterations)
+    all_idx, all_scores = [], []
+    for z0 in range(0, nz, slab):
+        z1 = min(nz, z0 + slab)
+        a, b = max(0, z0 - margin), min(nz, z1 + margin)
+        block = np.asarray(prob_map[a:b], dtype=np.float32)
+        # Zero planes beyond the true volume border keep the mean filter's zero padding there; inner
+        # halo planes are real data, so the core [z0, z1) is exact.
+        idx, scores = mp_nms(block, t_seg=t_seg, t_lm=t_lm, kernel=kernel, iterations=iterations,
+                             device=device)
+        idx[:, 0] += a
+        keep = (idx[:, 0] >= z0) & (idx[:, 0] < z1)
+        all_idx.append(idx[keep])
+        all_scores.append(scores[keep])
+    idx = np.concatenate(all_idx) if all_idx else np.zeros((0, 3), int)
+    scores = np.concatenate(all_scores) if all_scores else np.zeros(0)
+    order = np.lexsort((idx[:, 2], idx[:, 1], idx[:, 0], -scores)) if len(idx) else np.zeros(0, int)
+    return idx[order], scores[order]
+
+
+def deduplicate(points, scores, t_dist):
+    """Indices of the points kept when every point within `t_dist` (strictly closer) of a better-scoring
+    kept point is removed. Ties in score go to the earlier point."""
+    scores = np.asarray(scores, dtype=float)
+    if len(scores) == 0 or not t_dist or t_dist <= 0:
+        return np.arange(len(scores))
+    points = np.asarray(points, dtype=float).reshape(len(scores), -1)
+    order = np.argsort(-scores, kind='stable')
+    tree = cKDTree(points)
+    removed = np.zeros(len(points), dtype=bool)
+    keep = []
+    for i in order:
+        if removed[i]:
+            continue
+        keep.append(i)
+        for j in tree.query_ball_point(points[i], r=np.nextafter(t_dist, 0)):
+            if j != i:
+                removed[j] = True
+    return np.array(sorted(keep, key=lambda i: (-scores[i], i)), dtype=int)

@@ -1,0 +1,232 @@
+"""3D picking with a trained 3D-ResUNet: overlap-tile inference, then MP-NMS and de-duplication.
+
+Overlap tiles: the tomogram is covered by cubes of side `patch`; of each cube's prediction only the centre
+(patch − 2·pad voxels per axis) is kept, so every voxel's probability comes from a tile where it sits at
+least `pad` voxels from the tile border (the network's border effects stay in the discarded margin). The
+core grid starts at 0 with stride patch − 2·pad and its last core is placed flush with the volume's end.
+Outside the tomogram the input is zero after standardisation (the tomogram mean; `padding='zero'`, as the
+reference) or mirrored (`padding='mirror'`).
+
+The per-class probability map is written into an array that is kept in memory when small and in a
+temporary memory-mapped file otherwise, so memory stays bounded (tiles are streamed from the memmapped
+tomogram). MP-NMS then runs over z-slabs of that map with an exact halo (`mpnms.mp_nms_slabs`), and picks
+closer than t_dist to a better one are removed across classes (one place holds one particle).
+
+Thresholds default to those stored in the model (possibly tuned on validation data during training), and
+otherwise to t_seg 0.5, t_lm 0.1, kernel 5, ⌈d/(k−1)⌉ pooling passes and t_dist = d//2 + 1 from the label
+diameter d.
+"""
+import logging
+import os
+import tempfile
+
+import numpy as np
+
+from . import model_io, mpnms, mrc, star
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+METHOD = 'deepetpicker'
+IN_MEMORY_BYTES = 256 * 1024 ** 2
+
+
+# ----------------------------------------------------------------------------------------------- tiles
+def core_starts(n, core):
+    """Start of every kept core along an axis of length n (last one flush with the end)."""
+    if n <= core:
+        return [0]
+    starts = list(range(0, n - core, core))
+    return starts + [n - core]
+
+
+def tiles(shape, patch, pad):
+    """(window start (z, y, x), core start, core length) of every tile of a (z, y, x) volume."""
+    core = patch - 2 * pad
+    if core < 1:
+        raise InputError('--pad', f"pad {pad} leaves no core in a patch of {patch} (need pad < patch/2)")
+    per_axis = [[(s, min(core, n)) for s in core_starts(n, core)] for n in shape]
+    for (z, lz) in per_axis[0]:
+        for (y, ly) in per_axis[1]:
+            for (x, lx) in per_axis[2]:
+                yield (z - pad, y - pad, x - pad), (z, y, x), (lz, ly, lx)
+
+
+def read_window(volume, start, size, mean=0.0, std=1.0, padding='zero'):
+    """Standardised float32 cube of side `size` at `start` (may stick out of the volume)."""
+    lo = [max(0, s) for s in start]
+    hi = [min(n, s + size) for s, n in zip(start, volume.shape)]
+    block = (np.asarray(volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32) - mean) / std
+    widths = [(l - s, s + size - h) for s, l, h in zip(start, lo, hi)]
+    if any(a or b for a, b in widths):
+        if padding == 'mirror':
+            block = np.pad(block, widths, mode='symmetric')  # numpy repeats the mirror for wide pads
+        else:
+            block = np.pad(block, widths, mode='constant')
+    return block
+
+
+def model_predictor(model, device='cpu'):
+    """Callable (B, 1, P, P, P) float32 numpy → (B, n_classes, P, P, P) foreground probabilities."""
+    import torch
+    model = model.to(device).eval()
+
+    def predict(batch):
+        with torch.no_grad():
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+            return model.foreground(x).float().cpu().numpy()
+    return predict
+
+
+def probability_map(volume, predictor, n_channels, patch, pad, batch_size=2, mean=0.0, std=1.0,
+                    padding='zero', out=None):
+    """Fill `out` (n_channels, z, y, x) with the stitched tile centres of `predictor`; return it."""
+    if out is None:
+        out = np.zeros((n_channels,) + tuple(volume.shape), dtype=np.float32)
+    pending = []
+
+    def flush():
+        batch = np.stack([read_window(volume, w, patch, mean, std, padding) for w, _, _ in pending])[:, None]
+        probs = predictor(batch)
+        for p, (w, c, n) in zip(probs, pending):
+            o = tuple(slice(c[i], c[i] + n[i]) for i in range(3))
+            t = tuple(slice(c[i] - w[i], c[i] - w[i] + n[i]) for i in range(3))
+            out[(slice(None),) + o] = p[(slice(None),) + t]
+        pending.clear()
+
+    for tile in tiles(volume.shape, patch, pad):
+        pending.append(tile)
+        if len(pending) >= batch_size:
+            flush()
+    if pending:
+        flush()
+    return out
+
+
+def find_peaks(prob_map, diameters, t_seg=None, t_lm=None, t_dist=None, kernel=None, iterations=None,
+               device='cpu'):
+    """MP-NMS on every class channel of a (C, z, y, x) map, then de-duplication across classes.
+
+    `diameters`: {class: label diameter (voxels)} for classes 1..C (defaults for the thresholds).
+    Returns (zyx (N, 3) int, classes (N,), scores (N,)) by decreasing score.
+    """
+    p = resolve_thresholds(diameters, t_seg, t_lm, t_dist, kernel, iterations)
+    zyx, cls, scores = [], [], []
+    for c in range(prob_map.shape[0]):
+        idx, sc = mpnms.mp_nms_slabs(prob_map[c], t_seg=p['t_seg'], t_lm=p['t_lm'], kernel=p['kernel'],
+                                     iterations=p['iterations'], device=device)
+        zyx.append(idx)
+        scores.append(sc)
+        cls.append(np.full(len(idx), c + 1, dtype=int))
+    zyx, cls, scores = np.concatenate(zyx), np.concatenate(cls), np.concatenate(scores)
+    keep = mpnms.deduplicate(zyx, scores, p['t_dist'])
+    return zyx[keep], cls[keep], scores[keep]
+
+
+def resolve_thresholds(diameters, t_seg=None, t_lm=None, t_dist=None, kernel=None, iterations=None):
+    """Fill unset thresholds from the defaults derived from the label diameters."""
+    ds = [float(d) for d in (diameters.values() if isinstance(diameters, dict) else [diameters])]
+    kernel = int(kernel or mpnms.DEFAULT_KERNEL)
+    return {'t_seg': float(mpnms.DEFAULT_T_SEG if t_seg is None else t_seg),
+            't_lm': float(mpnms.DEFAULT_T_LM if t_lm is None else t_lm),
+            'kernel': kernel,
+            'iterations': int(iterations or mpnms.default_iterations(max(ds), kernel)),
+            't_dist': float(mpnms.default_t_dist(min(ds)) if t_dist is None else t_dist)}
+
+
+def picks_frame(zyx, classes, scores, tomo_name=None, scale=1.0):
+    """RELION coordinate table from picks; `scale` maps working voxels to the tomogram's voxels."""
+    xyz = np.asarray(zyx, dtype=float).reshape(-1, 3)[:, ::-1] * scale
+    return star.coordinates_frame(xyz, volume_name=tomo_name, classes=classes, scores=scores)
+
+
+# ----------------------------------------------------------------------------------------------- models
+def load_picker(model_path, device='cpu'):
+    """(network on `device`, meta) from a DeepETPicker model file."""
+    from .resunet3d import ResUNet3D
+    arch, state, meta = model_io.load_model(model_path, METHOD)
+    try:
+        model = ResUNet3D(**arch)
+        model.load_state_dict(state)
+    except (TypeError, RuntimeError) as exc:
+        raise InputError(model_path, f"weights do not fit the stored architecture ({type(exc).__name__})") \
+            from None
+    return model.to(device).eval(), meta
+
+
+def class_diameters(meta):
+    return {int(k): float(v) for k, v in (meta.get('diameters') or {}).items()}
+
+
+def _temp_array(shape, work_dir, stack):
+    nbytes = int(np.prod(shape)) * 4
+    if nbytes <= IN_MEMORY_BYTES:
+        return np.zeros(shape, dtype=np.float32)
+    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix='cryopick-pick3d-', dir=work_dir))
+    return np.lib.format.open_memmap(os.path.join(folder, 'map.npy'), mode='w+', dtype=np.float32,
+                                     shape=shape)
+
+
+def rescaled(volume, factor, out):
+    """Linear resampling of `volume` by `factor` into `out`, slab by slab: out[j] = volume(j / factor)."""
+    from scipy.ndimage import map_coordinates
+    nz = out.shape[0]
+    grids = [np.arange(n) / factor for n in out.shape[1:]]
+    for sl in mrc.iter_slabs(out.shape, max_bytes=64 * 1024 ** 2):
+        zs = np.arange(sl.start, sl.stop) / factor
+        a = int(np.floor(zs[0]))
+        b = min(volume.shape[0], int(np.floor(zs[-1])) + 2)
+        block = np.asarray(volume[a:b], dtype=np.float32)
+        zz, yy, xx = np.meshgrid(zs - a, *grids, indexing='ij')
+        out[sl] = map_coordinates(block, [zz, yy, xx], order=1, mode='nearest')
+    return out
+
+
+def pick(tomo_path, model_path, device='auto', t_seg=None, t_lm=None, t_dist=None, pad=None, batch_size=2,
+         tomo_name=None, rescale=False, kernel=None, iterations=None, padding='zero', work_dir=None,
+         model=None):
+    """Pick one tomogram with a DeepETPicker model; return a RELION coordinate table.
+
+    Columns: rlnTomoName (`tomo_name`, default the file name without extension), rlnCoordinateX/Y/Z (voxels
+    of this tomogram), rlnClassNumber, rlnAutopickFigureOfMerit (MP-NMS score in 0..1). Raises InputError
+    for an unreadable/NaN/constant tomogram, a model of another method or format, or a voxel size that
+    differs from the model's by more than 1% (unless `rescale`, which resamples the tomogram to the
+    model's voxel size and maps the picks back). `model` = (network, meta) skips loading `model_path`.
+    """
+    import contextlib
+    from .settings import resolve_device
+    device = resolve_device(device)
+    data, voxel, stats = mrc.open_checked(tomo_path, ndim=3)
+    net, meta = model if model is not None else load_picker(model_path, device)
+    net = net.to(device)
+    diameters = class_diameters(meta)
+    if not diameters:
+        raise InputError(model_path, "model holds no class diameters")
+    model_voxel = float(meta.get('voxel_size') or 0)
+    scale = 1.0
+    with contextlib.ExitStack() as stack:
+        if model_voxel > 0 and voxel > 0 and abs(voxel - model_voxel) > 0.01 * model_voxel:
+            if not rescale:
+                raise InputError(tomo_path, f"voxel size {voxel:g} Å differs from the model's {model_voxel:g} Å "
+                                            f"by more than 1%; resample the tomogram or allow rescaling")
+            factor = voxel / model_voxel
+            shape = tuple(max(2, int(round(n * factor))) for n in data.shape)
+            data = rescaled(data, factor, _temp_array(shape, work_dir, stack))
+            stats = mrc.volume_stats(data)
+            scale = 1.0 / factor
+        patch = int(meta.get('patch') or 48)
+        pad = int(meta.get('pad_infer', patch // 6) if pad is None else pad)
+        thr = dict(meta.get('thresholds') or {})
+        p = resolve_thresholds(diameters,
+                               t_seg if t_seg is not None else thr.get('t_seg'),
+                               t_lm if t_lm is not None else thr.get('t_lm'),
+                               t_dist if t_dist is not None else thr.get('t_dist'),
+                               kernel or thr.get('kernel'), iterations or thr.get('iterations'))
+        prob = _temp_array((len(diameters),) + tuple(data.shape), work_dir, stack)
+        probability_map(data, model_predictor(net, device), len(diameters), patch, pad, batch_size,
+                        stats['mean'], stats['std'], padding, out=prob)
+        zyx, cls, scores = find_peaks(prob, diameters, device=device, **p)
+    name = tomo_name or os.path.splitext(os.path.basename(os.fspath(tomo_path)))[0]
+    log.info('%s: %d picks (t_seg %.2f, t_lm %.2f, t_dist %.1f, %d×k%d pooling, patch %d, pad %d)', name,
+             len(zyx), p['t_seg'], p['t_lm'], p['t_dist'], p['iterations'], p['kernel'], patch, pad)
+    return picks_frame(zyx, cls, scores, name, scale)

@@ -1,0 +1,137 @@
+"""MP-NMS, overlap-tile inference and the `pick3d` command."""
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+from cryopick_plugin.commands import pick3d as pick3d_cmd
+from cryopick_plugin.engine import labels, model_io, mpnms, mrc, pick3d, resunet3d, star
+from cryopick_plugin.engine.errors import InputError
+
+
+def _balls(shape, centres_zyx, radius):
+    zz, yy, xx = np.indices(shape)
+    out = np.zeros(shape, np.float32)
+    for c in centres_zyx:
+        out[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= radius ** 2] = 1
+    return out
+
+
+def test_mp_nms_finds_blob_centres_exactly():
+    rng = np.random.default_rng(0)
+    centres = np.array([[6, 7, 8], [6, 20, 22], [14, 8, 25], [15, 22, 9], [10, 15, 15]])
+    prob = _balls((21, 30, 33), centres, 3) * 0.9 + rng.uniform(0, 0.3, (21, 30, 33)).astype(np.float32)
+    idx, scores = mpnms.mp_nms(prob, diameter=7)
+    assert sorted(map(tuple, idx)) == sorted(map(tuple, centres))
+    assert np.all(scores > 0.3) and np.all(np.diff(scores) <= 0)
+    # t_lm drops weak peaks: a fragment of 2 voxels pools to a low value
+    frag = prob.copy()
+    frag[19, 27, 29:31] = 1.0
+    idx2, sc2 = mpnms.mp_nms(frag, diameter=7, t_lm=0.1)
+    assert len(idx2) == 5
+    idx3, _ = mpnms.mp_nms(frag, diameter=7, t_lm=0.0)
+    extra = [p for p in map(tuple, idx3) if p not in set(map(tuple, centres))]
+    assert extra and all(np.linalg.norm(np.subtract(p, (19, 27, 29.5))) <= 2 for p in extra)
+    # slab-wise with halo equals one pass
+    idx4, sc4 = mpnms.mp_nms_slabs(prob, diameter=7, slab=4)
+    assert np.array_equal(idx4, idx) and np.allclose(sc4, scores)
+
+
+def test_deduplicate_keeps_the_best_within_distance():
+    pts = np.array([[0, 0, 0], [0, 0, 2], [0, 0, 3.5], [10, 10, 10]], float)
+    keep = mpnms.deduplicate(pts, [0.5, 0.9, 0.4, 0.1], t_dist=3)
+    # point 1 (best) removes 0 (2 away) and 2 (1.5 away); the far point stays
+    assert list(keep) == [1, 3]
+    assert list(mpnms.deduplicate(pts, [0.5, 0.9, 0.4, 0.1], t_dist=1.5)) == [1, 0, 2, 3]
+    assert mpnms.default_iterations(23, 5) == 6 and mpnms.default_t_dist(11) == 6
+
+
+@pytest.mark.parametrize('padding', ['zero', 'mirror'])
+def test_tiled_picking_equals_single_pass(padding):
+    rng = np.random.default_rng(1)
+    shape = (23, 37, 41)
+    centres = np.array([[5, 5, 5], [11, 18, 20], [17, 30, 6], [4, 33, 36], [18, 9, 33], [11, 6, 20]])
+    vol = -_balls(shape, centres, 3) + rng.normal(0, 0.15, shape).astype(np.float32)
+    # a voxel-wise "network": tiling must then reproduce the single-pass map exactly
+    conv = torch.nn.Conv3d(1, 1, 1)
+    with torch.no_grad():
+        conv.weight.fill_(-4.0)
+        conv.bias.fill_(-2.0)
+
+    def predictor(batch):
+        with torch.no_grad():
+            return torch.sigmoid(conv(torch.from_numpy(batch))).numpy()
+
+    whole = pick3d.probability_map(vol, predictor, 1, patch=48, pad=0, padding=padding)
+    tiled = pick3d.probability_map(vol, predictor, 1, patch=16, pad=4, batch_size=3, padding=padding)
+    assert np.array_equal(whole, tiled)
+    counted = np.zeros(shape, int)
+    for _, c, n in pick3d.tiles(shape, 16, 4):
+        counted[c[0]:c[0] + n[0], c[1]:c[1] + n[1], c[2]:c[2] + n[2]] += 1
+    assert counted.min() >= 1  # every voxel covered by a kept core
+    a = pick3d.find_peaks(whole, {1: 7})
+    b = pick3d.find_peaks(tiled, {1: 7})
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert sorted(map(tuple, a[0])) == sorted(map(tuple, centres))
+
+
+def _tiny_model(path, voxel=10.0, n_classes=1):
+    torch.manual_seed(0)
+    net = resunet3d.ResUNet3D(n_classes=n_classes, widths=(4, 8))
+    meta = {'voxel_size': voxel, 'diameters': {str(c): 5 for c in range(1, n_classes + 1)}, 'patch': 16,
+            'pad_infer': 4, 'thresholds': {'t_seg': 0.5, 't_lm': 0.1}}
+    model_io.save_model(path, 'deepetpicker', net.arch(), net.state_dict(), meta)
+    return net
+
+
+def test_pick_checks_voxel_size_and_rescales(tmp_path):
+    _tiny_model(tmp_path / 'm.pt', voxel=10.0)
+    vol = np.random.default_rng(2).normal(size=(12, 20, 18)).astype(np.float32)
+    mrc.write_mrc(tmp_path / 't.mrc', vol, 10.05)   # within 1%
+    mrc.write_mrc(tmp_path / 'b.mrc', vol, 20.0)
+    df = pick3d.pick(tmp_path / 't.mrc', tmp_path / 'm.pt', device='cpu', t_seg=0.0, t_lm=0.0)
+    assert list(df.columns) == [star.TOMO, star.X, star.Y, star.Z, star.CLASS, star.SCORE]
+    assert (df[star.TOMO] == 't').all() and len(df) > 0
+    with pytest.raises(InputError, match='voxel size'):
+        pick3d.pick(tmp_path / 'b.mrc', tmp_path / 'm.pt', device='cpu')
+    big = pick3d.pick(tmp_path / 'b.mrc', tmp_path / 'm.pt', device='cpu', rescale=True, t_seg=0.0, t_lm=0.0)
+    xyz = star.xyz_array(big)
+    assert len(big) and np.all(xyz >= -0.5) and np.all(xyz <= np.array([18, 20, 12]) - 0.5)
+    # the working volume was twice as large: picks land on half-voxel positions of the original
+    assert np.any(np.abs(xyz - np.round(xyz)) > 0.25)
+    mrc.write_mrc(tmp_path / 'flat.mrc', np.ones((8, 8, 8), np.float32), 10.0)
+    with pytest.raises(InputError, match='constant'):
+        pick3d.pick(tmp_path / 'flat.mrc', tmp_path / 'm.pt', device='cpu')
+
+
+def test_rescaled_volume_samples_the_original_grid():
+    vol = np.arange(6 * 8 * 10, dtype=np.float32).reshape(6, 8, 10)
+    out = pick3d.rescaled(vol, 2.0, np.zeros((12, 16, 20), np.float32))
+    assert np.allclose(out[::2, ::2, ::2], vol)
+    assert out[1, 0, 0] == pytest.approx((vol[0, 0, 0] + vol[1, 0, 0]) / 2)
+
+
+def _run(argv):
+    parser = argparse.ArgumentParser()
+    pick3d_cmd.add_args(parser)
+    return pick3d_cmd.main(parser.parse_args([str(a) for a in argv]))
+
+
+def test_pick3d_command_writes_one_star_for_several_tomograms(tmp_path):
+    _tiny_model(tmp_path / 'm.pt', n_classes=2)
+    rng = np.random.default_rng(3)
+    for name in ('TS_1', 'TS_2'):
+        mrc.write_mrc(tmp_path / f'{name}.mrc', rng.normal(size=(10, 14, 12)).astype(np.float32), 10.0)
+    out = tmp_path / 'picks.star'
+    assert _run([tmp_path / 'TS_1.mrc', tmp_path / 'TS_2.mrc', '--model', tmp_path / 'm.pt', '--out', out,
+                 '--t-seg', 0.0, '--t-lm', 0.0, '--pad', 2, '--device', 'cpu']) == 0
+    df = star.read_coordinates(out)
+    assert set(df[star.TOMO]) == {'TS_1', 'TS_2'}
+    assert set(df[star.CLASS]) <= {1, 2}
+    assert df[star.SCORE].between(0, 1).all()
+    with pytest.raises(InputError):
+        _run([tmp_path / 'TS_1.mrc', '--model', tmp_path / 'm.pt', '--out', out, '--pad', 8])
+    model_io.save_model(tmp_path / 'x.pt', 'cryosegnet', {}, {}, {})
+    with pytest.raises(InputError, match='cryosegnet'):
+        _run([tmp_path / 'TS_1.mrc', '--model', tmp_path / 'x.pt', '--out', out])
