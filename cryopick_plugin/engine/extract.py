@@ -142,13 +142,15 @@ def read_subtomograms(star_path):
 
     Returns (stack (M, b, b, b) float32, table, voxel_size in Å: rlnPixelSize when present, else the first
     MRC header). Raises InputError naming the file when an image is missing, not a cube, or of another
-    size than the first.
+    size than the first, or holds NaN, and when the table is empty.
     """
     blocks = star.read_star_blocks(star_path)
     table = next((b for b in blocks.values() if isinstance(b, pd.DataFrame) and IMAGE in b.columns), None)
     if table is None:
         raise InputError(star_path, f"no data block with column {IMAGE}")
     table = table.reset_index(drop=True)
+    if len(table) == 0:
+        raise InputError(star_path, "lists no subtomograms")
     folder = os.path.dirname(os.path.abspath(os.fspath(star_path)))
     subs, shape, header_voxel = [], None, None
     for name in table[IMAGE].astype(str):
@@ -164,7 +166,10 @@ def read_subtomograms(star_path):
         elif data.shape != shape:
             raise InputError(star_path, f"{name} has box {data.shape[0]}, the first subtomogram has "
                                         f"box {shape[0]}: all must have the same size")
-        subs.append(np.asarray(data, dtype=np.float32))
+        sub = np.asarray(data, dtype=np.float32)
+        if not np.all(np.isfinite(sub)):
+            raise InputError(star_path, f"{name} contains NaN or infinite values")
+        subs.append(sub)
     if PIXEL in table.columns:
         pix = pd.to_numeric(table[PIXEL], errors='coerce').to_numpy(dtype=float)
         if len(pix) and (not np.all(np.isfinite(pix)) or np.ptp(pix) > 1e-6 * max(abs(pix[0]), 1)):
@@ -172,7 +177,7 @@ def read_subtomograms(star_path):
         voxel_size = float(pix[0]) if len(pix) else header_voxel
     else:
         voxel_size = header_voxel
-    stack = np.stack(subs) if subs else np.zeros((0, 0, 0, 0), dtype=np.float32)
+    stack = np.stack(subs)
     return stack, table, voxel_size
 
 
