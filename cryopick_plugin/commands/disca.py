@@ -1,0 +1,132 @@
+"""Cluster subtomograms without templates or labels (DISCA: YOPO features + Gaussian-mixture EM).
+
+Reads a STAR file of subtomograms (rlnImageName: one MRC per subtomogram, relative to the STAR file's
+folder; rlnTomoName, rlnCoordinateX/Y/Z travel along), estimates the number of clusters K by BIC and
+writes to --out:
+
+  disca_model.pt (+ .json)   network + PCA + Gaussian mixture, for `cryopick disca-predict`
+  labels.star                input rows + rlnClassNumber (cluster, 1-based) + rlnAutopickFigureOfMerit
+                             (posterior probability of that cluster)
+  history.json               per iteration: K, BIC, DDBI, fraction of labels changed, loss, time; the kept
+                             iteration; the class averages and their sizes
+  embeddings.npz             per iteration: 2D PCA embedding (iterations, N, 2) and labels (iterations, N)
+  class_001_average.mrc ...  plain (unaligned) average of each cluster's subtomograms
+
+Needs at least 10 subtomograms per cluster of the smallest K; the largest K is lowered to N // 10.
+
+Example:
+  cryopick disca subtomograms.star --out disca_run --preset cpu --k-min 2 --k-max 20 --max-iter 12
+"""
+import json
+import logging
+import os
+
+import numpy as np
+
+from cryopick_plugin.engine.errors import InputError
+
+logger = logging.getLogger('cryopick.disca')
+
+IMAGE = 'rlnImageName'
+
+
+def read_subtomogram_star(star_path):
+    """(stack (N, b, b, b) float32, table, voxel size Å) from a subtomogram STAR file.
+
+    Uses `engine.extract.read_subtomograms` when that module provides it; otherwise reads the files here.
+    """
+    try:
+        from cryopick_plugin.engine.extract import read_subtomograms
+    except ImportError:
+        read_subtomograms = None
+    if read_subtomograms is not None:
+        return read_subtomograms(star_path)
+    return _read_subtomograms_local(star_path)
+
+
+def _read_subtomograms_local(star_path):
+    import pandas as pd
+    from cryopick_plugin.engine.mrc import open_volume
+    from cryopick_plugin.engine.star import read_star_blocks
+    blocks = read_star_blocks(star_path)
+    table = next((b for b in blocks.values() if isinstance(b, pd.DataFrame) and IMAGE in b.columns), None)
+    if table is None:
+        raise InputError(star_path, f"no data block with a {IMAGE} column")
+    table = table.reset_index(drop=True)
+    if len(table) == 0:
+        raise InputError(star_path, "lists no subtomograms")
+    folder = os.path.dirname(os.path.abspath(star_path))
+    stack, box, voxel = None, None, None
+    for i, name in enumerate(table[IMAGE].astype(str)):
+        path = name if os.path.isabs(name) else os.path.join(folder, name)
+        if not os.path.exists(path) and os.path.exists(name):
+            path = name
+        data, vs = open_volume(path, ndim=3)
+        if len(set(data.shape)) != 1:
+            raise InputError(path, f"subtomogram is not cubic: shape (z, y, x) = {tuple(data.shape)}")
+        if stack is None:
+            box, voxel = data.shape[0], vs
+            stack = np.empty((len(table), box, box, box), dtype=np.float32)
+        elif data.shape[0] != box:
+            raise InputError(path, f"box {data.shape[0]}³ differs from the first subtomogram's {box}³ "
+                                   f"(all subtomograms must have the same box)")
+        stack[i] = data
+    if not np.all(np.isfinite(stack)):
+        raise InputError(star_path, "subtomograms contain NaN or infinite values")
+    return stack, table, voxel
+
+
+def labelled_table(table, labels, probabilities):
+    """The input table with rlnClassNumber = cluster + 1 and rlnAutopickFigureOfMerit = its probability."""
+    from cryopick_plugin.engine.star import CLASS, SCORE
+    out = table.copy()
+    out[CLASS] = np.asarray(labels, dtype=int) + 1
+    out[SCORE] = probabilities[np.arange(len(labels)), labels]
+    return out
+
+
+def add_args(parser):
+    parser.add_argument('subtomograms', help='STAR file of subtomograms (rlnImageName)')
+    parser.add_argument('--out', required=True, help='output folder')
+    parser.add_argument('--preset', choices=['cpu', 'paper'], default='cpu',
+                        help="network width and input box: 'cpu' (quarter width, binned to 24³) or "
+                             "'paper' (the published width, input at its own box); default cpu")
+    parser.add_argument('--k-min', type=int, default=2, help='smallest number of clusters tried (2)')
+    parser.add_argument('--k-max', type=int, default=20, help='largest number of clusters tried (20)')
+    parser.add_argument('--max-iter', type=int, default=None,
+                        help='EM iterations at most (default: 12 for cpu, 20 for paper)')
+    parser.add_argument('--seed', type=int, default=0, help='random seed (0)')
+    parser.add_argument('--device', default=None, help="'auto', 'cpu' or 'cuda' (default $CRYOPICK_DEVICE or auto)")
+
+
+def main(args):
+    from cryopick_plugin.engine import disca
+    from cryopick_plugin.engine.mrc import atomic_path, write_mrc
+    from cryopick_plugin.engine.star import write_star
+    if args.k_min < 1 or args.k_max < args.k_min:
+        raise InputError('--k-min/--k-max', f"bad range {args.k_min}..{args.k_max}")
+    stack, table, voxel = read_subtomogram_star(args.subtomograms)
+    os.makedirs(args.out, exist_ok=True)
+    result = disca.disca_cluster(stack, preset=args.preset, k_range=(args.k_min, args.k_max),
+                                 max_iter=args.max_iter, seed=args.seed, device=args.device,
+                                 log=logger.info, out_dir=args.out)
+    model_path = os.path.join(args.out, 'disca_model.pt')
+    disca.save_disca_model(model_path, result, {'voxel_size': voxel,
+                                                'source': os.path.abspath(args.subtomograms)})
+    write_star(os.path.join(args.out, 'labels.star'),
+               {'particles': labelled_table(table, result.labels, result.probabilities)})
+    averages = []
+    for c in range(result.k):
+        members = np.flatnonzero(result.labels == c)
+        name = f'class_{c + 1:03d}_average.mrc'
+        write_mrc(os.path.join(args.out, name), stack[members].mean(axis=0), voxel)
+        averages.append({'class': c + 1, 'file': name, 'size': int(len(members)), 'aligned': False,
+                         'note': 'plain average of the unaligned subtomograms of the class'})
+    summary = {'iterations': result.history, 'kept_iteration': result.best_iteration, 'k': result.k,
+               'class_averages': averages, 'model': 'disca_model.pt', 'labels': 'labels.star',
+               'embeddings': 'embeddings.npz', 'meta': result.meta}
+    with atomic_path(os.path.join(args.out, 'history.json')) as tmp:
+        with open(tmp, 'w') as fh:
+            json.dump(summary, fh, indent=1)
+    logger.info('K=%d clusters, sizes %s; results in %s', result.k, result.class_sizes(), args.out)
+    return 0

@@ -1,0 +1,566 @@
+"""DISCA: unsupervised clustering of subtomograms by YOPO features and Gaussian mixtures.
+
+The generalised EM loop of the DISCA paper (PNAS 2023), ported from its Keras code:
+
+1. features of every subtomogram from the YOPO network (`yopo.py`, eval mode);
+2. PCA to 16 dimensions, then a full-covariance Gaussian mixture for every candidate K; the lowest BIC
+   wins. For the current K a second mixture is started from the current labels and the better of the two
+   is kept, so a good solution is not lost to an unlucky random start;
+3. empty clusters are dropped and, when K is unchanged, the new labels are matched to the previous ones
+   with the Hungarian method so that cluster numbers keep their meaning between iterations;
+4. stop when fewer than 0.1 % of the labels change (same K) or after `max_iter` iterations;
+5. score the labels with the distortion-based Davies-Bouldin index (DDBI) of the supplementary material and
+   keep the iteration with the lowest one;
+6. train: smoothed one-hot labels (the smoothing factor shrinks by 0.9 each iteration), the data plus one
+   uniformly random 3D rotation of every subtomogram (corners filled with matching noise), categorical
+   hinge loss, Nadam with a learning rate decaying by 0.95 per iteration; when K changed, a new head is
+   first trained for a few epochs on the fixed features.
+
+The kept result carries the network weights that produced its features together with the PCA and Gaussian
+mixture that produced its labels, so `disca_predict` reproduces the labels of the training data exactly and
+assigns new subtomograms to the same clusters with a posterior probability.
+
+Departures from the reference, on purpose: rotations are uniform on SO(3) (scipy) instead of the SVD of a
+random matrix; each subtomogram is normalised to zero mean and unit variance; the 'cpu' preset bins
+subtomograms to 24³ and uses a quarter of the width; candidate K is a range capped by the data size.
+"""
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial.transform import Rotation
+from sklearn.decomposition import PCA
+from sklearn.metrics import homogeneity_completeness_v_measure
+from sklearn.mixture import GaussianMixture
+
+from . import yopo
+from .errors import InputError
+from .geometry import rotate_volume
+from .model_io import load_model, save_model
+from .mrc import atomic_path
+from .settings import resolve_device
+
+logger = logging.getLogger(__name__)
+
+METHOD = 'disca'
+
+# Training settings for each preset; `disca_cluster(..., options={...})` overrides any of them.
+TRAINING = {
+    'paper': {'lr': 1e-5, 'batch_size': 64, 'pca_dim': 16, 'reg_covar': 1e-5, 'n_init': 5,
+              'gmm_max_iter': 100, 'label_smoothing': 0.2, 'head_epochs': 10, 'head_lr': 1e-4,
+              'stable_fraction': 0.999, 'min_per_cluster': 10},
+    # Fewer, shorter iterations on a CPU: a larger learning rate gets the features moving within them.
+    'cpu': {'lr': 5e-4, 'batch_size': 16, 'pca_dim': 16, 'reg_covar': 1e-5, 'n_init': 3,
+            'gmm_max_iter': 100, 'label_smoothing': 0.2, 'head_epochs': 10, 'head_lr': 1e-3,
+            'stable_fraction': 0.999, 'min_per_cluster': 10},
+}
+DEFAULT_MAX_ITER = {'paper': 20, 'cpu': 12}
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def align_labels(reference, labels):
+    """Renumber `labels` so that they agree with `reference` as much as possible (Hungarian method).
+
+    Works when the two have different numbers of clusters: clusters of `labels` without a partner get the
+    numbers after the largest reference number. Returns a new int array.
+    """
+    reference = np.asarray(reference, dtype=int)
+    labels = np.asarray(labels, dtype=int)
+    ref_ids = np.unique(reference)
+    lab_ids = np.unique(labels)
+    overlap = np.zeros((len(lab_ids), len(ref_ids)), dtype=np.int64)
+    np.add.at(overlap, (np.searchsorted(lab_ids, labels), np.searchsorted(ref_ids, reference)), 1)
+    rows, cols = linear_sum_assignment(-overlap)
+    mapping = {int(lab_ids[r]): int(ref_ids[c]) for r, c in zip(rows, cols)}
+    spare = int(ref_ids.max()) + 1 if len(ref_ids) else 0
+    for lab in lab_ids:
+        if int(lab) not in mapping:
+            mapping[int(lab)] = spare
+            spare += 1
+    return np.array([mapping[int(v)] for v in labels], dtype=int)
+
+
+def ddbi(features, labels, reg_covar=1e-5):
+    """Distortion-based Davies-Bouldin index (DISCA supplementary Eq. 1); lower is better.
+
+    For cluster i with mean μᵢ and precision Pᵢ = (Σᵢ + reg·I)⁻¹: the distortion Tᵢ is the mean squared
+    Mahalanobis distance of its members to μᵢ under Pᵢ, and the separation Dᵢⱼ = (μⱼ−μᵢ)ᵀ Pᵢ (μⱼ−μᵢ). The
+    index is the mean over clusters j of maxᵢ≠ⱼ (Tᵢ + Tⱼ) / (Dᵢⱼ + Dⱼᵢ). One cluster gives inf.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    labels = np.asarray(labels)
+    ids = np.unique(labels)
+    if len(ids) < 2:
+        return float('inf')
+    d = features.shape[1]
+    means, precisions, distortion = [], [], []
+    for c in ids:
+        members = features[labels == c]
+        mu = members.mean(axis=0)
+        cov = np.cov(members.T, bias=False).reshape(d, d) if len(members) > 1 else np.zeros((d, d))
+        prec = np.linalg.inv(cov + reg_covar * np.eye(d))
+        diff = members - mu
+        distortion.append(float(np.mean(np.einsum('ni,ij,nj->n', diff, prec, diff))))
+        means.append(mu)
+        precisions.append(prec)
+    means = np.array(means)
+    k = len(ids)
+    sep = np.zeros((k, k))
+    for i in range(k):
+        diff = means - means[i]
+        sep[i] = np.einsum('ni,ij,nj->n', diff, precisions[i], diff)
+    ratio = np.zeros((k, k))
+    for i in range(k):
+        for j in range(k):
+            if i != j:
+                ratio[i, j] = (distortion[i] + distortion[j]) / max(sep[i, j] + sep[j, i], 1e-300)
+    return float(np.mean(ratio.max(axis=0)))
+
+
+def clustering_scores(truth, labels):
+    """Agreement with known classes: Hungarian accuracy, homogeneity, completeness, V-measure, K found."""
+    truth = np.asarray(truth, dtype=int)
+    labels = np.asarray(labels, dtype=int)
+    h, c, v = homogeneity_completeness_v_measure(truth, labels)
+    accuracy = float(np.mean(align_labels(truth, labels) == truth))
+    return {'accuracy': accuracy, 'homogeneity': float(h), 'completeness': float(c), 'v_measure': float(v),
+            'k': int(len(np.unique(labels)))}
+
+
+# ------------------------------------------------------------------------------------ mixture fitting
+
+def _compact(labels):
+    """Renumber labels 0..K-1 in order of first component number (drops empty components)."""
+    ids, compact = np.unique(labels, return_inverse=True)
+    return compact.astype(int), ids
+
+
+def _gmm(k, options, seed, tol, init_from=None):
+    kwargs = dict(n_components=k, covariance_type='full', tol=tol, reg_covar=options['reg_covar'],
+                  max_iter=options['gmm_max_iter'], random_state=seed, init_params='random')
+    if init_from is not None:
+        weights, means, precisions = init_from
+        # Started from the current solution; extra random restarts would only compete with it.
+        kwargs.update(n_init=1, weights_init=weights, means_init=means, precisions_init=precisions)
+    else:
+        kwargs.update(n_init=options['n_init'])
+    return GaussianMixture(**kwargs)
+
+
+def _init_from_labels(x, labels, k, reg_covar):
+    weights, means, precisions = [], [], []
+    for j in range(k):
+        members = x[labels == j]
+        if len(members) < 2:
+            return None
+        weights.append(len(members) / len(x))
+        means.append(members.mean(axis=0))
+        precisions.append(np.linalg.inv(np.cov(members.T).reshape(x.shape[1], x.shape[1])
+                                        + reg_covar * np.eye(x.shape[1])))
+    return np.array(weights), np.array(means), np.array(precisions)
+
+
+def fit_mixtures(x, candidate_ks, options, seed, current_k=None, current_labels=None):
+    """Fit a Gaussian mixture for every candidate K and keep the lowest BIC.
+
+    Returns (labels compacted to 0..K-1, the chosen GaussianMixture, component number of each label,
+    {k: BIC}). For `current_k` a mixture started from `current_labels` competes with the random one.
+    """
+    bics, fits = {}, {}
+    for k in candidate_ks:
+        tried = []
+        if k == current_k and current_labels is not None:
+            init = _init_from_labels(x, current_labels, k, options['reg_covar'])
+            if init is not None:
+                tried.append(_gmm(k, options, seed, 1e-3, init))
+            tried.append(_gmm(k, options, seed, 1e-3))
+        else:
+            tried.append(_gmm(k, options, seed, 1e-4))
+        best = None
+        for gmm in tried:
+            try:
+                gmm.fit(x)
+            except (ValueError, np.linalg.LinAlgError) as exc:  # a degenerate start: skip it
+                logger.debug('GMM k=%d failed: %s', k, exc)
+                continue
+            bic = float(gmm.bic(x))
+            if best is None or bic < best[0]:
+                best = (bic, gmm)
+        if best is not None:
+            bics[int(k)], fits[int(k)] = best
+    if not fits:
+        raise RuntimeError('no Gaussian mixture could be fitted to the features')
+    k_best = min(bics, key=bics.get)
+    gmm = fits[k_best]
+    labels, components = _compact(gmm.predict(x))
+    return labels, gmm, components, bics
+
+
+def candidate_ks(n, k_range, min_per_cluster=10):
+    """The candidate K values for n subtomograms: k_range capped at n // min_per_cluster.
+
+    Raises InputError when even the smallest K would leave fewer than `min_per_cluster` per cluster.
+    """
+    k_min, k_max = int(k_range[0]), int(k_range[1])
+    if k_min < 1 or k_max < k_min:
+        raise InputError('k_range', f"bad range of cluster numbers {k_min}..{k_max}")
+    cap = n // int(min_per_cluster)
+    if cap < k_min:
+        raise InputError('subtomograms', f"{n} subtomograms are too few for at least {k_min} clusters "
+                                         f"(need {min_per_cluster} per cluster, i.e. {k_min * min_per_cluster})")
+    if cap < k_max:
+        logger.info('largest K lowered from %d to %d (%d subtomograms, at least %d per cluster)',
+                    k_max, cap, n, min_per_cluster)
+    return list(range(k_min, min(k_max, cap) + 1))
+
+
+# ------------------------------------------------------------------------------------- augmentation
+
+def random_rotations(stack, rng, order=1):
+    """Each subtomogram rotated by its own uniformly random 3D rotation; corners filled with noise.
+
+    Voxels that the rotation brings in from outside the box get Gaussian noise with the mean and standard
+    deviation of that subtomogram's own corners (outside the inscribed sphere), so no blank corners tell
+    the network how a subtomogram was turned.
+    """
+    n, b = len(stack), stack.shape[-1]
+    matrices = Rotation.random(n, random_state=rng).as_matrix()
+    grid = np.indices((b, b, b)) - (b - 1) / 2.0
+    corners = np.sqrt((grid ** 2).sum(axis=0)) > (b - 1) / 2.0
+    out = np.empty_like(stack)
+    ones = np.ones((b, b, b), dtype=np.float32)
+    for i in range(n):
+        rotated = rotate_volume(stack[i], matrices[i], order=order)
+        inside = rotate_volume(ones, matrices[i], order=0) > 0.5
+        background = stack[i][corners]
+        noise = rng.normal(background.mean(), background.std() + 1e-6, size=int((~inside).sum()))
+        rotated[~inside] = noise.astype(np.float32)
+        out[i] = rotated
+    return out
+
+
+# ------------------------------------------------------------------------------------------- result
+
+@dataclass
+class DiscaResult:
+    """What `disca_cluster` returns. Labels are 0-based; `k` clusters."""
+    labels: np.ndarray                 # (N,) cluster of each subtomogram, 0..k-1, at the kept iteration
+    probabilities: np.ndarray          # (N, k) Gaussian-mixture posterior of each cluster
+    k: int
+    best_iteration: int
+    history: list                      # one dict per iteration (see disca_cluster)
+    features: np.ndarray               # (N, feature_dim) network features of the kept iteration
+    features_pca: np.ndarray           # (N, d) their PCA projection, where the mixture was fitted
+    embeddings: list                   # per iteration: (N, 2) float32, first two PCA components
+    iteration_labels: list             # per iteration: (N,) labels
+    model_state: dict                  # network + PCA + mixture tensors, for save_disca_model
+    arch: dict
+    options: dict
+    meta: dict = field(default_factory=dict)
+
+    def class_sizes(self):
+        return np.bincount(self.labels, minlength=self.k).tolist()
+
+
+def _mixture_state(pca, gmm, components):
+    """PCA and Gaussian-mixture parameters as float64 tensors (for the model file)."""
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+    return {'pca.mean': t(pca.mean_), 'pca.components': t(pca.components_),
+            'gmm.weights': t(gmm.weights_), 'gmm.means': t(gmm.means_),
+            'gmm.precisions_cholesky': t(gmm.precisions_cholesky_),
+            'gmm.covariances': t(gmm.covariances_),
+            'gmm.label_of_component': torch.from_numpy(components.astype(np.int64))}
+
+
+def _posterior(x_pca, state):
+    """Cluster posterior (N, K) of PCA features under the stored mixture, components merged into labels."""
+    weights = state['gmm.weights'].numpy()
+    means = state['gmm.means'].numpy()
+    chol = state['gmm.precisions_cholesky'].numpy()
+    label_of = state['gmm.label_of_component'].numpy()
+    n_comp, d = means.shape
+    log_p = np.empty((len(x_pca), n_comp))
+    for c in range(n_comp):
+        y = (x_pca - means[c]) @ chol[c]
+        log_det = np.sum(np.log(np.diag(chol[c])))
+        log_p[:, c] = np.log(weights[c]) - 0.5 * (d * np.log(2 * np.pi) + (y ** 2).sum(axis=1)) + log_det
+    log_p -= log_p.max(axis=1, keepdims=True)
+    resp = np.exp(log_p)
+    resp /= resp.sum(axis=1, keepdims=True)
+    # Components that ended empty on the training data have no label; their share goes to the others.
+    k = int(label_of.max()) + 1
+    merged = np.zeros((len(x_pca), k))
+    for c in range(n_comp):
+        if label_of[c] >= 0:
+            merged[:, label_of[c]] += resp[:, c]
+    merged /= np.maximum(merged.sum(axis=1, keepdims=True), 1e-300)
+    return merged
+
+
+# --------------------------------------------------------------------------------------- main loop
+
+class _DeterministicTorch:
+    """Deterministic torch algorithms on CPU for the duration of a run, restored afterwards."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        self.previous = torch.are_deterministic_algorithms_enabled()
+        if self.device == 'cpu':
+            torch.use_deterministic_algorithms(True)
+        return self
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self.previous)
+        return False
+
+
+def _train_head(head, features, targets, options, generator, device):
+    """Train a new head alone on fixed features (reference: 10 epochs, Nadam 1e-4, categorical hinge)."""
+    head.train()
+    opt = torch.optim.NAdam(head.parameters(), lr=options['head_lr'], betas=(0.9, 0.999), eps=1e-8)
+    f = torch.from_numpy(features).to(device)
+    t = torch.from_numpy(targets).to(device)
+    bs = options['batch_size']
+    for _ in range(options['head_epochs']):
+        order = torch.randperm(len(f), generator=generator)
+        for start in range(0, len(f), bs):
+            idx = order[start:start + bs].to(device)
+            loss = yopo.categorical_hinge(head(f[idx]), t[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def _train_epoch(net, head, opt, data, targets, options, generator, device):
+    """One epoch over (data, targets) in random order; returns the mean loss."""
+    net.train()
+    head.train()
+    order = torch.randperm(len(data), generator=generator).numpy()
+    bs = options['batch_size']
+    total, count = 0.0, 0
+    for start in range(0, len(data), bs):
+        idx = order[start:start + bs]
+        if len(idx) < 2:  # batch norm needs two samples
+            continue
+        x = torch.from_numpy(data[idx][:, None]).to(device)
+        t = torch.from_numpy(targets[idx]).to(device)
+        loss = yopo.categorical_hinge(head(net(x)), t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(idx)
+        count += len(idx)
+    return total / max(count, 1)
+
+
+def _write_progress(out_dir, history, embeddings, iteration_labels):
+    with atomic_path(os.path.join(out_dir, 'history.json')) as tmp:
+        with open(tmp, 'w') as fh:
+            json.dump({'iterations': history}, fh, indent=1)
+    with atomic_path(os.path.join(out_dir, 'embeddings.npz'), suffix='.npz') as tmp:
+        with open(tmp, 'wb') as fh:
+            np.savez_compressed(fh, embeddings=np.stack(embeddings), labels=np.stack(iteration_labels))
+
+
+def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, device='auto', log=None,
+                  out_dir=None, arch=None, options=None):
+    """Cluster a stack of subtomograms with DISCA.
+
+    stack: (N, b, b, b) array (b ≥ 21 after binning); preset: 'cpu' or 'paper' (network width, input box
+    and training settings); k_range: (smallest, largest) number of clusters tried, the largest capped at
+    N // min_per_cluster; max_iter: EM iterations (preset default); seed: makes the run reproducible;
+    device: 'auto' | 'cpu' | 'cuda'; log: callable receiving one progress line per iteration; out_dir:
+    when given, history.json and embeddings.npz there are rewritten after every iteration; arch / options:
+    dictionaries overriding the preset's architecture (`yopo.PRESETS`) and training settings (`TRAINING`).
+
+    Returns a DiscaResult. Each history entry holds: iteration, k, bic (of the chosen mixture), bic_by_k,
+    ddbi, changed (fraction of labels that changed, 1.0 at the first iteration), loss (training loss after
+    the clustering of that iteration, None when not trained), lr, smoothing, head_k (outputs of the head
+    trained), head_rebuilt (a new head was made because K changed), sizes, time_s.
+    """
+    preset_name = preset if isinstance(preset, str) else 'cpu'
+    arch = yopo.make_arch(preset if arch is None else arch)
+    opts = dict(TRAINING.get(preset_name, TRAINING['cpu']))
+    opts.update(options or {})
+    max_iter = int(max_iter or DEFAULT_MAX_ITER.get(preset_name, 12))
+    if max_iter < 1:
+        raise InputError('max_iter', 'must be at least 1')
+    device = resolve_device(device)
+    say = log or (lambda line: logger.info('%s', line))
+
+    data = yopo.prepare_stack(stack, arch)
+    n = len(data)
+    ks = candidate_ks(n, k_range, opts['min_per_cluster'])
+    pca_dim = int(min(opts['pca_dim'], arch['feature_dim'], n - 1))
+    if len(ks) and ks[-1] < int(k_range[1]):
+        say(f'K capped at {ks[-1]} for {n} subtomograms ({opts["min_per_cluster"]} per cluster at least)')
+
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+
+    with _DeterministicTorch(device):
+        net = yopo.build_features(arch).to(device)
+        head, opt = None, None
+        k, labels = None, None
+        smoothing, lr = float(opts['label_smoothing']), float(opts['lr'])
+        history, embeddings, iteration_labels = [], [], []
+        best = None
+        for it in range(max_iter):
+            t0 = time.time()
+            features = yopo.extract_features(net, data, device, batch_size=max(opts['batch_size'], 64))
+            pca = PCA(n_components=pca_dim, random_state=seed).fit(features)
+            x = pca.transform(features)
+            new_labels, gmm, components, bics = fit_mixtures(x, ks, opts, seed + it, k, labels)
+            new_k = int(new_labels.max()) + 1
+            same_k = new_k == k
+            if same_k:
+                aligned = align_labels(labels, new_labels)
+                # Keep the component → label map in step with the renumbering.
+                components = components[np.argsort([aligned[new_labels == j][0] for j in range(new_k)])]
+                new_labels = aligned
+            changed = 1.0 if labels is None else float(np.mean(new_labels != labels))
+            labels, k = new_labels, new_k
+            score = ddbi(x, labels, opts['reg_covar'])
+            embeddings.append(x[:, :2].astype(np.float32))
+            iteration_labels.append(labels.copy())
+            entry = {'iteration': it, 'k': k, 'bic': bics[int(gmm.n_components)],
+                     'bic_by_k': {str(kk): v for kk, v in bics.items()}, 'ddbi': score, 'changed': changed,
+                     'loss': None, 'lr': None, 'smoothing': None, 'head_k': None, 'head_rebuilt': False,
+                     'sizes': np.bincount(labels, minlength=k).tolist()}
+            # The reference keeps only iterations of a trained network when there are any.
+            eligible = it >= 1 or max_iter == 1
+            if eligible and (best is None or score < best['ddbi']):
+                label_of = np.full(gmm.n_components, -1, dtype=np.int64)
+                for j in range(k):
+                    label_of[components[j]] = j
+                state = {f'net.{key}': v.detach().cpu().clone() for key, v in net.state_dict().items()}
+                state.update(_mixture_state(pca, gmm, label_of))
+                best = {'iteration': it, 'ddbi': score, 'labels': labels.copy(), 'k': k, 'state': state,
+                        'features': features, 'x': x,
+                        'probabilities': _posterior(x, state)}
+            converged = it > 0 and same_k and (1.0 - changed) > opts['stable_fraction']
+            last = converged or it == max_iter - 1
+            if not last:
+                smoothing *= 0.9
+                one_hot = np.eye(k, dtype=np.float32)[labels]
+                targets = one_hot * (1.0 - smoothing) + smoothing / k
+                if not same_k:
+                    head = yopo.YOPOHead(arch['feature_dim'], k).to(device)
+                    _train_head(head, features, one_hot, opts, generator, device)
+                    opt = torch.optim.NAdam(list(net.parameters()) + list(head.parameters()), lr=lr,
+                                            betas=(0.9, 0.999), eps=1e-8)
+                lr *= 0.95
+                for group in opt.param_groups:
+                    group['lr'] = lr
+                augmented = np.concatenate([data, random_rotations(data, rng)])
+                entry['loss'] = _train_epoch(net, head, opt, augmented, np.tile(targets, (2, 1)), opts,
+                                             generator, device)
+                entry['lr'], entry['smoothing'] = lr, smoothing
+                entry['head_k'], entry['head_rebuilt'] = head.k, not same_k
+            entry['time_s'] = time.time() - t0
+            history.append(entry)
+            say(f"iteration {it}: K={k} BIC={entry['bic']:.1f} DDBI={score:.4f} changed={changed:.3f} "
+                f"loss={entry['loss'] if entry['loss'] is None else round(entry['loss'], 4)} "
+                f"sizes={entry['sizes']} {entry['time_s']:.1f}s")
+            if out_dir:
+                _write_progress(out_dir, history, embeddings, iteration_labels)
+            if last:
+                break
+
+    say(f"kept iteration {best['iteration']}: K={best['k']} DDBI={best['ddbi']:.4f}")
+    meta = {'input_box': int(np.asarray(stack).shape[-1]), 'network_box': int(data.shape[-1]),
+            'k': best['k'], 'best_iteration': best['iteration'], 'ddbi': best['ddbi'], 'n_train': n,
+            'seed': seed, 'preset': preset_name, 'pca_dim': pca_dim, 'k_candidates': ks,
+            'iterations': len(history), 'normalisation': 'per-subtomogram zero mean, unit variance',
+            'prediction': 'network features -> PCA -> Gaussian mixture posterior'}
+    return DiscaResult(labels=best['labels'], probabilities=best['probabilities'], k=best['k'],
+                       best_iteration=best['iteration'], history=history, features=best['features'],
+                       features_pca=best['x'], embeddings=embeddings, iteration_labels=iteration_labels,
+                       model_state=best['state'], arch=arch, options=opts, meta=meta)
+
+
+# ------------------------------------------------------------------------------------ save / predict
+
+def save_disca_model(path, result, meta=None):
+    """Write the kept network + PCA + mixture of a DiscaResult as a cryopick model file; return the path."""
+    info = dict(result.meta)
+    info['options'] = result.options
+    info['history'] = [{k: v for k, v in h.items() if k != 'bic_by_k'} for h in result.history]
+    info.update(meta or {})
+    return save_model(path, METHOD, result.arch, result.model_state, info)
+
+
+def disca_predict(stack, model_path, device='auto', batch_size=64):
+    """Assign subtomograms to the clusters of a saved DISCA model.
+
+    stack: (N, b, b, b) with the box size the model was trained on. Returns (labels (N,) 0-based,
+    probabilities (N, K) posterior of each cluster).
+    """
+    arch, state, meta = load_model(model_path, METHOD)
+    stack = np.asarray(stack)
+    box = meta.get('input_box')
+    if stack.ndim == 4 and box is not None and stack.shape[-1] != int(box):
+        raise InputError(model_path, f"model was trained on {box}³ subtomograms, got {stack.shape[-1]}³")
+    device = resolve_device(device)
+    data = yopo.prepare_stack(stack, arch)
+    net = yopo.build_features(arch)
+    net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith('net.')})
+    net.to(device)
+    with _DeterministicTorch(device):
+        features = yopo.extract_features(net, data, device, batch_size)
+    x = (features.astype(np.float64) - state['pca.mean'].numpy()) @ state['pca.components'].numpy().T
+    prob = _posterior(x, state)
+    return prob.argmax(axis=1).astype(int), prob
+
+
+# ------------------------------------------------------------------------------------------ baseline
+
+def spectral_features(stack, n_shells=None):
+    """Rotation-invariant features: radial power spectrum and radial density profile of each subtomogram."""
+    data = yopo.normalise_stack(stack)
+    b = data.shape[-1]
+    n_shells = n_shells or b // 2
+    grid = np.indices((b, b, b)) - (b - 1) / 2.0
+    radius = np.sqrt((grid ** 2).sum(axis=0))
+    r_bin = np.minimum((radius / (b / 2.0) * n_shells).astype(int), n_shells)
+    freq = np.sqrt(sum(np.square(np.fft.fftfreq(b))[tuple(s)] for s in
+                       ([slice(None), None, None], [None, slice(None), None], [None, None, slice(None)])))
+    f_bin = np.minimum((freq / 0.5 * n_shells).astype(int), n_shells)
+    out = []
+    for v in data:
+        power = np.abs(np.fft.fftn(v)) ** 2
+        spec = np.bincount(f_bin.ravel(), power.ravel(), n_shells + 1) / np.bincount(f_bin.ravel(), None, n_shells + 1)
+        prof = np.bincount(r_bin.ravel(), v.ravel(), n_shells + 1) / np.bincount(r_bin.ravel(), None, n_shells + 1)
+        out.append(np.concatenate([np.log(spec[1:n_shells] + 1e-12), prof[:n_shells]]))
+    return np.array(out)
+
+
+def baseline_cluster(stack, k_range=(2, 20), seed=0, features='raw', pca_dim=16, min_per_cluster=10):
+    """Non-deep reference: PCA + full-covariance Gaussian mixtures with BIC over K on `features`.
+
+    features: 'raw' (voxels) or 'spectral' (`spectral_features`). Returns (labels 0-based, K).
+    """
+    if features == 'raw':
+        x = yopo.normalise_stack(stack).reshape(len(stack), -1)
+    elif features == 'spectral':
+        x = spectral_features(stack)
+    else:
+        raise InputError('features', f"unknown baseline features {features!r}")
+    ks = candidate_ks(len(x), k_range, min_per_cluster)
+    x = PCA(n_components=int(min(pca_dim, x.shape[1], len(x) - 1)), random_state=seed).fit_transform(
+        (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8))
+    opts = dict(TRAINING['paper'])
+    labels, _, _, _ = fit_mixtures(x, ks, opts, seed)
+    return labels, int(labels.max()) + 1
