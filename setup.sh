@@ -24,14 +24,23 @@ for cand in "${PYTHON:-}" python3.11 python3 /usr/bin/python3.11; do
     PY=$(command -v "$cand"); break
   fi
 done
-APT_PKGS=()
-if [ -z "$PY" ]; then APT_PKGS+=(python3.11 python3.11-venv python3-tk); fi
-if [ ${#APT_PKGS[@]} -gt 0 ]; then
+REQUIRED=()
+OPTIONAL=()
+if [ -z "$PY" ]; then REQUIRED+=(python3.11 python3.11-venv python3-tk); fi
+# RELION 3.1 (downstream tests: subtomogram averaging and 2D extraction of our picks), a virtual display and
+# ImageMagick (the GUI test opens the real Scipion window and takes screenshots).
+command -v relion_reconstruct >/dev/null 2>&1 || OPTIONAL+=(relion)
+command -v Xvfb >/dev/null 2>&1 || OPTIONAL+=(xvfb)
+{ command -v import >/dev/null 2>&1 && import -version 2>/dev/null | grep -q ImageMagick; } || OPTIONAL+=(imagemagick)
+WANT_PKGS=("${REQUIRED[@]}" "${OPTIONAL[@]}")
+if [ ${#WANT_PKGS[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    log "installing system packages: ${APT_PKGS[*]}"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${APT_PKGS[@]}" >/dev/null
+    log "installing system packages: ${WANT_PKGS[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${WANT_PKGS[@]}" >/dev/null
+  elif [ ${#REQUIRED[@]} -gt 0 ]; then
+    echo "cryopick setup: please install the system packages: ${REQUIRED[*]}" >&2; exit 1
   else
-    echo "cryopick setup: please install the system packages: ${APT_PKGS[*]}" >&2; exit 1
+    log "optional system packages missing (their tests will be skipped): ${OPTIONAL[*]}"
   fi
   [ -n "$PY" ] || PY=/usr/bin/python3.11
 fi

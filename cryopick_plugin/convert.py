@@ -76,13 +76,13 @@ def coordinates3d_to_frame(coords, tomograms=None, sampling_rate=None):
     return pd.DataFrame(rows, columns=columns)
 
 
-def frame_to_coordinates3d(df, coords, tomograms, sampling_rate=None, source='coordinates'):
-    """Append the rows of a coordinate table to an (empty) SetOfCoordinates3D; return the count added.
+def iter_coordinates3d(df, tomograms, sampling_rate=None, source='coordinates'):
+    """Check a coordinate table against tomograms, then yield (row index, Coordinate3D) per row.
 
     `sampling_rate` is the voxel size (Å) the table's positions are given in (default: the tomograms'); they
     are rescaled to the tomograms' voxels. Rows are matched to tomograms by rlnTomoName == tsId (a table
     without rlnTomoName is accepted when there is exactly one tomogram). Every check happens before the
-    first append, so a bad table adds nothing.
+    first coordinate is made, so a bad table yields nothing.
     """
     tomos = tomograms_by_name(tomograms)
     if not tomos:
@@ -115,11 +115,9 @@ def frame_to_coordinates3d(df, coords, tomograms, sampling_rate=None, source='co
     if have_angles:
         from .engine.geometry import euler_to_matrix
         angles = df[list(star.ANGLES)].to_numpy(dtype=float)
-    added = 0
     for i, name in enumerate(names):
-        tomo = tomos[name]
         coord = Coordinate3D()
-        coord.setVolume(tomo)
+        coord.setVolume(tomos[name])
         # Raw Scipion values = bottom-left-corner position + the tomogram's offset (from tomo's own rules).
         raw = xyz[i] + offsets[name]
         coord.setPosition(raw[0], raw[1], raw[2], SCIPION)
@@ -129,9 +127,49 @@ def frame_to_coordinates3d(df, coords, tomograms, sampling_rate=None, source='co
             matrix = np.eye(4)
             matrix[:3, :3] = euler_to_matrix(*angles[i])
             coord.setMatrix(matrix, convention=tomo_const.TR_RELION)
+        yield i, coord
+
+
+def frame_to_coordinates3d(df, coords, tomograms, sampling_rate=None, source='coordinates'):
+    """Append the rows of a coordinate table to an (empty) SetOfCoordinates3D; return the count added."""
+    added = 0
+    for _, coord in iter_coordinates3d(df, tomograms, sampling_rate, source):
         coords.append(coord)
         added += 1
     return added
+
+
+def frame_to_subtomograms(df, subtomos, tomograms, image_paths, voxel_size, source='subtomograms'):
+    """Append subtomograms (one MRC file per row of `df`, in `image_paths`) to an (empty) SetOfSubTomograms.
+
+    `df` holds the positions in voxels of the tomograms; each subtomogram keeps its Coordinate3D (tsId, class,
+    score, orientation) and the name of its tomogram.
+    """
+    from tomo.objects import SubTomogram
+    tomos = tomograms_by_name(tomograms)
+    names = df[star.TOMO].astype(str).tolist() if star.TOMO in df.columns else [next(iter(tomos))] * len(df)
+    added = 0
+    for i, coord in iter_coordinates3d(df, tomograms, None, source):
+        subtomo = SubTomogram()
+        subtomo.setLocation(os.path.abspath(image_paths[i]))
+        subtomo.setSamplingRate(float(voxel_size))
+        subtomo.setCoordinate3D(coord)
+        subtomo.setVolName(tomos[names[i]].getFileName())
+        subtomo.setVolId(tomos[names[i]].getObjId())
+        subtomo.setClassId(int(coord.getGroupId() or 1))
+        subtomos.append(subtomo)
+        added += 1
+    return added
+
+
+def subtomograms_to_frame(subtomos):
+    """SetOfSubTomograms -> table of rlnImageName (absolute paths) and the Scipion ids, in id order.
+
+    What the engine needs to load the volumes; positions stay with the Scipion objects.
+    """
+    rows = [{'rlnImageName': os.path.abspath(s.getFileName()), 'cpSubtomoId': int(s.getObjId())}
+            for s in subtomos.iterItems(orderBy='id')]
+    return pd.DataFrame(rows, columns=['rlnImageName', 'cpSubtomoId'])
 
 
 # ----------------------------------------------------------------------------------------------- 2D
