@@ -1,0 +1,85 @@
+"""Train a DeepETPicker 3D-ResUNet from tomograms, weak label maps and particle centres → model file.
+
+Each --train / --val is TOMO.mrc:LABELS.mrc:COORDS.star (label map from `cryopick labels`; when the STAR
+file has rlnTomoName only the rows naming this tomogram are used). Without --val the last 20% of the
+first training tomogram along y is held out for validation. Every --val-every epochs the real picking
+(overlap tiles + MP-NMS) runs on the validation data; the model with the best P·R^α/(P+R^α) score (α=3)
+is kept, training stops after --patience validations without improvement, and t_seg / t_lm are then
+tuned on the validation data and stored in the model. A learning curve is written beside the model
+(MODEL.history.csv / .history.json) and a description as MODEL.json.
+
+Presets: cpu (widths 8/16/24/36, patch 48, batch 1, ≈11.5 GFLOP per step) and paper (24/48/72/108,
+patch 72, batch 8, as DeepETPicker).
+
+Example:
+  cryopick train3d --train TS_01.mrc:TS_01_labels.mrc:picks.star --train TS_02.mrc:TS_02_labels.mrc:picks.star \\
+      --val TS_03.mrc:TS_03_labels.mrc:picks.star --out deepet.pt --preset cpu --epochs 40
+"""
+import logging
+
+from ..engine import labels, star
+from ..engine.errors import InputError
+from .labels import rows_for_tomogram
+
+log = logging.getLogger(__name__)
+
+
+def add_args(parser):
+    parser.add_argument('--train', action='append', required=True, metavar='TOMO:LABELS:COORDS',
+                        help='training tomogram, its label map and its coordinates (repeatable)')
+    parser.add_argument('--val', action='append', default=[], metavar='TOMO:LABELS:COORDS',
+                        help='validation tomogram (repeatable; default: hold out part of the first --train)')
+    parser.add_argument('--out', required=True, help='output model file (.pt)')
+    parser.add_argument('--preset', choices=('cpu', 'paper'), default='cpu', help='network size (default cpu)')
+    parser.add_argument('--epochs', type=int, default=30)
+    parser.add_argument('--batch-size', type=int, default=None, help='default from the preset')
+    parser.add_argument('--lr', type=float, default=None, help='peak learning rate (default from the preset)')
+    parser.add_argument('--patch', type=int, default=None, help='patch side in voxels (default from the preset)')
+    parser.add_argument('--pad', type=int, default=None, help='tile margin for validation and picking')
+    parser.add_argument('--diameter', type=int, default=None,
+                        help='label diameter in voxels (default: measured on the label maps)')
+    parser.add_argument('--diameter-per-class', default='', metavar='C:D,...', help='per-class label diameters')
+    parser.add_argument('--label-kind', choices=labels.KINDS, default='tball', help='recorded in the model')
+    parser.add_argument('--val-every', type=int, default=2, help='epochs between validations')
+    parser.add_argument('--patience', type=int, default=5, help='validations without improvement before stopping')
+    parser.add_argument('--alpha', type=float, default=3.0, help='recall weight of the selection score')
+    parser.add_argument('--ce-weight', type=float, default=0.5, help='cross-entropy weight added to soft Dice')
+    parser.add_argument('--no-tune', action='store_true', help='keep t_seg 0.5 / t_lm 0.1 instead of tuning them')
+    parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N (default $CRYOPICK_DEVICE)')
+    parser.add_argument('--threads', type=int, default=None, help='CPU threads for torch')
+    parser.add_argument('--seed', type=int, default=0)
+
+
+def parse_item(spec, option):
+    parts = spec.split(':')
+    if len(parts) != 3 or not all(parts):
+        raise InputError(option, f"expected TOMO.mrc:LABELS.mrc:COORDS.star, got {spec!r}")
+    tomo, label_map, coords = parts
+    table = rows_for_tomogram(star.read_coordinates(coords, dims=3), tomo, coords)
+    return tomo, label_map, table
+
+
+def main(args):
+    train_items = [parse_item(s, '--train') for s in args.train]
+    val_items = [parse_item(s, '--val') for s in args.val]
+    diameters = None
+    if args.diameter is not None or args.diameter_per_class:
+        diameters = labels.parse_class_diameters(args.diameter_per_class)
+        if args.diameter is not None:
+            diameters['default'] = args.diameter
+        classes = set()
+        for _, _, table in train_items:
+            classes.update(table[star.CLASS].astype(int).tolist())
+        diameters = labels.diameters_by_class(classes, diameters)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    from ..engine import train3d
+    meta = train3d.train(train_items, val_items, args.out, preset=args.preset, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
+                         alpha=args.alpha, val_every=args.val_every, patience=args.patience,
+                         diameters=diameters, label_kind=args.label_kind, patch=args.patch, pad=args.pad,
+                         ce_weight=args.ce_weight, tune=not args.no_tune)
+    log.info('%s: best epoch %s of %s, validation %s, thresholds %s', args.out, meta['best_epoch'],
+             meta['epochs_run'], meta['best_val'], meta['thresholds'])
+    return 0
