@@ -49,7 +49,7 @@ def run_demo(project_name='cryopick_demo', count=2, shape=(64, 128, 128), snr=0.
                      filesPath=data_dir, filesPattern='tomo_*.mrc', samplingRate=voxel)
     tomos = prot_tomos.Tomograms
     truth_pattern = os.path.join(data_dir, 'tomo_*_truth.star')
-    diam = max(meta.get('diameters', {}).values() or [20])
+    diam = max(meta.get('diameters_vox', {}).values() or [20])
     prot_truth = run(project, CryopickImportCoordinates3D, label='import ground truth',
                      inputTomograms=tomos, starFiles=truth_pattern, boxSize=int(2 * round(diam * 0.75)))
     for prot in (prot_tomos, prot_truth):
