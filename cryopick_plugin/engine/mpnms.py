@@ -71,14 +71,17 @@ def mp_nms(prob, diameter=None, t_seg=DEFAULT_T_SEG, t_lm=DEFAULT_T_LM, kernel=D
 
 
 def mp_nms_slabs(prob_map, diameter=None, t_seg=DEFAULT_T_SEG, t_lm=DEFAULT_T_LM, kernel=DEFAULT_KERNEL,
-                 iterations=None, device='cpu', slab=64):
+                 iterations=None, device='cpu', slab=None, max_bytes=64 * 1024 ** 2):
     """`mp_nms` over a large (z, y, x) map read `slab` planes at a time (plus halo); same result as one pass.
 
-    The map may be a numpy memmap; each slab is copied to float32 with its halo only.
+    The map may be a numpy memmap; each slab is copied to float32 with its halo only. By default a slab
+    holds about `max_bytes` of float32 (the pooling makes a few copies of it).
     """
     if iterations is None:
         iterations = default_iterations(diameter, kernel)
     nz = prob_map.shape[0]
+    if slab is None:
+        slab = max(8, int(max_bytes // (4 * int(np.prod(prob_map.shape[1:])))))
     margin = halo(kernel, iterations)
     all_idx, all_scores = [], []
     for z0 in range(0, nz, slab):

@@ -151,3 +151,18 @@ def test_bad_training_input_is_refused_before_training(tmp_path):
     with pytest.raises(InputError, match='coordinate'):
         train3d.train([(tomo, lab, table.iloc[:0])], [], out, **kw)
     assert not out.exists()
+
+
+def test_two_classes_train_and_pick(tmp_path, one_thread):
+    tomo, _, table = write_item(tmp_path, 7, shape=(24, 32, 32), n_target=8, n_decoy=0)
+    table[star.CLASS] = np.arange(len(table)) % 2 + 1
+    lab = tmp_path / 'lab2.mrc'
+    labels.write_label_map(lab, (24, 32, 32), table, {1: 5, 2: 3}, 'ball', 10.0)
+    out = tmp_path / 'two.pt'
+    meta = train3d.train([(tomo, str(lab), table)], [(tomo, str(lab), table)], out, epochs=1, patch=16, pad=3,
+                         widths=(4, 8), device='cpu', label_kind='ball')
+    assert meta['diameters'] == {'1': 5, '2': 3} and meta['classes'] == [1, 2]
+    net, saved = pick3d.load_picker(out)
+    assert net.out_channels == 3                     # background + two classes, softmax
+    picks = pick3d.pick(tomo, out, device='cpu', t_seg=0.0, t_lm=0.0)
+    assert set(picks[star.CLASS]) <= {1, 2} and len(picks)
