@@ -15,7 +15,7 @@ writes to --out:
 Needs at least 10 subtomograms per cluster of the smallest K; the largest K is lowered to N // 10.
 
 Example:
-  cryopick disca subtomograms.star --out disca_run --preset cpu --k-min 2 --k-max 20 --max-iter 12
+  cryopick disca subtomograms.star --out disca_run --preset cpu --k-min 2 --k-max 20 --max-iter 10
 """
 import json
 import logging
@@ -94,7 +94,7 @@ def add_args(parser):
     parser.add_argument('--k-min', type=int, default=2, help='smallest number of clusters tried (2)')
     parser.add_argument('--k-max', type=int, default=20, help='largest number of clusters tried (20)')
     parser.add_argument('--max-iter', type=int, default=None,
-                        help='EM iterations at most (default: 12 for cpu, 20 for paper)')
+                        help='EM iterations at most (default: 10 for cpu, 20 for paper)')
     parser.add_argument('--seed', type=int, default=0, help='random seed (0)')
     parser.add_argument('--device', default=None, help="'auto', 'cpu' or 'cuda' (default $CRYOPICK_DEVICE or auto)")
 

@@ -60,7 +60,7 @@ TRAINING = {
             'gmm_max_iter': 100, 'label_smoothing': 0.2, 'head_epochs': 10, 'head_lr': 1e-3,
             'stable_fraction': 0.999, 'min_per_cluster': 10},
 }
-DEFAULT_MAX_ITER = {'paper': 20, 'cpu': 12}
+DEFAULT_MAX_ITER = {'paper': 20, 'cpu': 10}
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -400,7 +400,9 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
     data = yopo.prepare_stack(stack, arch)
     n = len(data)
     ks = candidate_ks(n, k_range, opts['min_per_cluster'])
-    pca_dim = int(min(opts['pca_dim'], arch['feature_dim'], n - 1))
+    # A full covariance in d dimensions is singular with fewer than d + 1 members; with small data the PCA
+    # is narrowed so that even the largest K leaves every cluster more members than dimensions.
+    pca_dim = int(max(2, min(opts['pca_dim'], arch['feature_dim'], n // ks[-1] - 1, n - 1)))
     if len(ks) and ks[-1] < int(k_range[1]):
         say(f'K capped at {ks[-1]} for {n} subtomograms ({opts["min_per_cluster"]} per cluster at least)')
 
@@ -559,7 +561,8 @@ def baseline_cluster(stack, k_range=(2, 20), seed=0, features='raw', pca_dim=16,
     else:
         raise InputError('features', f"unknown baseline features {features!r}")
     ks = candidate_ks(len(x), k_range, min_per_cluster)
-    x = PCA(n_components=int(min(pca_dim, x.shape[1], len(x) - 1)), random_state=seed).fit_transform(
+    pca_dim = int(max(2, min(pca_dim, x.shape[1], len(x) // ks[-1] - 1, len(x) - 1)))
+    x = PCA(n_components=pca_dim, random_state=seed).fit_transform(
         (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8))
     opts = dict(TRAINING['paper'])
     labels, _, _, _ = fit_mixtures(x, ks, opts, seed)
