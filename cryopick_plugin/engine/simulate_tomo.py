@@ -34,7 +34,7 @@ import os
 
 import numpy as np
 import pandas as pd
-from scipy import sparse
+from scipy import fft, sparse
 
 from . import geometry, star
 from .ctf import ctf_2d
@@ -196,38 +196,87 @@ def _leaflet_sigma(voxel_size):
     return max(0.6, 7.0 / voxel_size)
 
 
+class SphereSet:
+    """Placed spheres with a fast "is this spot free?" test for batches of candidate centres.
+
+    Older spheres sit in a k-d tree (rebuilt every `rebuild` insertions); the few added since are
+    checked directly. Keeps placement near-linear for thousands of particles.
+    """
+
+    def __init__(self, centres=(), radii=(), rebuild=128, k=32):
+        self.centres = [np.asarray(c, float) for c in centres]
+        self.radii = [float(r) for r in radii]
+        self.rebuild, self.k = rebuild, k
+        self._tree, self._n_tree, self._r_tree = None, 0, None
+        self._build()
+
+    def _build(self):
+        from scipy.spatial import cKDTree
+        self._n_tree = len(self.centres)
+        if self._n_tree:
+            self._tree = cKDTree(np.asarray(self.centres))
+            self._r_tree = np.asarray(self.radii[:self._n_tree])
+
+    def free(self, cand, r):
+        """Boolean per candidate centre (rows of `cand`): a sphere of radius r there overlaps nothing."""
+        cand = np.asarray(cand, float)
+        ok = np.ones(len(cand), bool)
+        n = self._n_tree
+        if n:
+            reach = r + float(self._r_tree.max())
+            k = min(self.k, n)
+            d, idx = self._tree.query(cand, k=k, distance_upper_bound=reach)
+            d, idx = d.reshape(len(cand), k), idx.reshape(len(cand), k)
+            valid = idx < n
+            need = r + self._r_tree[np.minimum(idx, n - 1)]
+            ok &= np.all(~valid | (d >= need), axis=1)
+            # All k neighbours within reach: a farther one could still overlap, check exactly.
+            for i in np.flatnonzero(ok & valid[:, -1]):
+                near = np.asarray(self._tree.query_ball_point(cand[i], reach), int)
+                dist = np.sqrt(((np.asarray(self.centres)[near] - cand[i]) ** 2).sum(-1))
+                ok[i] = np.all(dist >= r + self._r_tree[near])
+        if len(self.centres) > n:
+            c = np.asarray(self.centres[n:])
+            dist = np.sqrt(((cand[:, None, :] - c[None, :, :]) ** 2).sum(-1))
+            ok &= np.all(dist >= np.asarray(self.radii[n:])[None, :] + r, axis=1)
+        return ok
+
+    def add(self, centre, r):
+        self.centres.append(np.asarray(centre, float))
+        self.radii.append(float(r))
+        if len(self.centres) - self._n_tree >= self.rebuild:
+            self._build()
+
+
 def place_spheres(shape, radii, rng, placed_centres=(), placed_radii=(), tries=PLACEMENT_TRIES):
     """Random non-overlapping integer centres, one per radius, each sphere fully inside `shape`.
 
     Already-placed spheres are respected. Returns a list of (z, y, x) centres, None where no free spot was
-    found within `tries` random candidates.
+    found within `tries` random candidates. Free space only shrinks, so once a radius has failed, larger
+    ones are not tried again.
     """
-    centres = [np.asarray(c, float) for c in placed_centres]
-    rads = list(placed_radii)
+    spheres = SphereSet(placed_centres, placed_radii)
     out = []
     shape = np.asarray(shape)
+    failed = np.inf
     for r in radii:
         lo = np.ceil(r - 1e-9).astype(int) * np.ones(3, int)
         hi = shape - 1 - lo
-        if np.any(hi < lo):
+        if np.any(hi < lo) or r >= failed:
             out.append(None)
             continue
         found = None
         for start in range(0, tries, 256):
             cand = rng.integers(lo, hi + 1, size=(min(256, tries - start), 3))
-            if centres:
-                c = np.asarray(centres)
-                dist = np.sqrt(((cand[:, None, :] - c[None, :, :]) ** 2).sum(-1))
-                ok = np.all(dist >= np.asarray(rads)[None, :] + r, axis=1)
-            else:
-                ok = np.ones(len(cand), bool)
+            ok = spheres.free(cand, r)
             if ok.any():
                 found = cand[int(np.argmax(ok))]
                 break
         out.append(None if found is None else tuple(int(v) for v in found))
         if found is not None:
-            centres.append(found.astype(float))
-            rads.append(r)
+            spheres.add(found, r)
+        else:
+            failed = min(failed, r)
     return out
 
 
@@ -436,9 +485,9 @@ def _reconstruct(phantom, angles_deg, defoci, snr, voxel_size, rng, cutoff, fall
     py, pu = _fft_size(ny + 32), _fft_size(2 * nu)
     ctfs = np.stack([ctf_2d((py, pu), voxel_size, d, VOLTAGE_KV, CS_MM, AMPLITUDE_CONTRAST)
                      for d in defoci]).astype(np.float32)
-    spec = np.fft.rfft2(clean, s=(py, pu))
+    spec = fft.rfft2(clean, s=(py, pu))
     half = ctfs[:, :, :pu // 2 + 1]
-    ctf_proj = -np.fft.irfft2(spec * half, s=(py, pu))[:, :ny, :nu].astype(np.float32)  # dark contrast
+    ctf_proj = -fft.irfft2(spec * half, s=(py, pu))[:, :ny, :nu].astype(np.float32)  # dark contrast
     sig_var = ctf_proj.reshape(len(angles_deg), -1).var(axis=1)
     sigma = np.sqrt(sig_var / snr).astype(np.float32)
     noise = rng.standard_normal(ctf_proj.shape, dtype=np.float32) * sigma[:, None, None]
@@ -447,7 +496,7 @@ def _reconstruct(phantom, angles_deg, defoci, snr, voxel_size, rng, cutoff, fall
     # Phase flip (sign of the CTF) and the WBP ramp in one pass; Δθ makes the scale that of a full WBP.
     weight = radial_weight(pu, cutoff, falloff)[:pu // 2 + 1].astype(np.float32)
     dtheta = np.deg2rad(np.mean(np.diff(angles_deg))) if len(angles_deg) > 1 else 1.0
-    filt = np.fft.irfft2(np.fft.rfft2(noisy, s=(py, pu)) * np.sign(half) * weight[None, None, :] * dtheta,
+    filt = fft.irfft2(fft.rfft2(noisy, s=(py, pu)) * np.sign(half) * weight[None, None, :] * dtheta,
                          s=(py, pu))[:, :ny, :nu].astype(np.float32)
     vol = back_project(filt, (nz, ny, nx), angles_deg, matrix)
     vol = vol - vol.mean()

@@ -14,7 +14,7 @@ from cryopick_plugin.engine.ctf import ctf_2d, ctf_zeros
 from cryopick_plugin.engine.errors import InputError
 from cryopick_plugin.engine.simulate_micrograph import simulate_micrograph, write_simulated_micrograph
 from cryopick_plugin.engine.simulate_subtomo import simulate_subtomograms, write_subtomograms
-from cryopick_plugin.engine.simulate_tomo import (project, simulate_tomogram, tilt_angles,
+from cryopick_plugin.engine.simulate_tomo import (place_spheres, project, simulate_tomogram, tilt_angles,
                                                   write_simulated_tomogram)
 from cryopick_plugin.engine.templates import load_templates
 
@@ -191,6 +191,20 @@ def test_particles_and_extras_do_not_overlap_and_stay_inside(clean_tomo):
     assert np.all(d[i, j] >= r[i] + r[j] - 1e-6)
     size_xyz = np.array(clean_tomo.volume.shape[::-1])
     assert np.all(c - r[:, None] >= -1e-6) and np.all(c + r[:, None] <= size_xyz - 1 + 1e-6)
+
+
+def test_crowded_placement_never_overlaps():
+    # enough spheres that the k-d tree path (rebuilt every 128) is exercised, mixed radii
+    rng = np.random.default_rng(0)
+    radii = rng.choice([1.5, 2.5, 6.0], size=400)
+    centres = place_spheres((30, 60, 60), radii, rng)
+    got = np.array([c for c in centres if c is not None], float)
+    r = np.array([ri for ri, c in zip(radii, centres) if c is not None])
+    assert len(got) > 250
+    d = np.sqrt(((got[:, None] - got[None]) ** 2).sum(-1))
+    i, j = np.triu_indices(len(got), 1)
+    assert np.all(d[i, j] >= r[i] + r[j] - 1e-9)
+    assert np.all(got - r[:, None] >= 0) and np.all(got + r[:, None] <= np.array([29, 59, 59]))
 
 
 def test_requests_that_do_not_fit_are_recorded():
