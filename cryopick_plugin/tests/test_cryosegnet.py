@@ -270,3 +270,57 @@ def test_bad_micrographs_and_diameters(trained, tmp_path):
     model_io.save_model(other, 'disca', {}, {}, {})
     with pytest.raises(InputError, match='expected a cryosegnet model'):
         cs.load_cryosegnet(other, 'cpu')
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+def _write_micrographs(folder, n, seed):
+    from cryopick_plugin.engine.mrc import write_mrc
+    rng = np.random.default_rng(seed)
+    paths, tables = [], []
+    for i in range(n):
+        image, centres = synthetic_micrograph(rng)
+        path = str(folder / f'mic{i}.mrc')
+        write_mrc(path, image, 1.5)
+        paths.append(path)
+        tables.append(star.coordinates_frame(centres, f'mic{i}.mrc', micrograph=True))
+    return paths, tables
+
+
+def test_train_command_with_chain_and_shared_star(tmp_path):
+    from cryopick_plugin.commands import main
+    paths, tables = _write_micrographs(tmp_path, 2, seed=21)
+    shared = str(tmp_path / 'all.star')
+    star.write_coordinates(shared, pd.concat(tables, ignore_index=True))
+    out = str(tmp_path / 'cmd.pt')
+    rc = main(['train-cryosegnet', '--micrographs', *paths, '--coords', shared, '--diameter', str(DIAMETER),
+               '--out', out, '--epochs', '1', '--input-size', '128', '--crop-size', '64', '--device', 'cpu'])
+    assert rc == 0
+    arch, _, meta = model_io.load_model(out, 'cryosegnet')
+    assert arch == attention_unet.preset_arch('cpu')
+    assert meta['preprocess'] == cs.DEFAULT_CHAIN and meta['pixel_size'] == 1.5
+    assert meta['n_particles'] == sum(len(t) for t in tables)
+    # a STAR whose names match no micrograph is refused before training
+    wrong = str(tmp_path / 'wrong.star')
+    star.write_coordinates(wrong, star.coordinates_frame(np.array([[5.0, 5.0]]), 'other.mrc', micrograph=True))
+    assert main(['train-cryosegnet', '--micrographs', *paths, '--coords', wrong, '--diameter', '12',
+                 '--out', str(tmp_path / 'no.pt')]) == 2
+    assert not os.path.exists(tmp_path / 'no.pt')
+
+
+def test_pick_command_writes_star_per_micrograph(trained, tmp_path):
+    from cryopick_plugin.commands import main
+    path, _ = trained
+    paths, tables = _write_micrographs(tmp_path, 2, seed=31)
+    out = tmp_path / 'picks'
+    assert main(['cryosegnet', *paths, '--model', path, '--out', str(out), '--no-sam', '--save-maps',
+                 '--device', 'cpu']) == 0
+    for p, truth in zip(paths, tables):
+        stem = os.path.splitext(os.path.basename(p))[0]
+        picks = star.read_coordinates(out / f'{stem}_picks.star', dims=2)
+        assert {star.MIC, star.X, star.Y, star.SCORE, star.DIAMETER} <= set(picks.columns)
+        assert set(picks[star.MIC]) == {os.path.basename(p)}
+        assert f1_score(star.xyz_array(picks), star.xyz_array(truth), DIAMETER / 2) >= 0.8
+        assert (out / f'{stem}_prob.mrc').exists()
+    assert main(['cryosegnet', paths[0], '--model', path, '--out', str(out),
+                 '--sam-checkpoint', str(tmp_path / 'missing.pth')]) == 2
