@@ -1,0 +1,234 @@
+"""DISCA: unsupervised, template-free clustering of subtomograms, and prediction with a trained DISCA model."""
+import os
+
+import numpy as np
+from pyworkflow.object import String
+from pyworkflow.protocol import params
+from tomo.objects import AverageSubTomogram, Coordinate3D, SetOfClassesSubTomograms, SetOfCoordinates3D
+from tomo.protocols import ProtTomoBase
+from tomo import constants as tconst
+
+from .. import convert
+from ..constants import OUT_CLASSES, OUT_COORDS3D, OUT_MODEL
+from ..engine import star
+from ..objects import CryopickModel
+from .protocol_base import CryopickProtocol
+from .protocol_model_import import model_object
+
+PRESETS = ['cpu', 'paper']
+
+
+class _ClassesOutputMixin:
+    """Turn an engine labels.star (one row per input subtomogram, in input order) into Scipion outputs."""
+
+    def _writeSubtomoStar(self, path):
+        df = convert.subtomograms_to_frame(self.inputSubtomograms.get())
+        star.write_star(path, {'particles': df})
+
+    def _readLabels(self, path):
+        blocks = star.read_star_blocks(path)
+        table = next(b for b in blocks.values() if hasattr(b, 'columns') and star.CLASS in b.columns)
+        ids = table['cpSubtomoId'].astype(int).to_numpy()
+        return dict(zip(ids, table[star.CLASS].astype(int))), dict(zip(ids, table[star.SCORE].astype(float)))
+
+    def _createClassOutputs(self, labels_path, averages=None):
+        subtomos = self.inputSubtomograms.get()
+        labels, probs = self._readLabels(labels_path)
+        classes = self._createSetOfClassesSubTomograms(subtomos)
+
+        def update_item(item, row=None):
+            item.setClassId(int(labels[item.getObjId()]))
+
+        def update_class(cls):
+            ref = cls.getObjId()
+            if averages and ref in averages:
+                rep = AverageSubTomogram()
+                rep.setLocation(averages[ref])
+                rep.setSamplingRate(subtomos.getSamplingRate())
+                cls.setRepresentative(rep)
+            cls._cryopickAverage = String('unaligned average of randomly oriented members (a summary, not a '
+                                          'structure: align and average the class in RELION/Dynamo/emantomo)')
+
+        classes.classifyItems(updateItemCallback=update_item, updateClassCallback=update_class)
+        outputs = {OUT_CLASSES: classes}
+        coords = self._clusterCoordinates(subtomos, labels, probs)
+        if coords is not None:
+            outputs[OUT_COORDS3D] = coords
+        return outputs
+
+    def _clusterCoordinates(self, subtomos, labels, probs):
+        """The subtomograms' coordinates with groupId = cluster and score = membership probability."""
+        source = subtomos.getCoordinates3D() if subtomos.hasCoordinates3D() else None
+        if source is None:
+            return None
+        tomograms = source.getPrecedents()
+        tomos = convert.tomograms_by_name(tomograms)
+        coords = self._createSetOfCoordinates3D(tomograms, suffix='Clusters')
+        coords.setSamplingRate(source.getSamplingRate())
+        coords.setBoxSize(source.getBoxSize())
+        for subtomo in subtomos.iterItems(orderBy='id'):
+            old = subtomo.getCoordinate3D()
+            if old is None or old.getTomoId() not in tomos:
+                continue
+            coord = Coordinate3D()
+            coord.setVolume(tomos[old.getTomoId()])
+            # Stored (Scipion-convention) positions are copied as they are: same tomogram, same origin.
+            coord.setPosition(old._x.get(), old._y.get(), old._z.get(), tconst.SCIPION)
+            coord.setGroupId(int(labels[subtomo.getObjId()]))
+            coord.setScore(float(probs[subtomo.getObjId()]))
+            coords.append(coord)
+        return coords
+
+
+class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
+    """Cluster subtomograms without templates or labels (DISCA).
+
+    A YOPO network (unpadded 3D convolutions with global max pooling, so features ignore where the
+    particle sits in the box) is trained on the clusters it finds itself: features → PCA → Gaussian mixtures
+    for each candidate number of clusters K, the lowest BIC wins; labels are aligned between iterations and
+    the network learns them with label smoothing on randomly rotated copies. The iteration with the best
+    Davies–Bouldin-type index (DDBI) is kept. Outputs: the classes (with plain, unaligned class averages —
+    the members are randomly oriented, so these are summaries, not structures), the coordinates with
+    groupId = cluster (ready for weak labels → 3D picking training, or for RELION/Dynamo/emantomo
+    alignment and averaging of a chosen class), and the trained model for DISCA predict.
+    """
+    _label = 'DISCA clustering'
+    _possibleOutputs = {OUT_CLASSES: SetOfClassesSubTomograms, OUT_COORDS3D: SetOfCoordinates3D,
+                        OUT_MODEL: CryopickModel}
+
+    def _defineParams(self, form):
+        form.addSection(label='Input')
+        form.addParam('inputSubtomograms', params.PointerParam, pointerClass='SetOfSubTomograms', important=True,
+                      label='Subtomograms', help='Subtomograms of one box size, e.g. from DoG candidates. A box '
+                                                 'of 24–32 voxels holding the particle with a little margin '
+                                                 'works best; bin larger boxes when extracting.')
+        form.addParam('preset', params.EnumParam, choices=PRESETS, default=0, label='Network size',
+                      display=params.EnumParam.DISPLAY_HLIST,
+                      help='cpu: a quarter of the paper\'s width, boxes binned to 24³ (clusters 1,000 subtomograms '
+                           'in under an hour on 2 cores). paper: the published width, for GPUs.')
+        line = form.addLine('Number of clusters K', help='Candidate K values; the BIC chooses among them. The '
+                                                         'largest is lowered to N/10 for small sets.')
+        line.addParam('kMin', params.IntParam, default=2, label='from')
+        line.addParam('kMax', params.IntParam, default=20, label='to')
+        form.addParam('maxIter', params.IntParam, allowsNull=True, default=None, label='Maximum iterations',
+                      help='Empty: the preset\'s default. Stops earlier when the labels are stable.')
+        form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED)
+        self._defineComputeParams(form, gpu=True)
+
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
+        self._insertFunctionStep(self.clusterStep, needsGPU=True)
+        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+
+    def convertInputStep(self):
+        self._writeSubtomoStar(self._getExtraPath('subtomograms.star'))
+
+    def clusterStep(self):
+        args = [os.path.abspath(self._getExtraPath('subtomograms.star')), '--out',
+                os.path.abspath(self._getExtraPath('disca')), '--preset', PRESETS[self.preset.get()],
+                '--k-min', self.kMin.get(), '--k-max', self.kMax.get(), '--seed', self.seed.get()]
+        if self.maxIter.get():
+            args += ['--max-iter', self.maxIter.get()]
+        self._runCryopick('disca', args, gpu=True)
+
+    def createOutputStep(self):
+        out = self._getExtraPath('disca')
+        history = self._readJson(os.path.join(out, 'history.json'))
+        averages = {a['class']: os.path.abspath(os.path.join(out, a['file']))
+                    for a in history.get('class_averages', [])}
+        outputs = self._createClassOutputs(os.path.join(out, 'labels.star'), averages)
+        model = model_object(os.path.abspath(os.path.join(out, 'disca_model.pt')), 'disca')
+        model.setNumClasses(int(history['k']))
+        outputs[OUT_MODEL] = model
+        self._defineOutputs(**outputs)
+        for output in outputs.values():
+            self._defineSourceRelation(self.inputSubtomograms, output)
+
+    def _validate(self):
+        errors = []
+        subtomos = self.inputSubtomograms.get()
+        if self.kMin.get() < 1 or self.kMax.get() < self.kMin.get():
+            errors.append('The K range must satisfy 1 ≤ from ≤ to.')
+        if subtomos is not None:
+            n = subtomos.getSize()
+            if n < 10 * max(2, self.kMin.get()):
+                errors.append(f'{n} subtomograms are too few: DISCA needs at least 10 per cluster of the '
+                              f'smallest K ({self.kMin.get()}).')
+            dims = {s.getDim() for s in subtomos.iterItems(limit=200)}
+            if len(dims) > 1:
+                errors.append(f'The subtomograms have different box sizes ({sorted(dims)}): extract them with '
+                              f'one box.')
+        return errors
+
+    def _summary(self):
+        if not self.hasAttribute(OUT_CLASSES):
+            return ['Clustering not ready yet.']
+        classes = getattr(self, OUT_CLASSES)
+        sizes = [c.getSize() for c in classes.iterItems()]
+        return [f'{len(sizes)} clusters (K chosen by BIC among {self.kMin.get()}–{self.kMax.get()}), sizes '
+                f'{sizes}. Class averages are unaligned summaries.']
+
+    def _methods(self):
+        return ['Subtomograms were clustered without templates with DISCA [Zeng2023DISCA] as implemented in '
+                'cryopick.']
+
+    def _citations(self):
+        return ['Zeng2023DISCA']
+
+
+class CryopickDiscaPredict(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
+    """Assign subtomograms to the clusters of a trained DISCA model."""
+    _label = 'DISCA predict'
+    _possibleOutputs = {OUT_CLASSES: SetOfClassesSubTomograms, OUT_COORDS3D: SetOfCoordinates3D}
+
+    def _defineParams(self, form):
+        form.addSection(label='Input')
+        form.addParam('inputSubtomograms', params.PointerParam, pointerClass='SetOfSubTomograms', important=True,
+                      label='Subtomograms', help='Extracted like the ones the model was trained on (same box, '
+                                                 'binning and voxel size).')
+        form.addParam('inputModel', params.PointerParam, pointerClass='CryopickModel', important=True,
+                      label='DISCA model', help='From a DISCA clustering run or the model import protocol.')
+        self._defineComputeParams(form, gpu=True)
+
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
+        self._insertFunctionStep(self.predictStep, needsGPU=True)
+        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+
+    def convertInputStep(self):
+        self._writeSubtomoStar(self._getExtraPath('subtomograms.star'))
+
+    def predictStep(self):
+        self._runCryopick('disca-predict', [os.path.abspath(self._getExtraPath('subtomograms.star')),
+                                            '--model', os.path.abspath(self.inputModel.get().getPath()),
+                                            '--out', os.path.abspath(self._getExtraPath('labels.star'))], gpu=True)
+
+    def createOutputStep(self):
+        outputs = self._createClassOutputs(self._getExtraPath('labels.star'))
+        self._defineOutputs(**outputs)
+        for output in outputs.values():
+            self._defineSourceRelation(self.inputSubtomograms, output)
+            self._defineSourceRelation(self.inputModel, output)
+
+    def _validate(self):
+        errors = []
+        model = self.inputModel.get()
+        if model is not None and model.getMethod() != 'disca':
+            errors.append(f'The model is a {model.getMethod()} model; DISCA predict needs a DISCA model.')
+        subtomos = self.inputSubtomograms.get()
+        if model is not None and subtomos is not None and model.getSamplingRate() and \
+                abs(model.getSamplingRate() - subtomos.getSamplingRate()) > 0.01 * model.getSamplingRate():
+            errors.append(f'The model was trained on subtomograms at {model.getSamplingRate():g} Å/voxel, these '
+                          f'are at {subtomos.getSamplingRate():g} Å/voxel.')
+        return errors
+
+    def _summary(self):
+        if not self.hasAttribute(OUT_CLASSES):
+            return ['Prediction not ready yet.']
+        return [f'{getattr(self, OUT_CLASSES).getSize()} classes assigned.']
+
+    def _methods(self):
+        return []
+
+    def _citations(self):
+        return ['Zeng2023DISCA']
