@@ -137,6 +137,11 @@ def resolve_thresholds(diameters, t_seg=None, t_lm=None, t_dist=None, kernel=Non
 def picks_frame(zyx, classes, scores, tomo_name=None, scale=1.0):
     """RELION coordinate table from picks; `scale` maps working voxels to the tomogram's voxels."""
     xyz = np.asarray(zyx, dtype=float).reshape(-1, 3)[:, ::-1] * scale
+    if len(xyz) == 0:
+        import pandas as pd
+        cols = ([star.TOMO] if tomo_name is not None else []) + [star.X, star.Y, star.Z, star.CLASS, star.SCORE]
+        return pd.DataFrame({c: pd.Series(dtype=str if c == star.TOMO else int if c == star.CLASS else float)
+                             for c in cols})
     return star.coordinates_frame(xyz, volume_name=tomo_name, classes=classes, scores=scores)
 
 

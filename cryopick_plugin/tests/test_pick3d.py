@@ -135,3 +135,13 @@ def test_pick3d_command_writes_one_star_for_several_tomograms(tmp_path):
     model_io.save_model(tmp_path / 'x.pt', 'cryosegnet', {}, {}, {})
     with pytest.raises(InputError, match='cryosegnet'):
         _run([tmp_path / 'TS_1.mrc', '--model', tmp_path / 'x.pt', '--out', out])
+
+
+def test_no_picks_gives_an_empty_table_with_the_columns(tmp_path):
+    _tiny_model(tmp_path / 'm.pt')
+    mrc.write_mrc(tmp_path / 't.mrc', np.random.default_rng(4).normal(size=(10, 12, 14)).astype(np.float32), 10.0)
+    df = pick3d.pick(tmp_path / 't.mrc', tmp_path / 'm.pt', device='cpu', t_seg=1.0)
+    assert len(df) == 0 and list(df.columns) == [star.TOMO, star.X, star.Y, star.Z, star.CLASS, star.SCORE]
+    out = tmp_path / 'p.star'
+    assert _run([tmp_path / 't.mrc', '--model', tmp_path / 'm.pt', '--out', out, '--t-seg', 1.0]) == 0
+    assert out.exists()
