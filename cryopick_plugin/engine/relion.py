@@ -391,10 +391,10 @@ def read_relion_particles(particles_star, cwd=None):
         if file_path not in cache:
             if not os.path.exists(file_path):
                 raise InputError(particles_star, f"image file {file_name} not found (relative to {cwd})")
-            data, _ = mrc.open_volume(file_path, ndim=3) if index else (None, None)
-            if data is None:
-                data = np.asarray(mrc.open_volume(file_path, ndim=2)[0])[None]
-            cache[file_path] = data
+            # A stack of one image reads as 2D; a 3D file is a stack ('N@') or one subtomogram.
+            shape = mrc.read_header(file_path)[0]
+            data = mrc.open_volume(file_path, ndim=2 if len(shape) == 2 or shape[0] == 1 else 3)[0]
+            cache[file_path] = data[None] if (data.ndim == 2 or not index) else data
         stack = cache[file_path]
         k = int(index) - 1 if index else 0
         if not 0 <= k < len(stack):

@@ -229,5 +229,8 @@ def test_coordinate_star_errors(tmp_path):
     files = relion.write_relion_coordinate_stars(tmp_path / 'r', table, 'x', micrograph_paths=[mic])
     with pytest.raises(InputError, match='even box sizes only'):
         relion.run_relion_preprocess(files, 15)
+    # A micrograph with a single pick gives a one-image stack, which reads as a 2D MRC.
+    one, _ = relion.run_relion_preprocess(files, 16)
+    np.testing.assert_array_equal(one, relion.crop_particles_2d(image, [[20, 20]], 16))
     with pytest.raises(InputError, match='leave'):
         relion.crop_particles_2d(image, [[2, 30]], 16)
