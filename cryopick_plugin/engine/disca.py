@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +37,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.transform import Rotation
 from sklearn.decomposition import PCA
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import homogeneity_completeness_v_measure
 from sklearn.mixture import GaussianMixture
 
@@ -186,7 +188,10 @@ def fit_mixtures(x, candidate_ks, options, seed, current_k=None, current_labels=
         best = None
         for gmm in tried:
             try:
-                gmm.fit(x)
+                with warnings.catch_warnings():
+                    # 100 EM steps as in the reference; a start that has not settled still gets its BIC.
+                    warnings.simplefilter('ignore', ConvergenceWarning)
+                    gmm.fit(x)
             except (ValueError, np.linalg.LinAlgError) as exc:  # a degenerate start: skip it
                 logger.debug('GMM k=%d failed: %s', k, exc)
                 continue
