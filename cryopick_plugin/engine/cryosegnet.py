@@ -192,7 +192,7 @@ def _evaluate(net, xs, ys, device, threshold=0.5):
     return float(np.mean(losses)), float(np.mean(dices))
 
 
-def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epochs=30, batch_size=2,
+def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epochs=50, batch_size=2,
                      lr=1e-4, val_fraction=0.2, init_model=None, device='auto', seed=0, log=None,
                      input_size=None, crop_size=None, preprocess=False, pixel_size=None, names=None):
     """Train (or fine-tune) the attention U-Net on micrographs and particle centres.
