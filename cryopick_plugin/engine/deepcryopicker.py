@@ -1,0 +1,407 @@
+"""DeepCryoPicker: fully automatic 2D picking with an unsupervised training set.
+
+Pipeline (`deepcryopicker_pick`):
+
+1. Working scale. The micrograph is rescaled by a multiple of 0.125 (as in the paper) so the particle
+   diameter becomes about the preset's particle size (24 px for 'cpu', 160 px for 'paper'); with no
+   diameter given it is estimated first (`estimate_diameter`: clustering at ~1024 px, median equivalent
+   diameter of compact regions).
+2. Preprocessing: `preprocess2d.deepcryopicker_chain`. Particles are dark on a lighter background in
+   cryo-EM micrographs (polarity 'dark'), so the image is inverted to make them the brightest cluster.
+3. Unsupervised candidates (`ibc.py`): intensity-based clustering (IBC, default), k-means, fuzzy c-means
+   or super-clustering (SLIC + IBC, for irregular particles such as β-gal); the brightest cluster is the
+   particle mask, cleaned, measured with regionprops, merged blobs split at distance-transform maxima.
+4. Automatic good/bad selection by shape (size against the mean, solidity, circularity, axis ratio,
+   Feret box; `ibc.select_good`). The good particles are grouped into up to 3 shape classes (k-means on
+   standardised shape features; the paper found 3 shape classes + background best); background windows
+   are taken at least one diameter away from every candidate, plus one window 0.5–0.75 diameter off the
+   centre of each good particle (so that scores peak at particle centres).
+5. A balanced training set (`per_class` samples per class from 0/90/180/270° rotations, mirrors when
+   needed) trains the patch classifier (`cnn2d.py`).
+6. Sliding-window scoring of the whole working image; the particle score is 1 − P(background), the class
+   the most likely shape class. High-score connected regions larger than `max_region` particles (carbon
+   edges, aggregates, ice) are removed; local maxima above the threshold go through NMS
+   (`nms_2d`, 0.6·diameter) and are mapped back to pixels of the input micrograph.
+
+Coordinates are x = column, y = row of the input array (no flip), origin at the first pixel.
+"""
+import dataclasses
+import time
+
+import numpy as np
+import pandas as pd
+
+from . import cnn2d, ibc, preprocess2d, star
+from .errors import InputError
+from .micrograph_io import downsample
+
+METHOD = 'deepcryopicker'
+SCALE_STEP = 0.125
+DEFAULT_THRESHOLD = 0.5
+
+
+@dataclasses.dataclass
+class DeepCryoPickerModel:
+    net: object            # torch module (cnn2d.build_network(arch))
+    arch: dict
+    meta: dict             # preset, window, particle (px in the window), classes, polarity, clustering, threshold
+    device: str = 'cpu'
+
+
+# ------------------------------------------------------------------------------------------------- NMS
+
+def nms_2d(xy, scores, min_distance):
+    """Greedy non-maximum suppression: keep the best-scoring point, drop all within `min_distance`,
+    repeat. Returns the kept indices, best first."""
+    from scipy.spatial import cKDTree
+    xy = np.asarray(xy, dtype=float).reshape(-1, 2)
+    scores = np.asarray(scores, dtype=float).ravel()
+    if len(xy) != len(scores):
+        raise InputError('nms', f"{len(xy)} positions but {len(scores)} scores")
+    if len(xy) == 0:
+        return np.zeros(0, dtype=int)
+    order = np.argsort(-scores, kind='stable')
+    tree = cKDTree(xy)
+    alive = np.ones(len(xy), bool)
+    keep = []
+    for i in order:
+        if not alive[i]:
+            continue
+        keep.append(i)
+        alive[tree.query_ball_point(xy[i], r=float(min_distance))] = False
+    return np.asarray(keep, dtype=int)
+
+
+# ---------------------------------------------------------------------------------------------- scales
+
+def working_scale(diameter_px, particle_px):
+    """Scale factor (a multiple of 0.125, at least 0.125) that brings `diameter_px` near `particle_px`."""
+    if not diameter_px or diameter_px <= 0:
+        raise InputError('--diameter', f"must be positive, got {diameter_px}")
+    return max(SCALE_STEP, round(particle_px / float(diameter_px) / SCALE_STEP) * SCALE_STEP)
+
+
+def rescale(image, scale):
+    """Resize by `scale` (area averaging when shrinking, bicubic when enlarging)."""
+    import cv2
+    if scale == 1:
+        return np.asarray(image, np.float32).copy()
+    if scale < 1:
+        return downsample(image, 1.0 / scale)
+    h, w = image.shape
+    return cv2.resize(np.asarray(image, np.float32), (int(round(w * scale)), int(round(h * scale))),
+                      interpolation=cv2.INTER_CUBIC)
+
+
+def _to_input_frame(xy, small_shape, shape):
+    # Pixel-edge-aligned mapping, the one both area averaging and cv2's bicubic resize use.
+    xy = np.asarray(xy, float).reshape(-1, 2)
+    s = np.array([shape[1] / small_shape[1], shape[0] / small_shape[0]])
+    return (xy + 0.5) * s - 0.5
+
+
+def prepare(image, scale, polarity='dark'):
+    """Rescale, run the DeepCryoPicker chain and make particles bright; float32 [0, 1]."""
+    if polarity not in ('dark', 'bright'):
+        raise InputError('polarity', f"'{polarity}' (dark or bright)")
+    img = rescale(np.asarray(image, np.float32), scale)
+    if polarity == 'dark':
+        img = -img
+    return preprocess2d.deepcryopicker_chain(img)
+
+
+def estimate_diameter(image, polarity='dark', clustering='ibc', seed=0, size=1024):
+    """Particle diameter in input pixels, from compact clustered regions at about `size` px."""
+    scale = min(1.0, size / max(image.shape))
+    work = prepare(image, scale, polarity)
+    k = 4
+    mask = ibc.foreground(ibc.cluster_labels(work, clustering, k, seed), k)
+    mask = ibc.clean_mask(mask, diameter=8, min_fraction=0.5)
+    regions = ibc.candidate_regions(mask, diameter=1e9)  # no splitting
+    d = np.array([2 * np.sqrt(r['area'] / np.pi) for r in regions if r['solidity'] >= 0.85])
+    if len(d) < 3:
+        raise InputError('diameter', "could not estimate the particle diameter (too few compact regions); "
+                                     "give --diameter")
+    return float(np.median(d) / scale)
+
+
+# ------------------------------------------------------------------------------------------ candidates
+
+def find_candidates(work, diameter, clustering='ibc', shape='irregular', seed=0, k=4, keep=1):
+    """Candidate particles in a working image (particles bright, diameter in working pixels).
+
+    Returns (regions list (ibc.candidate_regions), good boolean array, particle mask).
+    """
+    # Superpixels about half a particle across, so a particle is a few whole superpixels.
+    n_segments = int(max(100, work.size / (0.5 * diameter) ** 2))
+    labels = ibc.cluster_labels(work, clustering, k, seed, n_segments=n_segments)
+    mask = ibc.clean_mask(ibc.foreground(labels, k, keep), diameter)
+    regions = ibc.candidate_regions(mask, diameter)
+    if shape == 'round' and regions:
+        # Round views: Hough circles give the centres; region shape still decides good/bad.
+        centres = ibc.hough_centres(mask, diameter)
+        if len(centres):
+            from scipy.spatial import cKDTree
+            tree = cKDTree(centres)
+            for r in regions:
+                dist, j = tree.query([r['x'], r['y']])
+                if dist < 0.35 * diameter:
+                    r['x'], r['y'] = float(centres[j, 0]), float(centres[j, 1])
+    good = ibc.select_good(regions, diameter, shape)
+    return regions, good, mask
+
+
+def _patches(image, xy, window):
+    half = window // 2
+    padded = np.pad(image, ((half, window - half), (half, window - half)), mode='reflect')
+    out = np.empty((len(xy), window, window), np.float32)
+    for i, (x, y) in enumerate(np.rint(np.asarray(xy)).astype(int)):
+        out[i] = padded[y:y + window, x:x + window]
+    return out
+
+
+def _background_positions(shape, occupied_xy, diameter, n, rng):
+    """Up to n random positions at least one diameter from every occupied position."""
+    from scipy.spatial import cKDTree
+    h, w = shape
+    tries = rng.uniform([0, 0], [w - 1, h - 1], size=(max(20 * n, 200), 2))
+    if len(occupied_xy):
+        d, _ = cKDTree(np.asarray(occupied_xy)).query(tries)
+        tries = tries[d >= diameter]
+    return tries[:n]
+
+
+def _shape_classes(regions, good, n_classes, seed):
+    from sklearn.cluster import KMeans
+    idx = np.flatnonzero(good)
+    feats = np.array([[regions[i]['area'], regions[i]['circularity'], regions[i]['axis_ratio'],
+                       regions[i]['solidity']] for i in idx])
+    n_classes = int(min(n_classes, max(1, len(idx) // 20)))
+    if n_classes <= 1:
+        return idx, np.ones(len(idx), int), 1
+    feats = (feats - feats.mean(0)) / np.maximum(feats.std(0), 1e-6)
+    lab = KMeans(n_clusters=n_classes, n_init=5, random_state=seed).fit_predict(feats)
+    return idx, lab + 1, n_classes
+
+
+def build_training_set(works, diameters, window, shape='irregular', clustering='ibc', n_shape_classes=3,
+                       per_class=600, seed=0, log=None):
+    """Automatic training set from working images (particles bright) and their working diameters.
+
+    Returns (patches (N, w, w), labels (N,) with 0 = background, 1..K shape classes, info dict).
+    """
+    rng = np.random.default_rng(seed)
+    all_regions, all_good, owners = [], [], []
+    for i, (work, d) in enumerate(zip(works, diameters)):
+        regions, good, _ = find_candidates(work, d, clustering, shape, seed)
+        all_regions += regions
+        all_good.append(good)
+        owners += [i] * len(regions)
+    good = np.concatenate(all_good) if all_good else np.zeros(0, bool)
+    owners = np.asarray(owners, int)
+    if good.sum() < 5:
+        raise InputError('training', f"only {int(good.sum())} good particle candidates found by clustering "
+                                     f"(of {len(all_regions)} regions); check --diameter and the polarity")
+    idx, classes, n_classes = _shape_classes(all_regions, good, n_shape_classes, seed)
+    pos_p, pos_l, neg_p = [], [], []
+    n_bg_each = max(1, int(np.ceil(2 * per_class / max(len(works), 1))))
+    for i, (work, d) in enumerate(zip(works, diameters)):
+        mine = idx[owners[idx] == i]
+        xy = np.array([[all_regions[j]['x'], all_regions[j]['y']] for j in mine]).reshape(-1, 2)
+        if len(mine):
+            pos_p.append(_patches(work, xy, window))
+            pos_l.append(classes[owners[idx] == i])
+        occupied = np.array([[r['x'], r['y']] for r, o in zip(all_regions, owners) if o == i]).reshape(-1, 2)
+        bg_xy = _background_positions(work.shape, occupied, d, n_bg_each, rng)
+        neg_p.append(_patches(work, bg_xy, window))
+        if len(mine):
+            # Off-centre windows (0.5–0.75 diameter from a good particle) are background too: without
+            # them the classifier scores the whole neighbourhood of a particle high, and the score map
+            # has broad plateaus instead of peaks at the centres.
+            angle = rng.uniform(0, 2 * np.pi, len(xy))
+            shift = rng.uniform(0.5, 0.75, len(xy)) * d
+            off = xy + np.stack([np.cos(angle), np.sin(angle)], 1) * shift[:, None]
+            off = np.clip(off, 0, np.array(work.shape[::-1]) - 1)
+            neg_p.append(_patches(work, off, window))
+    patches = np.concatenate(pos_p + neg_p)
+    labels = np.concatenate(pos_l + [np.zeros(sum(len(p) for p in neg_p), int)])
+    if (labels == 0).sum() < 5:
+        raise InputError('training', "too few background windows: the micrographs are crowded; "
+                                     "check --diameter")
+    raw_counts = {int(c): int((labels == c).sum()) for c in np.unique(labels)}
+    patches, labels = cnn2d.augment_rotations(patches, labels, per_class, rng)
+    info = {'regions': len(all_regions), 'good': int(good.sum()), 'shape_classes': n_classes,
+            'raw_counts': raw_counts, 'per_class': int(per_class), 'total': int(len(labels))}
+    if log:
+        log(f"training set: {info['good']} good of {info['regions']} candidates, {n_classes} shape "
+            f"class(es) + background, raw counts {raw_counts}, {per_class} per class after rotations")
+    return patches, labels, info
+
+
+# ------------------------------------------------------------------------------------------- training
+
+def train_deepcryopicker(images, diameter_px, preset='cpu', clustering='ibc', shape='irregular',
+                         polarity='dark', n_shape_classes=3, per_class=None, epochs=None, seed=0,
+                         device='auto', out=None, log=None, **arch_overrides):
+    """Train a DeepCryoPicker classifier from micrographs with no labels.
+
+    images       list of 2D float arrays (the micrographs as read)
+    diameter_px  particle diameter in pixels of those micrographs (one number, or one per image)
+    preset       'cpu' (48² windows, narrow, Adam) or 'paper' (227² AlexNet-like, SGD 1e-4)
+    per_class, epochs   override the preset's training-set size per class and epochs
+    out          when given, the model is saved there (model_io, method 'deepcryopicker')
+    Returns (DeepCryoPickerModel, info dict: training-set sizes and final accuracies).
+    """
+    import torch
+    from .settings import resolve_device
+    device = resolve_device(device)
+    torch.manual_seed(seed)
+    if preset not in cnn2d.PRESETS:
+        raise InputError('preset', f"unknown preset '{preset}' ({', '.join(cnn2d.PRESETS)})")
+    p = cnn2d.PRESETS[preset]
+    images = [np.asarray(im, np.float32) for im in images]
+    if not images:
+        raise InputError('images', "no micrographs to train on")
+    diameters = np.broadcast_to(np.asarray(diameter_px, float), (len(images),))
+    window, particle = int(arch_overrides.pop('window', None) or p['window']), float(p['particle'])
+    if 'particle' in arch_overrides:
+        particle = float(arch_overrides.pop('particle'))
+    scales = [working_scale(d, particle) for d in diameters]
+    works = [prepare(im, s, polarity) for im, s in zip(images, scales)]
+    work_d = [d * s for d, s in zip(diameters, scales)]
+    per_class = int(per_class or p['per_class'])
+    patches, labels, info = build_training_set(works, work_d, window, shape, clustering, n_shape_classes,
+                                               per_class, seed, log)
+    n_classes = int(labels.max()) + 1
+    arch = cnn2d.arch_for(preset, n_classes, window=window, **arch_overrides)
+    net = cnn2d.build_network(arch)
+    stats = cnn2d.train_classifier(net, patches, labels, epochs or p['epochs'], p['batch'], p['lr'],
+                                   p['optimizer'], seed, device, log)
+    meta = {'preset': preset, 'window': window, 'particle_px': particle, 'polarity': polarity,
+            'clustering': clustering, 'shape': shape, 'n_shape_classes': n_classes - 1,
+            'diameter_px': float(np.median(diameters)), 'threshold': DEFAULT_THRESHOLD,
+            'training': {**info, **stats, 'epochs': int(epochs or p['epochs']), 'seed': int(seed)}}
+    model = DeepCryoPickerModel(net.eval(), arch, meta, device)
+    if out:
+        save_deepcryopicker(model, out)
+    info = {**info, **stats}
+    return model, info
+
+
+def save_deepcryopicker(model, path):
+    from .model_io import save_model
+    return save_model(path, METHOD, model.arch, model.net.state_dict(), model.meta)
+
+
+def load_deepcryopicker(path, device='auto'):
+    """Load a model written by `save_deepcryopicker` / `train_deepcryopicker(out=...)`."""
+    from .model_io import load_model
+    from .settings import resolve_device
+    device = resolve_device(device)
+    arch, state, meta = load_model(path, METHOD)
+    net = cnn2d.build_network(arch)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise InputError(path, f"weights do not fit the architecture ({str(exc).splitlines()[0]})") from None
+    return DeepCryoPickerModel(net.to(device).eval(), arch, meta, device)
+
+
+# -------------------------------------------------------------------------------------------- picking
+
+def score_image(model, work, diameter_work, stride=None):
+    """Score map of a working image: (particle score (ny, nx), class map (ny, nx), stride)."""
+    stride = int(stride or max(1, round(diameter_work / 6)))
+    probs, stride = cnn2d.dense_score_map(model.net, model.arch, work, stride, model.device)
+    score = 1.0 - probs[..., 0]
+    classes = np.argmax(probs[..., 1:], axis=-1) + 1 if probs.shape[-1] > 1 else np.ones(score.shape, int)
+    return score.astype(np.float32), classes.astype(int), stride
+
+
+def picks_from_scores(score, classes, stride, diameter_work, threshold, max_region=4.0, nms_factor=0.6):
+    """Positions (working pixels), scores and classes from a score map (see module doc, step 6)."""
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+    smooth = ndi.gaussian_filter(score, 1.0)
+    high = smooth >= threshold
+    lab, n = ndi.label(high)
+    removed = 0
+    if n:
+        cell = float(stride) ** 2
+        areas = np.bincount(lab.ravel())[1:] * cell
+        big = np.flatnonzero(areas > max_region * ibc.disk_area(diameter_work)) + 1
+        if len(big):
+            smooth = np.where(np.isin(lab, big), 0, smooth)
+            removed = len(big)
+    peaks = peak_local_max(smooth, min_distance=max(1, int(0.3 * diameter_work / stride)),
+                           threshold_abs=threshold, exclude_border=False)
+    xy = peaks[:, ::-1].astype(float) * stride
+    sc = smooth[peaks[:, 0], peaks[:, 1]] if len(peaks) else np.zeros(0)
+    cl = classes[peaks[:, 0], peaks[:, 1]] if len(peaks) else np.zeros(0, int)
+    keep = nms_2d(xy, sc, nms_factor * diameter_work)
+    return xy[keep], sc[keep], cl[keep], removed
+
+
+def deepcryopicker_pick(image, diameter_px=None, preset='cpu', model=None, seed=0, device='auto', log=None,
+                        threshold=None, clustering='ibc', shape='irregular', polarity='dark',
+                        max_region=4.0, **train_options):
+    """Pick one micrograph; train on it first when no model is given.
+
+    image        2D float array (as read by micrograph_io.read_micrograph)
+    diameter_px  particle diameter in pixels of `image` (None: the model's training diameter, else estimated)
+    model        DeepCryoPickerModel, a model file path, or None (train on this micrograph)
+    threshold    particle score threshold (default: the model's, 0.5)
+    Returns (DataFrame rlnCoordinateX (column), rlnCoordinateY (row), rlnAutopickFigureOfMerit,
+    rlnClassNumber — in pixels of `image`; model; diagnostics dict with 'score' map, 'stride', 'scale',
+    'candidates' (x, y, good) in input pixels, 'training' sizes, 'times' per stage, 'removed_regions').
+    """
+    t0 = time.time()
+    image = np.asarray(image, np.float32)
+    if image.ndim != 2:
+        raise InputError('image', f"expected a 2D micrograph, got shape {image.shape}")
+    times = {}
+    if isinstance(model, str):
+        model = load_deepcryopicker(model, device)
+    if diameter_px is None:
+        diameter_px = model.meta.get('diameter_px') if model is not None else None
+        if diameter_px is None:
+            diameter_px = estimate_diameter(image, polarity, clustering, seed)
+            if log:
+                log(f"estimated particle diameter: {diameter_px:.1f} px")
+        times['estimate_diameter'] = time.time() - t0
+    info = {}
+    if model is None:
+        t = time.time()
+        model, info = train_deepcryopicker([image], diameter_px, preset, clustering, shape, polarity,
+                                           seed=seed, device=device, log=log, **train_options)
+        times['train'] = time.time() - t
+    meta = model.meta
+    polarity = meta.get('polarity', polarity)
+    t = time.time()
+    scale = working_scale(diameter_px, meta['particle_px'])
+    work = prepare(image, scale, polarity)
+    d_work = diameter_px * scale
+    times['preprocess'] = time.time() - t
+    t = time.time()
+    regions, good, _ = find_candidates(work, d_work, meta.get('clustering', clustering),
+                                       meta.get('shape', shape), seed)
+    times['cluster'] = time.time() - t
+    t = time.time()
+    score, classes, stride = score_image(model, work, d_work)
+    times['score'] = time.time() - t
+    thr = float(meta.get('threshold', DEFAULT_THRESHOLD) if threshold is None else threshold)
+    xy, sc, cl, removed = picks_from_scores(score, classes, stride, d_work, thr, max_region)
+    xy = _to_input_frame(xy, work.shape, image.shape)
+    inside = np.all((xy >= -0.5) & (xy <= np.array(image.shape[::-1]) - 0.5), axis=1)
+    xy, sc, cl = xy[inside], sc[inside], cl[inside]
+    df = pd.DataFrame({star.X: xy[:, 0], star.Y: xy[:, 1], star.SCORE: sc.astype(float),
+                       star.CLASS: cl.astype(int)})
+    cand = np.array([[r['x'], r['y']] for r in regions]).reshape(-1, 2)
+    diag = {'score': score, 'stride': stride, 'scale': scale, 'working_shape': work.shape,
+            'diameter_px': float(diameter_px), 'threshold': thr, 'removed_regions': removed,
+            'candidates': np.column_stack([_to_input_frame(cand, work.shape, image.shape), good]),
+            'training': info, 'times': {**times, 'total': time.time() - t0}}
+    if log:
+        log(f"{len(df)} picks (threshold {thr:.2f}, {len(regions)} clustering candidates, "
+            f"{int(good.sum())} good), {diag['times']['total']:.1f} s")
+    return df, model, diag

@@ -1,0 +1,208 @@
+"""DeepCryoPicker: clustering, candidate selection, classifier, scoring, NMS and the whole pipeline."""
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from cryopick_plugin.commands import main as cli
+from cryopick_plugin.engine import cnn2d, ibc, star
+from cryopick_plugin.engine import deepcryopicker as dcp
+from cryopick_plugin.engine.errors import InputError
+from cryopick_plugin.engine.evaluate import match_points
+from cryopick_plugin.engine.micrograph_io import write_micrograph
+from cryopick_plugin.engine.preprocess2d import hist_equalise
+
+
+def _place(shape, n, d, rng, margin=None):
+    margin = d if margin is None else margin
+    pts = []
+    for _ in range(10000):
+        if len(pts) == n:
+            break
+        p = rng.uniform(margin, np.array(shape[::-1]) - margin)
+        if all(np.hypot(*(p - q)) > 1.4 * d for q in pts):
+            pts.append(p)
+    return np.array(pts)
+
+
+def synthetic_micrograph(shape=(240, 240), n=18, d=24, noise=0.5, seed=0):
+    """Dark blurred disks of diameter d in Gaussian noise (cryo-EM polarity); returns (image, centres)."""
+    rng = np.random.default_rng(seed)
+    pts = _place(shape, n, d, rng)
+    img = np.zeros(shape, np.float32)
+    for x, y in pts:
+        cv2.circle(img, (int(round(x)), int(round(y))), d // 2, 1.0, -1)
+    img = cv2.GaussianBlur(img, (0, 0), 1.5)
+    return (-img + rng.normal(0, noise, shape)).astype(np.float32), pts
+
+
+def _f1(df, truth, radius):
+    xy = star.xyz_array(df)
+    pairs, _ = match_points(xy, truth, radius)
+    return 2 * len(pairs) / max(len(xy) + len(truth), 1)
+
+
+# ------------------------------------------------------------------------------------------------ NMS
+
+def test_nms_keeps_the_best_of_each_cluster():
+    xy = np.array([[0, 0], [3, 0], [10, 0], [10, 4], [30, 30]], float)
+    scores = np.array([0.5, 0.9, 0.4, 0.8, 0.1])
+    keep = dcp.nms_2d(xy, scores, 5)
+    assert keep.tolist() == [1, 3, 4]
+    assert dcp.nms_2d(xy, scores, 0.5).tolist() == [1, 3, 0, 2, 4]
+    assert len(dcp.nms_2d(np.zeros((0, 2)), [], 3)) == 0
+    with pytest.raises(InputError):
+        dcp.nms_2d(xy, scores[:2], 5)
+
+
+# ------------------------------------------------------------------------------------------ clustering
+
+def test_clustering_finds_bright_and_dark_disks():
+    rng = np.random.default_rng(1)
+    img = np.full((160, 160), 0.5, np.float32)
+    bright = np.array([[30, 30], [100, 40], [60, 120]])
+    dark = np.array([[130, 120], [30, 90]])
+    for x, y in bright:
+        cv2.circle(img, (int(x), int(y)), 10, 0.9, -1)
+    for x, y in dark:
+        cv2.circle(img, (int(x), int(y)), 10, 0.1, -1)
+    img += rng.normal(0, 0.03, img.shape).astype(np.float32)
+    for method in ibc.METHODS:
+        k = 3 if method == 'fcm' else 4
+        for sign, truth in ((1, bright), (-1, dark)):
+            # The pipeline clusters equalised images (AutoCryoPicker's chain ends in equalisation).
+            work = hist_equalise(sign * img)
+            labels = ibc.cluster_labels(work, method, k, seed=0, n_segments=200)
+            mask = ibc.clean_mask(ibc.foreground(labels, k), 20)
+            regions = ibc.candidate_regions(mask, 20)
+            found = np.array([[r['x'], r['y']] for r in regions])
+            pairs, dist = match_points(found, truth, 3)
+            assert len(found) == len(truth) and len(pairs) == len(truth), (method, sign)
+
+
+def test_shape_selection_rejects_elongated_and_merged_blobs():
+    mask = np.zeros((200, 300), bool)
+    yy, xx = np.mgrid[:200, :300]
+    for x, y in [(40, 40), (120, 40), (200, 40)]:
+        mask |= (xx - x) ** 2 + (yy - y) ** 2 <= 10 ** 2
+    mask |= (np.abs(xx - 60) <= 30) & (np.abs(yy - 140) <= 5)            # elongated streak
+    mask |= ((xx - 180) ** 2 + (yy - 140) ** 2 <= 100) | ((xx - 198) ** 2 + (yy - 140) ** 2 <= 100)  # pair
+    regions = ibc.candidate_regions(mask, 20)
+    good = ibc.select_good(regions, 20, 'round')
+    xy = np.array([[r['x'], r['y']] for r in regions])
+    assert good.sum() == 3 and np.all(xy[good][:, 1] < 60)
+    merged = np.array([[r['x'], r['y']] for r in regions if r['merged']])
+    # The pair is split at its two distance-transform maxima; the thin streak stays one region.
+    assert len(merged) == 3
+    assert len(match_points(merged, [[180, 140], [198, 140]], 3)[0]) == 2
+    assert ibc.select_good(regions, 20, 'irregular').sum() == 3
+    with pytest.raises(InputError):
+        ibc.select_good(regions, 20, 'triangle')
+
+
+def test_hough_centres_of_round_particles():
+    mask = np.zeros((120, 120), bool)
+    truth = np.array([[30.0, 30.0], [80.0, 70.0]])
+    for x, y in truth:
+        cv2.circle(mask.view(np.uint8), (int(x), int(y)), 12, 1, -1)
+    found = ibc.hough_centres(mask, 24)
+    pairs, _ = match_points(found, truth, 2)
+    assert len(found) == 2 and len(pairs) == 2
+
+
+# -------------------------------------------------------------------------------------------- network
+
+def _toy_patches(n, window, rng):
+    patches = rng.normal(0.5, 0.12, (n, window, window)).astype(np.float32)
+    labels = rng.integers(0, 2, n)
+    yy, xx = np.mgrid[:window, :window]
+    for i in np.flatnonzero(labels):
+        c = window / 2 + rng.uniform(-2, 2, 2)
+        patches[i][(xx - c[0]) ** 2 + (yy - c[1]) ** 2 <= 8 ** 2] += 0.3
+    return np.clip(patches, 0, 1), labels
+
+
+def test_classifier_learns_disk_versus_background():
+    rng = np.random.default_rng(2)
+    arch = cnn2d.arch_for('cpu', 2, window=24, fc=32, padding='same',
+                           convs=[(8, 5, 1), (16, 3, 1), (16, 3, 1), (16, 3, 1), (16, 3, 1)])
+    torch.manual_seed(0)
+    net = cnn2d.build_network(arch)
+    x, y = _toy_patches(300, 24, rng)
+    cnn2d.train_classifier(net, x, y, epochs=3, batch=32, lr=1e-3, seed=0)
+    xt, yt = _toy_patches(200, 24, rng)
+    acc = (cnn2d.predict(net, xt).argmax(1) == yt).mean()
+    assert acc > 0.9
+
+
+def test_dense_scoring_matches_sliding_windows():
+    rng = np.random.default_rng(3)
+    img = cv2.GaussianBlur(rng.random((64, 72)).astype(np.float32), (0, 0), 2)
+    img = (img - img.min()) / (img.max() - img.min())
+    # Unpadded convolutions (the cpu preset): no zero padding enters a window, both ways agree exactly.
+    arch = cnn2d.arch_for('cpu', 3, window=24, fc=16, convs=[(6, 3, 1), (6, 3, 1), (6, 1, 1), (6, 1, 1), (6, 1, 1)])
+    assert arch['padding'] == 'valid'
+    torch.manual_seed(0)
+    net = cnn2d.build_network(arch).eval()
+    dense, step = cnn2d.dense_score_map(net, arch, img, 4)
+    assert step == 4 and dense.shape == (16, 18, 3)
+    sliding = cnn2d.score_map(net, img, 24, 4)
+    assert np.allclose(dense, sliding, atol=1e-5)
+    assert np.allclose(dense.sum(-1), 1, atol=1e-5)
+
+
+def test_bad_options_raise_input_error():
+    with pytest.raises(InputError):
+        cnn2d.arch_for('huge', 2)
+    with pytest.raises(InputError):
+        dcp.working_scale(0, 24)
+    assert dcp.working_scale(108, 24) == 0.25 and dcp.working_scale(24, 24) == 1.0
+    with pytest.raises(InputError):
+        dcp.prepare(np.zeros((8, 8)), 1, polarity='grey')
+
+
+# -------------------------------------------------------------------------------------------- pipeline
+
+def test_pipeline_on_a_simulated_micrograph_and_model_round_trip(tmp_path):
+    img, truth = synthetic_micrograph(seed=4)
+    df, model, diag = dcp.deepcryopicker_pick(img, 24, per_class=150, epochs=3, seed=0)
+    assert set(df.columns) >= {star.X, star.Y, star.SCORE, star.CLASS}
+    assert _f1(df, truth, 12) >= 0.7
+    assert diag['training']['good'] >= 5 and diag['score'].ndim == 2
+    assert np.all(df[star.SCORE] >= 0.5)
+    path = str(tmp_path / 'm.pt')
+    dcp.save_deepcryopicker(model, path)
+    loaded = dcp.load_deepcryopicker(path, 'cpu')
+    assert loaded.meta['diameter_px'] == 24
+    # A second micrograph, twice as large in pixels: the model rescales it to its own particle size.
+    img2, truth2 = synthetic_micrograph((240, 240), n=16, d=24, seed=5)
+    img2 = cv2.resize(img2, (480, 480), interpolation=cv2.INTER_LINEAR)
+    df2, _, diag2 = dcp.deepcryopicker_pick(img2, 48, model=path)
+    assert diag2['scale'] == 0.5
+    assert _f1(df2, truth2 * 2 + 0.5, 24) >= 0.7
+    strict, _, _ = dcp.deepcryopicker_pick(img2, 48, model=loaded, threshold=0.99)
+    assert len(strict) <= len(df2)
+
+
+def test_commands_write_picks_model_and_stages(tmp_path):
+    img, truth = synthetic_micrograph(seed=6)
+    mic = str(tmp_path / 'mic.mrc')
+    write_micrograph(mic, img, 2.0)
+    out = tmp_path / 'picks'
+    rc = cli(['deepcryopicker', mic, '--diameter', '24', '--out', str(out), '--per-class', '150',
+              '--epochs', '3'])
+    assert rc == 0
+    table = star.read_coordinates(str(out / 'mic_picks.star'), dims=2)
+    assert set(table[star.MIC]) == {'mic.mrc'} and star.SCORE in table.columns
+    assert _f1(table, truth, 12) >= 0.7
+    assert os.path.exists(out / 'deepcryopicker_model.pt') and os.path.exists(out / 'deepcryopicker_model.pt.json')
+    assert cli(['deepcryopicker', mic, '--out', str(out), '--model', str(out / 'x.pt')]) == 2
+    png = tmp_path / 'den.png'
+    assert cli(['preprocess2d', mic, '--chain', 'deepcryopicker', '--no-wiener', '--out', str(png),
+                '--stages-dir', str(tmp_path / 'st')]) == 0
+    stages = sorted(os.listdir(tmp_path / 'st'))
+    assert stages[0] == '00_input.png' and not any('wiener' in s for s in stages)
+    assert cv2.imread(str(png), cv2.IMREAD_UNCHANGED).shape == img.shape
+    assert cli(['preprocess2d', mic, '--chain', 'cryosegnet', '--no-morphology', '--out', str(png)]) == 2
