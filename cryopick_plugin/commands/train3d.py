@@ -40,6 +40,8 @@ def add_args(parser):
                         help='label diameter in voxels (default: measured on the label maps)')
     parser.add_argument('--diameter-per-class', default='', metavar='C:D,...', help='per-class label diameters')
     parser.add_argument('--label-kind', choices=labels.KINDS, default='tball', help='recorded in the model')
+    parser.add_argument('--steps-per-epoch', type=int, default=None,
+                        help='cap on batches per epoch (a random subset of the particles each epoch)')
     parser.add_argument('--val-every', type=int, default=2, help='epochs between validations')
     parser.add_argument('--patience', type=int, default=5, help='validations without improvement before stopping')
     parser.add_argument('--alpha', type=float, default=3.0, help='recall weight of the selection score')
@@ -79,7 +81,8 @@ def main(args):
                          batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
                          alpha=args.alpha, val_every=args.val_every, patience=args.patience,
                          diameters=diameters, label_kind=args.label_kind, patch=args.patch, pad=args.pad,
-                         ce_weight=args.ce_weight, tune=not args.no_tune)
+                         ce_weight=args.ce_weight, tune=not args.no_tune,
+                         max_steps_per_epoch=args.steps_per_epoch)
     log.info('%s: best epoch %s of %s, validation %s, thresholds %s', args.out, meta['best_epoch'],
              meta['epochs_run'], meta['best_val'], meta['thresholds'])
     return 0

@@ -310,7 +310,8 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
     rlnCoordinateX/Y/Z and rlnClassNumber) — the table holds this tomogram's particles only. diameters:
     label diameter in voxels, scalar or {class: d}; None measures it on the label maps. preset 'cpu' or
     'paper' gives widths, patch, pad, batch size and lr unless given. patience counts validations.
-    `log` receives one dict per epoch. A learning curve is written beside the model as
+    `log` receives one dict per epoch. max_steps_per_epoch caps the batches of an epoch (the epoch's
+    shuffled samples are cut, so each epoch sees a different random subset). A learning curve is written beside the model as
     <out_model>.history.csv and .history.json.
     """
     import torch
