@@ -77,7 +77,7 @@ def diameters_by_class(classes, diameters):
 
 
 def parse_class_diameters(text):
-    """'1:13,2:7' → {1: 13, 2: 7}; InputError on anything else."""
+    """'1:13,2:7' → {1: 13, 2: 7} ('default:11' → {'default': 11}); InputError on anything else."""
     out = {}
     if not text:
         return out
@@ -86,7 +86,8 @@ def parse_class_diameters(text):
             continue
         try:
             cls_, dia = pair.split(':')
-            out[int(cls_)] = int(dia)
+            # 'default:D' is accepted so a spec recorded as "default:11,2:7" can be passed back as is
+            out['default' if cls_ == 'default' else int(cls_)] = int(dia)
         except ValueError:
             raise InputError('--diameter-per-class', f"expected class:diameter pairs like '1:13,2:7', "
                                                      f"got {text!r}") from None

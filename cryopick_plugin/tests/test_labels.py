@@ -65,6 +65,9 @@ def test_clipped_at_the_border_and_per_class_diameters():
         labels.make_labels((10, 10, 10), [[5, 5, 5]], [2], {1: 5}, 'cube')
     with pytest.raises(InputError):
         labels.make_labels((10, 10, 10), [[5, 5, 5]], [1], 5, 'sphere')
+    spec = labels.parse_class_diameters('default:11, 2:7')
+    assert spec == {'default': 11, 2: 7}
+    assert labels.diameters_by_class([1, 2, 3], spec) == {1: 11, 2: 7, 3: 11}
 
 
 def test_written_slab_by_slab_equals_in_memory(tmp_path):
