@@ -1,10 +1,11 @@
 """Rotations in RELION's Euler convention and the (z, y, x) array frame.
 
 RELION's (rot, tilt, psi) give the matrix A = Rz(psi)·Ry(tilt)·Rz(rot) written with passive rotations,
-the transpose of the active intrinsic ZYZ rotation Rz(rot)·Ry(tilt)·Rz(psi). For positions x (x, y, z
-order, relative to the box centre) a particle at those angles is ``particle(x) = reference(A x)``: the
-reference rotated actively by Aᵀ. Averaging subtomograms with RELION (`relion_reconstruct --3d_rot`) at
-these angles rebuilds the reference.
+the transpose of the active intrinsic ZYZ rotation Rz(rot)·Ry(tilt)·Rz(psi). Measured with
+`relion_reconstruct --3d_rot` (see tests/test_relion.py), a subtomogram at those angles is, for positions
+x (x, y, z order, relative to the box centre), ``particle(x) = reference(Aᵀ x)``: the reference rotated
+actively by A. Use `particle_from_reference` / `reference_from_particle` rather than `rotate_volume` with
+a hand-picked matrix, so every module follows that one convention.
 """
 import numpy as np
 from scipy.spatial.transform import Rotation
@@ -29,8 +30,7 @@ def random_eulers(n, rng):
 def rotate_volume(volume, matrix, order=1, cval=0.0):
     """Resample a (z, y, x) volume as out(x) = volume(matrix · x) about the box centre (x, y, z frame).
 
-    With RELION's A this turns a reference into the particle at angles A; with Aᵀ it turns a particle
-    back into the reference frame.
+    `particle_from_reference` and `reference_from_particle` apply it with RELION's convention.
     """
     from scipy.ndimage import affine_transform
     volume = np.asarray(volume, dtype=np.float32)
@@ -40,3 +40,13 @@ def rotate_volume(volume, matrix, order=1, cval=0.0):
     centre = (np.array(volume.shape) - 1) / 2.0
     offset = centre - m_zyx @ centre
     return affine_transform(volume, m_zyx, offset=offset, order=order, mode='constant', cval=cval)
+
+
+def particle_from_reference(reference, rot, tilt, psi, order=1, cval=0.0):
+    """The reference as it appears in a tomogram at RELION angles (rot, tilt, psi): reference(Aᵀ x)."""
+    return rotate_volume(reference, euler_to_matrix(rot, tilt, psi).T, order=order, cval=cval)
+
+
+def reference_from_particle(particle, rot, tilt, psi, order=1, cval=0.0):
+    """A particle at RELION angles (rot, tilt, psi) turned back into the reference frame: particle(A y)."""
+    return rotate_volume(particle, euler_to_matrix(rot, tilt, psi), order=order, cval=cval)

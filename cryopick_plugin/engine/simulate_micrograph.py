@@ -139,7 +139,7 @@ def simulate_micrograph(shape=(1024, 1024), template='1bxn', n_particles=60, snr
     eulers = geometry.random_eulers(len(labels), rng_orient)
     proj = np.zeros(shape, np.float32)
     for i in keep:
-        vol = geometry.rotate_volume(temps[class_names[labels[i]]], geometry.euler_to_matrix(*eulers[i]))
+        vol = geometry.particle_from_reference(temps[class_names[labels[i]]], *eulers[i])
         piece = vol.sum(axis=0)
         cy, cx = centres[i]
         h = (piece.shape[0] - 1) // 2

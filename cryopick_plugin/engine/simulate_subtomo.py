@@ -103,7 +103,7 @@ def simulate_subtomograms(classes=('4v4r', '3j9i', '4v94', '4cr2', '1qvr'), n_pe
         idx = np.arange(start, min(n, start + chunk))
         raw = np.zeros((len(idx), box, box, box), np.float32)
         for j, i in enumerate(idx):
-            piece = geometry.rotate_volume(temps[names[labels[i]]], geometry.euler_to_matrix(*eulers[i]))
+            piece = geometry.particle_from_reference(temps[names[labels[i]]], *eulers[i])
             _paste(raw[j], piece, centre)
         ctf = np.abs(np.stack([ctf_1d(freq, df, VOLTAGE_KV, CS_MM, AMPLITUDE_CONTRAST)
                                for df in defoci[idx]])).astype(np.float32)

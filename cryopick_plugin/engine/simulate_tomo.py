@@ -6,8 +6,9 @@
    bilayers: two dense head-group shells around a slightly less dense tail layer). Placement order:
    vesicles, then the classes in turn, then distractors, then beads; what does not fit is left out and
    the shortfall recorded in ``meta['placed']`` / ``meta['requested']``.
-   A particle at RELION angles (rot, tilt, psi) is ``rotate_volume(template, euler_to_matrix(rot, tilt,
-   psi))`` centred on its integer truth coordinate (x, y, z) = voxel index (column, row, section).
+   A particle at RELION angles (rot, tilt, psi) is ``geometry.particle_from_reference(template, rot,
+   tilt, psi)`` (RELION's convention, checked against relion_reconstruct) centred on its integer truth
+   coordinate (x, y, z) = voxel index (column, row, section).
 2. Tilt series: parallel projections along Z at tilts −tilt_range..+tilt_range in tilt_step steps, tilt
    axis Y. Every y-slice is an independent (z, x) problem, so projection and back-projection are a
    single sparse matrix (linear-interpolation splatting, every tilt stacked) applied to all y-slices at
@@ -406,7 +407,7 @@ def simulate_tomogram(shape=(64, 128, 128), classes=('4v4r', '3j9i', '4v94', '1b
         if centre is None:
             continue
         if kind in ('particle', 'distractor'):
-            piece = geometry.rotate_volume(temps[name_i], geometry.euler_to_matrix(*angles))
+            piece = geometry.particle_from_reference(temps[name_i], *angles)
             placed[name_i] += 1
         elif kind == 'bead':
             piece = bead
@@ -458,7 +459,7 @@ def simulate_tomogram(shape=(64, 128, 128), classes=('4v4r', '3j9i', '4v94', '1b
         'n_particles': int(len(truth)),
         'extras': extras,
         'coordinates': 'x, y, z in voxels of this volume, origin at the first voxel; angles RELION ZYZ, '
-                       'particle = rotate_volume(template, euler_to_matrix(rot, tilt, psi))',
+                       'particle(x) = template(A^T x), A = RELION matrix of (rot, tilt, psi)',
     }
     return SimulatedTomogram(name=name, volume=volume, truth=truth, class_names=class_names, phantom=phantom,
                              meta=meta, voxel_size=float(voxel_size),

@@ -6,3 +6,4 @@ from .protocol_dog_pick import CryopickDogPick  # noqa: F401
 from .protocol_extract import CryopickExtractSubtomograms  # noqa: F401
 from .protocol_model_import import CryopickImportModel  # noqa: F401
 from .protocol_disca import CryopickDisca, CryopickDiscaPredict  # noqa: F401
+from .protocol_train3d import CryopickTrain3D  # noqa: F401

@@ -17,7 +17,8 @@ from cryopick_plugin.engine import mrc, star
 from cryopick_plugin.engine.evaluate import evaluate_picks
 from cryopick_plugin.engine.simulate_tomo import simulate_tomogram, write_simulated_tomogram
 from cryopick_plugin.protocols import (CryopickImportCoordinates3D, CryopickDogPick, CryopickExtractSubtomograms,
-                                       CryopickWeakLabels, CryopickDisca, CryopickDiscaPredict)
+                                       CryopickWeakLabels, CryopickDisca, CryopickDiscaPredict, CryopickTrain3D,
+                                       CryopickPick3D, CryopickImportModel)
 
 SHAPE = (56, 112, 112)
 CLASSES = ('3j9i', '1bxn')
@@ -137,3 +138,34 @@ class TestProtocols3D(BaseTest):
         pred = self.newProtocol(CryopickDiscaPredict, inputSubtomograms=subtomos, inputModel=model)
         self.launchProtocol(pred)
         self.assertEqual(sum(c.getSize() for c in pred.outputClasses.iterItems()), n)
+
+    def test_labels_train_pick_and_model_import(self):
+        """Weak labels → training (2 short epochs) → picking → model import → picking again."""
+        labels = self.newProtocol(CryopickWeakLabels, inputTomograms=self.protTomos.Tomograms,
+                                  inputCoordinates=self.protTruth.output3DCoordinates, diameter=7)
+        self.launchProtocol(labels)
+        train = self.newProtocol(CryopickTrain3D, inputLabels=labels.outputTomoMasks,
+                                 inputCoordinates=self.protTruth.output3DCoordinates, validationTsIds='tomo_001',
+                                 epochs=2, valEvery=1, patience=1, tune=False)
+        self.launchProtocol(train)
+        model = train.outputModel
+        self.assertEqual(model.getMethod(), 'deepetpicker')
+        self.assertTrue(model.exists())
+        self.assertAlmostEqual(model.getSamplingRate(), 10.0)
+        self.assertTrue(os.path.exists(model.getPath() + '.history.csv'))
+        pick = self.newProtocol(CryopickPick3D, inputTomograms=self.protTomos.Tomograms, inputModel=model,
+                                tLm=0.05)
+        self.launchProtocol(pick)
+        picks = pick.output3DCoordinates
+        self.assertAlmostEqual(picks.getSamplingRate(), 10.0)
+        self.assertEqual(picks.getBoxSize(), 24)  # from the training coordinates
+        self.assertTrue(set(picks.getUniqueValues('_tomoId')) <= {'tomo_000', 'tomo_001'})
+        for coord in picks.iterItems():
+            self.assertIn(coord.getGroupId(), (1, 2))
+        imported = self.newProtocol(CryopickImportModel, modelFile=model.getPath(), method=0)
+        self.launchProtocol(imported)
+        self.assertEqual(imported.outputModel.getMethod(), 'deepetpicker')
+        self.assertNotEqual(imported.outputModel.getPath(), model.getPath())
+        wrong = self.newProtocol(CryopickImportModel, modelFile=model.getPath(), method=1)  # as a DISCA model
+        errors = wrong.validate()
+        self.assertTrue(any('is a deepetpicker model, expected a disca model' in e for e in errors), errors)

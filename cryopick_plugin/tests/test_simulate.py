@@ -35,15 +35,18 @@ def _sphere_mask(half, radius):
     return z * z + y * y + x * x <= radius * radius
 
 
-def _average_back(phantom, truth, class_number, half, transpose=True):
+def _average_back(phantom, truth, class_number, half, correct=True):
     """Average of the subvolumes at the class's truth positions, rotated back to the template frame."""
     padded = np.pad(phantom, half)
     acc = np.zeros((2 * half + 1,) * 3, np.float32)
     for _, row in truth[truth[star.CLASS] == class_number].iterrows():
         x, y, z = (int(row[c]) for c in (star.X, star.Y, star.Z))
         sub = padded[z:z + 2 * half + 1, y:y + 2 * half + 1, x:x + 2 * half + 1]
-        a = geometry.euler_to_matrix(row[star.ROT], row[star.TILT], row[star.PSI])
-        acc += geometry.rotate_volume(sub, a.T if transpose else a)
+        angles = row[star.ROT], row[star.TILT], row[star.PSI]
+        if correct:
+            acc += geometry.reference_from_particle(sub, *angles)
+        else:  # the opposite rotation: what a convention mix-up would do
+            acc += geometry.rotate_volume(sub, geometry.euler_to_matrix(*angles).T)
     return acc
 
 
@@ -155,7 +158,7 @@ def test_orientation_convention_is_relion_with_an_asymmetric_shape():
     mask = _sphere_mask(half, radius)
     ref = _centre_crop(temps['l_shape'], half)
     good = np.corrcoef(_average_back(sim.phantom, sim.truth, 1, half)[mask], ref[mask])[0, 1]
-    wrong = np.corrcoef(_average_back(sim.phantom, sim.truth, 1, half, transpose=False)[mask], ref[mask])[0, 1]
+    wrong = np.corrcoef(_average_back(sim.phantom, sim.truth, 1, half, correct=False)[mask], ref[mask])[0, 1]
     assert len(sim.truth) >= 2
     assert good >= 0.95 and wrong < good - 0.2
 
@@ -250,8 +253,7 @@ def test_subtomogram_snr_definition_and_wedge():
     # dark particles: every clean subtomogram anti-correlates with the rotated density it was made from
     temps = load_templates(sim.class_names, voxel_size=sim.meta['voxel_size'])
     for i in range(len(sim.labels)):
-        piece = geometry.rotate_volume(temps[sim.class_names[sim.labels[i]]],
-                                       geometry.euler_to_matrix(*sim.eulers[i]))
+        piece = geometry.particle_from_reference(temps[sim.class_names[sim.labels[i]]], *sim.eulers[i])
         raw = np.zeros((24,) * 3, np.float32)
         h = (piece.shape[0] - 1) // 2
         lo = 12 - h  # the particle's centre is voxel box // 2

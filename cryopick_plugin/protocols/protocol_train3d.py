@@ -1,0 +1,170 @@
+"""DeepETPicker training: 3D-ResUNet from weak label maps and the coordinates they were made from."""
+import os
+
+from pyworkflow.protocol import params
+from tomo.protocols import ProtTomoBase
+
+from .. import convert
+from ..constants import OUT_MODEL
+from ..engine import star
+from ..objects import CryopickModel
+from .protocol_base import CryopickProtocol
+from .protocol_model_import import model_object
+
+PRESETS = ['cpu', 'paper']
+
+
+class CryopickTrain3D(CryopickProtocol, ProtTomoBase):
+    """Train a 3D particle picker (DeepETPicker) from weak labels.
+
+    Input: the label maps of the weak-label protocol and the coordinates they were made from (patch centres).
+    Patches centred on particles (with jitter) plus some background patches are augmented (mirrors, 90°
+    turns, small rotations and scaling) and learnt with soft Dice (+ cross-entropy), AdamW and a one-cycle
+    schedule. Every few epochs the real picking runs on the validation tomograms (or a held-out slab of the
+    first training tomogram) and the model with the best P·R^α/(P+R^α) score is kept; training stops when it
+    no longer improves, and the picking thresholds are tuned on the validation data and stored with the
+    model. Presets: cpu (narrow network, 48³ patches) and paper (widths 24/48/72/108, 72³ patches, for GPUs).
+    """
+    _label = '3D picking training (DeepETPicker)'
+    _possibleOutputs = {OUT_MODEL: CryopickModel}
+
+    def _defineParams(self, form):
+        form.addSection(label='Input')
+        form.addParam('inputLabels', params.PointerParam, pointerClass='SetOfTomoMasks', important=True,
+                      label='Weak label maps', help='Output of the 3D weak labels protocol.')
+        form.addParam('inputCoordinates', params.PointerParam, pointerClass='SetOfCoordinates3D', important=True,
+                      label='Particle centres', help='The coordinates the label maps were made from (patches are '
+                                                     'centred on them; groupId is the class).')
+        form.addParam('validationTsIds', params.StringParam, default='', label='Validation tomograms (tsIds)',
+                      help='Comma-separated tsIds kept out of training and used to choose the best epoch and the '
+                           'thresholds. Empty: a slab of the first training tomogram is held out.')
+        form.addSection(label='Training')
+        form.addParam('preset', params.EnumParam, choices=PRESETS, default=0, label='Network size',
+                      display=params.EnumParam.DISPLAY_HLIST,
+                      help='cpu: widths 8/16/24/36, 48³ patches (about 11 GFLOP per step, trains on a laptop). '
+                           'paper: DeepETPicker\'s 24/48/72/108 with 72³ patches, for GPUs.')
+        form.addParam('epochs', params.IntParam, default=30, label='Maximum epochs',
+                      help='One epoch draws one patch per annotated particle. Training may stop earlier.')
+        form.addParam('patience', params.IntParam, default=5, label='Patience (validations)',
+                      help='Stop after this many validations without improvement.')
+        form.addParam('valEvery', params.IntParam, default=2, label='Validate every (epochs)')
+        form.addParam('batchSize', params.IntParam, allowsNull=True, default=None, label='Batch size',
+                      expertLevel=params.LEVEL_ADVANCED, help='Empty: the preset\'s.')
+        form.addParam('learningRate', params.FloatParam, allowsNull=True, default=None, label='Peak learning rate',
+                      expertLevel=params.LEVEL_ADVANCED, help='Empty: the preset\'s.')
+        form.addParam('tune', params.BooleanParam, default=True, label='Tune thresholds on validation data',
+                      help='Choose the segmentation and local-maximum thresholds that maximise the validation '
+                           'score instead of DeepETPicker\'s fixed 0.5 / 0.1.')
+        form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED)
+        self._defineComputeParams(form, gpu=True)
+
+    # ------------------------------------------------------------------ steps
+    def _tsIds(self):
+        # iterItems reuses one object per row: read the ids first, then sort
+        return sorted(m.getTsId() for m in self.inputLabels.get().iterItems())
+
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.convertInputStep, self._tsIds(), needsGPU=False)
+        self._insertFunctionStep(self.trainStep, self._tsIds(), needsGPU=True)
+        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+
+    def _tomos(self):
+        return convert.tomograms_by_name(self.inputCoordinates.get().getPrecedents())
+
+    def convertInputStep(self, tsIds):
+        df = convert.coordinates3d_to_frame(self.inputCoordinates.get())
+        for tsId in tsIds:
+            star.write_coordinates(self._tsPath(tsId, '_centres.star'),
+                                   df[df[star.TOMO] == tsId].drop(columns=[star.TOMO]))
+
+    def trainStep(self, tsIds):
+        tomos = self._tomos()
+        masks = {m.getTsId(): m.clone() for m in self.inputLabels.get().iterItems()}
+        validation = {t.strip() for t in self.validationTsIds.get().split(',') if t.strip()}
+        args = []
+        for tsId in tsIds:
+            item = f'{self._absFile(tomos[tsId])}:{self._absFile(masks[tsId])}:{self._tsPath(tsId, "_centres.star")}'
+            args += ['--val' if tsId in validation else '--train', item]
+        diameters = getattr(self.inputLabels.get(), '_cryopickDiameters', None)
+        default, per_class = self._parseDiameters(diameters.get() if diameters is not None else '')
+        if default:
+            args += ['--diameter', default]
+        if per_class:
+            args += ['--diameter-per-class', per_class]
+        shape = getattr(self.inputLabels.get(), '_cryopickLabelShape', None)
+        if shape is not None and shape.get():
+            args += ['--label-kind', shape.get()]
+        args += ['--out', self._modelPath(), '--preset', PRESETS[self.preset.get()], '--epochs', self.epochs.get(),
+                 '--patience', self.patience.get(), '--val-every', self.valEvery.get(), '--seed', self.seed.get()]
+        if self.batchSize.get():
+            args += ['--batch-size', self.batchSize.get()]
+        if self.learningRate.get():
+            args += ['--lr', self.learningRate.get()]
+        if not self.tune.get():
+            args.append('--no-tune')
+        self._runCryopick('train3d', args, gpu=True)
+
+    @staticmethod
+    def _parseDiameters(spec):
+        default, per_class = None, []
+        for item in (spec or '').split(','):
+            if ':' not in item:
+                continue
+            key, value = item.split(':', 1)
+            if key == 'default':
+                default = value
+            else:
+                per_class.append(f'{key}:{value}')
+        return default, ','.join(per_class)
+
+    def _modelPath(self):
+        return os.path.abspath(self._getExtraPath('deepetpicker_model.pt'))
+
+    def createOutputStep(self):
+        model = model_object(self._modelPath(), 'deepetpicker')
+        model.setMethod('deepetpicker')
+        info = model.getInfo()
+        info['box_size'] = self.inputCoordinates.get().getBoxSize()
+        model.setInfo(info)
+        self._defineOutputs(**{OUT_MODEL: model})
+        self._defineSourceRelation(self.inputLabels, model)
+        self._defineSourceRelation(self.inputCoordinates, model)
+
+    # ------------------------------------------------------------------ info
+    def _validate(self):
+        errors = []
+        masks, coords = self.inputLabels.get(), self.inputCoordinates.get()
+        if masks is None or coords is None:
+            return errors
+        tsIds = set(self._tsIds())
+        if not tsIds:
+            errors.append('The label set is empty.')
+        have = set(coords.getUniqueValues('_tomoId')) if coords.getSize() else set()
+        missing = sorted(tsIds - have)
+        if missing:
+            errors.append(f'No particle centres for the label maps of: {", ".join(missing)}.')
+        validation = {t.strip() for t in self.validationTsIds.get().split(',') if t.strip()}
+        unknown = sorted(validation - tsIds)
+        if unknown:
+            errors.append(f'Validation tsIds not among the label maps: {", ".join(unknown)}.')
+        if validation and not tsIds - validation:
+            errors.append('Keep at least one tomogram for training (every tomogram is listed for validation).')
+        srs = {round(m.getSamplingRate(), 3) for m in masks.iterItems()}
+        if len(srs) > 1:
+            errors.append(f'The label maps have different voxel sizes {sorted(srs)}: a model works at one voxel size.')
+        return errors
+
+    def _summary(self):
+        if not self.hasAttribute(OUT_MODEL):
+            return ['Model not trained yet.']
+        meta = getattr(self, OUT_MODEL).getInfo().get('meta', {})
+        hist = meta.get('history', {})
+        return [f'Trained {hist.get("epochs", "?")} epochs, best epoch {meta.get("best_epoch", "?")}; '
+                f'thresholds {meta.get("thresholds", {})}.']
+
+    def _methods(self):
+        return ['A 3D residual U-Net was trained from weak labels as in DeepETPicker [Liu2024DeepETPicker] '
+                '(cryopick implementation).']
+
+    def _citations(self):
+        return ['Liu2024DeepETPicker']
