@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cryopick_plugin.engine import labels, mpnms, mrc, pick3d, star, train3d  # noqa: E402
+from cryopick_plugin.engine import labels, mrc, pick3d, star, train3d  # noqa: E402
 from cryopick_plugin.engine.resunet3d import PRESETS, build  # noqa: E402
 from cryopick_plugin.engine.simulate_tomo import simulate_tomogram  # noqa: E402
 

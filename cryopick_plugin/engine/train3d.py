@@ -19,7 +19,7 @@ entropy. Dice alone is scale-free with respect to the tiny foreground fraction o
 gradients at the start; a little cross entropy speeds up the first epochs (ce_weight=0 is the reference).
 
 Optimisation. AdamW (β = 0.9, 0.99; weight decay 0.01) with a one-cycle learning rate (10% warm-up,
-cosine annealing, start lr/30, end lr/3000) stepped every batch.
+cosine annealing, start lr/30, end lr/3000) stepped every batch (constant lr for runs under 20 batches).
 
 Validation, every `val_every` epochs: Dice loss on patches at the validation particles, then the real
 picking (overlap tiles + MP-NMS) on a validation sub-volume and one-to-one matching (Hungarian, within
@@ -382,8 +382,13 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
     steps = max(1, math.ceil(n_samples / batch_size))
     if max_steps_per_epoch:
         steps = min(steps, int(max_steps_per_epoch))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps, pct_start=0.1,
-                                                anneal_strategy='cos', div_factor=30, final_div_factor=100)
+    total_steps = epochs * steps
+    if total_steps >= 20:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.1,
+                                                    anneal_strategy='cos', div_factor=30, final_div_factor=100)
+    else:  # too few steps for a warm-up phase: constant learning rate
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    n_step = 0
     # fixed validation patches for the loss
     vrng = np.random.default_rng(seed + 1)
     val_patches = []
@@ -423,7 +428,8 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if sched.last_epoch + 1 < sched.total_steps:
+            n_step += 1
+            if n_step < total_steps:
                 sched.step()
             losses.append(float(loss.detach()))
         record = {'epoch': epoch, 'train_loss': float(np.mean(losses)), 'lr': float(opt.param_groups[0]['lr']),

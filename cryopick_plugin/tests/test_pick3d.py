@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cryopick_plugin.commands import pick3d as pick3d_cmd
-from cryopick_plugin.engine import labels, model_io, mpnms, mrc, pick3d, resunet3d, star
+from cryopick_plugin.engine import model_io, mpnms, mrc, pick3d, resunet3d, star
 from cryopick_plugin.engine.errors import InputError
 
 

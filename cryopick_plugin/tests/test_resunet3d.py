@@ -1,5 +1,4 @@
 """3D-ResUNet: structure of the reference, any input size, presets, cost, and the model file round trip."""
-import numpy as np
 import pytest
 import torch
 
