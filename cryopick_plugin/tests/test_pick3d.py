@@ -145,3 +145,16 @@ def test_no_picks_gives_an_empty_table_with_the_columns(tmp_path):
     out = tmp_path / 'p.star'
     assert _run([tmp_path / 't.mrc', '--model', tmp_path / 'm.pt', '--out', out, '--t-seg', 1.0]) == 0
     assert out.exists()
+
+
+def test_memory_mapped_probability_map_gives_the_same_picks(tmp_path, monkeypatch):
+    _tiny_model(tmp_path / 'm.pt')
+    mrc.write_mrc(tmp_path / 't.mrc', np.random.default_rng(5).normal(size=(14, 18, 20)).astype(np.float32), 10.0)
+    in_memory = pick3d.pick(tmp_path / 't.mrc', tmp_path / 'm.pt', device='cpu', t_seg=0.0, t_lm=0.0)
+    monkeypatch.setattr(pick3d, 'IN_MEMORY_BYTES', 0)
+    work = tmp_path / 'work'
+    work.mkdir()
+    mapped = pick3d.pick(tmp_path / 't.mrc', tmp_path / 'm.pt', device='cpu', t_seg=0.0, t_lm=0.0, work_dir=work)
+    assert len(in_memory) > 0
+    assert np.array_equal(star.xyz_array(in_memory), star.xyz_array(mapped))
+    assert list(work.iterdir()) == []       # the temporary map is removed
