@@ -36,21 +36,27 @@ def add_args(parser):
     parser.add_argument('--rescale', action='store_true',
                         help='resample tomograms whose voxel size differs from the model\'s instead of failing')
     parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N (default $CRYOPICK_DEVICE)')
+    parser.add_argument('--tomo-name', action='append', default=[], metavar='NAME',
+                        help='rlnTomoName to write, once per tomogram in order (default: file name without '
+                             'extension)')
     parser.add_argument('--work-dir', default=None, help='folder for temporary memory-mapped maps')
 
 
 def main(args):
     if args.batch_size < 1:
         raise InputError('--batch-size', 'must be at least 1')
+    if args.tomo_name and len(args.tomo_name) != len(args.tomograms):
+        raise InputError('--tomo-name', f"given {len(args.tomo_name)} times for {len(args.tomograms)} tomograms")
+    names = args.tomo_name or [None] * len(args.tomograms)
     from ..engine.settings import resolve_device
     device = resolve_device(args.device)
     model = pick3d.load_picker(args.model, device)
     frames = []
-    for tomo in args.tomograms:
+    for tomo, name in zip(args.tomograms, names):
         frames.append(pick3d.pick(tomo, args.model, device=device, t_seg=args.t_seg, t_lm=args.t_lm,
                                   t_dist=args.t_dist, pad=args.pad, batch_size=args.batch_size,
                                   rescale=args.rescale, kernel=args.kernel, iterations=args.iterations,
-                                  padding=args.padding, work_dir=args.work_dir, model=model))
+                                  padding=args.padding, work_dir=args.work_dir, model=model, tomo_name=name))
         log.info('%s: %d picks', tomo, len(frames[-1]))
     star.write_coordinates(args.out, pd.concat(frames, ignore_index=True))
     return 0

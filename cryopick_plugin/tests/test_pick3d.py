@@ -128,6 +128,9 @@ def test_pick3d_command_writes_one_star_for_several_tomograms(tmp_path):
                  '--t-seg', 0.0, '--t-lm', 0.0, '--pad', 2, '--device', 'cpu']) == 0
     df = star.read_coordinates(out)
     assert set(df[star.TOMO]) == {'TS_1', 'TS_2'}
+    assert _run([tmp_path / 'TS_1.mrc', '--model', tmp_path / 'm.pt', '--out', out, '--tomo-name', 'ts_a',
+                 '--t-seg', 0.0, '--t-lm', 0.0]) == 0
+    assert set(star.read_coordinates(out)[star.TOMO]) == {'ts_a'}
     assert set(df[star.CLASS]) <= {1, 2}
     assert df[star.SCORE].between(0, 1).all()
     with pytest.raises(InputError):
