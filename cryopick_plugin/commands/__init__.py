@@ -7,6 +7,7 @@ underscores (``disca_predict``); the command a user types uses hyphens (``cryopi
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 
@@ -52,6 +53,11 @@ def main(argv=None):
         result = args.func(args)
     except InputError as exc:
         print(f'cryopick {args.command}: error: {exc}', file=sys.stderr)
+        # A Scipion protocol running this command reads the one-line message back (see protocol_base).
+        error_file = os.environ.get('CRYOPICK_ERROR_FILE')
+        if error_file:
+            with open(error_file, 'w') as fh:
+                fh.write(str(exc))
         return 2
     return int(result or 0)
 

@@ -91,7 +91,9 @@ def write_coordinates(path, df, block='particles'):
 
 def coordinates_frame(xyz, volume_name=None, classes=None, scores=None, angles=None, micrograph=False):
     """Build a coordinate table from an (N, 2|3) array of x, y(, z) positions and optional columns."""
-    xyz = np.asarray(xyz, dtype=float).reshape(len(xyz), -1)
+    xyz = np.asarray(xyz, dtype=float)
+    # An empty pick list is a valid answer: keep the columns (x, y for micrographs, x, y, z otherwise).
+    xyz = xyz.reshape(0, 2 if micrograph else 3) if xyz.size == 0 else xyz.reshape(len(xyz), -1)
     data = {}
     if volume_name is not None:
         data[MIC if micrograph else TOMO] = [str(volume_name)] * len(xyz) \

@@ -7,3 +7,5 @@ from .protocol_extract import CryopickExtractSubtomograms  # noqa: F401
 from .protocol_model_import import CryopickImportModel  # noqa: F401
 from .protocol_disca import CryopickDisca, CryopickDiscaPredict  # noqa: F401
 from .protocol_train3d import CryopickTrain3D  # noqa: F401
+from .protocol_deepcryopicker import CryopickDeepCryoPicker  # noqa: F401
+from .protocol_cryosegnet import CryopickTrainCryoSegNet, CryopickCryoSegNet  # noqa: F401

@@ -38,8 +38,20 @@ class CryopickProtocol(EMProtocol):
             args = ' '.join(shlex.quote(str(a)) for a in args)
         threads = self.numberOfThreads.get() if hasattr(self, 'numberOfThreads') else 1
         # torch and BLAS use as many threads as the protocol was given, not every core of the node.
-        Plugin.runCryopick(self, command, args, gpu=gpu,
-                           extra_env={'OMP_NUM_THREADS': max(1, int(threads or 1))})
+        error_file = os.path.abspath(self._getTmpPath(f'{command}_error.txt'))
+        os.makedirs(os.path.dirname(error_file), exist_ok=True)
+        if os.path.exists(error_file):
+            os.remove(error_file)
+        try:
+            Plugin.runCryopick(self, command, args, gpu=gpu,
+                               extra_env={'OMP_NUM_THREADS': max(1, int(threads or 1)),
+                                          'CRYOPICK_ERROR_FILE': error_file})
+        except Exception:
+            # Bad input: fail with the engine's one-line message (file + problem), not a shell command line.
+            if os.path.exists(error_file):
+                with open(error_file) as fh:
+                    raise RuntimeError(fh.read().strip()) from None
+            raise
 
     # ------------------------------------------------------------------ paths
     def _tsPath(self, tsId, suffix):

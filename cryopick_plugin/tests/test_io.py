@@ -109,3 +109,9 @@ def test_star_errors(tmp_path):
 def test_cli_lists_commands_and_reports_bad_input(tmp_path):
     out = subprocess.run([sys.executable, '-m', 'cryopick_plugin', '--help'], capture_output=True, text=True)
     assert out.returncode == 0 and 'usage: cryopick' in out.stdout
+
+
+def test_empty_coordinate_table_keeps_its_columns(tmp_path):
+    for micrograph, cols in ((False, [star.TOMO, star.X, star.Y, star.Z]), (True, [star.MIC, star.X, star.Y])):
+        table = star.coordinates_frame(np.zeros((0,)), 'v', scores=[], micrograph=micrograph)
+        assert len(table) == 0 and all(c in table.columns for c in cols)

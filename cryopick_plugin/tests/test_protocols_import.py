@@ -152,3 +152,27 @@ class TestImportCoordinates2D(BaseTest):
         self.assertEqual(by_mic['mic_2'], [(11, 11)])
         back = convert.coordinates2d_to_frame(coords, mics)
         self.assertEqual(sorted(zip(back[star.X], back[star.Y])), [(5.0, 30.0), (11.0, 11.0), (60.0, 2.0)])
+
+
+class TestEngineErrorsReachTheProtocol(BaseTest):
+    """Bad data found by the engine fails the protocol with the engine's one-line message."""
+
+    @classmethod
+    def setUpClass(cls):
+        setupTestProject(cls)
+        cls.dataDir = os.path.abspath(cls.proj.getPath('inputs'))
+        os.makedirs(cls.dataDir, exist_ok=True)
+        write_mrc(os.path.join(cls.dataDir, 'flat.mrc'), np.full((20, 30, 40), 3.0, np.float32), 10.0)
+
+    def test_constant_tomogram(self):
+        from cryopick_plugin.protocols import CryopickDogPick
+        tomos = self.newProtocol(ProtImportTomograms, filesPath=self.dataDir, filesPattern='flat.mrc',
+                                 samplingRate=10.0)
+        self.launchProtocol(tomos)
+        dog = self.newProtocol(CryopickDogPick, inputTomograms=tomos.Tomograms, diameter=6.0)
+        with self.assertRaises(Exception):
+            self.launchProtocol(dog)
+        message = dog.getErrorMessage()
+        self.assertIn('flat.mrc: is constant (every voxel is 3)', message)
+        self.assertNotIn('\n', message.strip())
+        self.assertFalse(dog.hasAttribute('output3DCoordinates'))

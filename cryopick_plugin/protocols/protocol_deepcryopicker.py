@@ -1,0 +1,107 @@
+"""DeepCryoPicker: fully automatic 2D picking whose training set comes from unsupervised clustering."""
+import os
+
+from pyworkflow.protocol import params
+from pwem.objects import SetOfCoordinates
+
+from ..constants import OUT_COORDS2D, OUT_MODEL
+from ..objects import CryopickModel
+from .protocol_model_import import model_object
+from .protocol_picking2d_base import CryopickPicking2DBase
+
+PRESETS = ['cpu', 'paper']
+SHAPES = ['irregular', 'round', 'square']
+CLUSTERINGS = ['ibc', 'kmeans', 'fcm', 'super']
+
+
+class CryopickDeepCryoPicker(CryopickPicking2DBase):
+    """Pick particles with DeepCryoPicker, with no manual picks.
+
+    Micrographs are rescaled so particles fit the classifier's window, preprocessed, and clustered
+    (intensity-based clustering, k-means, fuzzy c-means or SLIC super-clustering); cleaned regions that look
+    like single particles become the positive classes of an automatic training set, background windows the
+    negative class, and a CNN learns them. The CNN then scores every micrograph; large high-score regions are
+    removed and local maxima go through non-maximum suppression. The trained model is an output, reusable
+    on new micrographs.
+    """
+    _label = '2D picking (DeepCryoPicker)'
+    _possibleOutputs = {OUT_COORDS2D: SetOfCoordinates, OUT_MODEL: CryopickModel}
+
+    def _defineParams(self, form):
+        super()._defineParams(form)
+        self._defineDiameterParams(form)
+        form.addParam('inputModel', params.PointerParam, pointerClass='CryopickModel', allowsNull=True,
+                      label='Trained model (optional)',
+                      help='Pick with a model from an earlier run instead of training a new one.')
+        form.addParam('preset', params.EnumParam, choices=PRESETS, default=0, label='Classifier size',
+                      display=params.EnumParam.DISPLAY_HLIST,
+                      help='cpu: a narrow network on small windows; paper: the published AlexNet-like network on '
+                           '227² windows (GPU).')
+        form.addParam('shape', params.EnumParam, choices=SHAPES, default=0, label='Particle views',
+                      display=params.EnumParam.DISPLAY_HLIST,
+                      help='irregular: region centroids (e.g. β-galactosidase); round: circular Hough transform; '
+                           'square: Feret-box views.')
+        form.addParam('clustering', params.EnumParam, choices=CLUSTERINGS, default=0, label='Clustering',
+                      help='ibc: intensity-based clustering (AutoCryoPicker); kmeans; fcm: fuzzy c-means; '
+                           'super: SLIC superpixels then clustering (SuperCryoPicker).')
+        form.addParam('polarity', params.EnumParam, choices=['dark', 'bright'], default=0,
+                      display=params.EnumParam.DISPLAY_HLIST, label='Particle contrast',
+                      help='dark: particles darker than the ice (raw micrographs).')
+        form.addParam('threshold', params.FloatParam, allowsNull=True, default=None, label='Score threshold',
+                      help='Minimum classifier score of a pick. Empty: the model\'s own choice.')
+        form.addParam('maxTrain', params.IntParam, default=20, label='Train on at most (micrographs)',
+                      expertLevel=params.LEVEL_ADVANCED)
+        form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED)
+        self._defineComputeParams(form, gpu=True)
+
+    def _insertAllSteps(self):
+        deps = []
+        if self.inputModel.get() is None:
+            deps.append(self._insertFunctionStep(self.trainStep, needsGPU=True))
+        picks = [self._insertFunctionStep(self.pickStep, chunk, prerequisites=deps, needsGPU=True)
+                 for chunk in self._micChunks()]
+        self._insertFunctionStep(self.createOutputStep, prerequisites=picks, needsGPU=False)
+
+    def _modelPath(self):
+        if self.inputModel.get() is not None:
+            return os.path.abspath(self.inputModel.get().getPath())
+        return os.path.abspath(self._getExtraPath('model', 'deepcryopicker_model.pt'))
+
+    def _common(self):
+        return ['--diameter', self._diameterPx(), '--preset', PRESETS[self.preset.get()],
+                '--shape', SHAPES[self.shape.get()], '--clustering', CLUSTERINGS[self.clustering.get()],
+                '--polarity', ['dark', 'bright'][self.polarity.get()], '--seed', self.seed.get()]
+
+    def trainStep(self):
+        names = [n for chunk in self._micChunks() for n in chunk]
+        self._runCryopick('deepcryopicker', self._micPaths(names) + self._common() +
+                          ['--train-only', '--max-train', self.maxTrain.get(),
+                           '--out', os.path.dirname(self._modelPath())], gpu=True)
+
+    def pickStep(self, names):
+        args = self._micPaths(names) + self._common() + ['--model', self._modelPath(), '--out', self._picksDir()]
+        if self.threshold.get() is not None:
+            args += ['--threshold', self.threshold.get()]
+        self._runCryopick('deepcryopicker', args, gpu=True)
+
+    def createOutputStep(self):
+        self._registerPicks()
+        if self.inputModel.get() is None:
+            model = model_object(self._modelPath(), 'deepcryopicker')
+            model.setSamplingRate(self.inputMicrographs.get().getSamplingRate())
+            self._defineOutputs(**{OUT_MODEL: model})
+            self._defineSourceRelation(self.inputMicrographs, model)
+
+    def _validate(self):
+        errors = self._validateMicrographs()
+        model = self.inputModel.get()
+        if model is not None and model.getMethod() != 'deepcryopicker':
+            errors.append(f'The model is a {model.getMethod()} model, not a DeepCryoPicker one.')
+        return errors
+
+    def _methods(self):
+        return ['Particles were picked fully automatically with DeepCryoPicker [AlHelali2020DeepCryoPicker] '
+                '(cryopick implementation).']
+
+    def _citations(self):
+        return ['AlHelali2020DeepCryoPicker']
