@@ -20,7 +20,8 @@ Pipeline (`deepcryopicker_pick`):
    needed) trains the patch classifier (`cnn2d.py`).
 6. Sliding-window scoring of the whole working image; the particle score is 1 − P(background), the class
    the most likely shape class. High-score connected regions larger than `max_region` particles (carbon
-   edges, aggregates, ice) are removed; local maxima above the threshold go through NMS
+   edges, aggregates, ice; judged at a score of 0.5 or the threshold if higher) are removed; local maxima
+   above the threshold go through NMS
    (`nms_2d`, 0.6·diameter) and are mapped back to pixels of the input micrograph.
 
 Coordinates are x = column, y = row of the input array (no flip), origin at the first pixel.
@@ -323,7 +324,9 @@ def picks_from_scores(score, classes, stride, diameter_work, threshold, max_regi
     from scipy import ndimage as ndi
     from skimage.feature import peak_local_max
     smooth = ndi.gaussian_filter(score, 1.0)
-    high = smooth >= threshold
+    # Regions are judged at the default threshold at least, so lowering the pick threshold (for recall)
+    # does not join crowded particles into one "large region" that would then be dropped.
+    high = smooth >= max(threshold, DEFAULT_THRESHOLD)
     lab, n = ndi.label(high)
     removed = 0
     if n:
