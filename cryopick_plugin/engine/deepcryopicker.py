@@ -112,7 +112,11 @@ def prepare(image, scale, polarity='dark'):
 
 
 def estimate_diameter(image, polarity='dark', clustering='ibc', seed=0, size=1024):
-    """Particle diameter in input pixels, from compact clustered regions at about `size` px."""
+    """Particle diameter in input pixels, from compact clustered regions at about `size` px.
+
+    Rough: it measures the brightest (after inversion: darkest) cores of the particles. On the β-gal
+    JPGs it gives 43–47 px against the 108 px annotation circles, so give the diameter whenever known.
+    """
     scale = min(1.0, size / max(image.shape))
     work = prepare(image, scale, polarity)
     k = 4
