@@ -49,7 +49,10 @@ def _blc_offset(tomo):
     return np.array(probe.getPosition(SCIPION), dtype=float)
 
 
-def coordinates3d_to_frame(coords, tomograms=None, sampling_rate=None):
+ID = 'cpId'  # column carrying the Scipion object id of each row (to select items back from engine output)
+
+
+def coordinates3d_to_frame(coords, tomograms=None, sampling_rate=None, with_ids=False):
     """SetOfCoordinates3D -> coordinate table.
 
     Positions are given in voxels of `sampling_rate` (default: the set's own sampling rate, that of the
@@ -70,9 +73,9 @@ def coordinates3d_to_frame(coords, tomograms=None, sampling_rate=None):
         x, y, z = (raw - offsets[name]) * scale
         row = {star.TOMO: name, star.X: x, star.Y: y, star.Z: z,
                star.CLASS: int(coord.getGroupId() or 1),
-               star.SCORE: float(coord.getScore() or 0.0)}
+               star.SCORE: float(coord.getScore() or 0.0), ID: int(coord.getObjId())}
         rows.append(row)
-    columns = [star.TOMO, star.X, star.Y, star.Z, star.CLASS, star.SCORE]
+    columns = [star.TOMO, star.X, star.Y, star.Z, star.CLASS, star.SCORE] + ([ID] if with_ids else [])
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -185,7 +188,7 @@ def micrographs_by_name(micrographs):
     return dict(sorted(found.items()))
 
 
-def coordinates2d_to_frame(coords, micrographs=None):
+def coordinates2d_to_frame(coords, micrographs=None, with_ids=False):
     """SetOfCoordinates -> table (rlnMicrographName, X = column, Y = row, score when present)."""
     mics = micrographs if micrographs is not None else coords.getMicrographs()
     names = {mic.getObjId(): mic_name(mic) for mic in mics.iterItems()}
@@ -195,8 +198,9 @@ def coordinates2d_to_frame(coords, micrographs=None):
         score = getattr(coord, '_score', None)
         rows.append({star.MIC: name, star.X: float(coord.getX()), star.Y: float(coord.getY()),
                      star.CLASS: int(getattr(coord, '_classNumber', Integer(1)).get() or 1),
-                     star.SCORE: float(score.get()) if score is not None and score.get() is not None else 0.0})
-    return pd.DataFrame(rows, columns=[star.MIC, star.X, star.Y, star.CLASS, star.SCORE])
+                     star.SCORE: float(score.get()) if score is not None and score.get() is not None else 0.0,
+                     ID: int(coord.getObjId())})
+    return pd.DataFrame(rows, columns=[star.MIC, star.X, star.Y, star.CLASS, star.SCORE] + ([ID] if with_ids else []))
 
 
 def frame_to_coordinates2d(df, coords, micrographs, scale=1.0, source='coordinates'):

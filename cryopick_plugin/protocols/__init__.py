@@ -9,3 +9,4 @@ from .protocol_disca import CryopickDisca, CryopickDiscaPredict  # noqa: F401
 from .protocol_train3d import CryopickTrain3D  # noqa: F401
 from .protocol_deepcryopicker import CryopickDeepCryoPicker  # noqa: F401
 from .protocol_cryosegnet import CryopickTrainCryoSegNet, CryopickCryoSegNet  # noqa: F401
+from .protocol_compare import CryopickCompareCoordinates  # noqa: F401

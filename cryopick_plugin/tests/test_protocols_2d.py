@@ -17,7 +17,7 @@ from cryopick_plugin.engine import star
 from cryopick_plugin.engine.evaluate import evaluate_picks
 from cryopick_plugin.engine.simulate_micrograph import simulate_micrograph, write_simulated_micrograph
 from cryopick_plugin.protocols import (CryopickImportCoordinates2D, CryopickTrainCryoSegNet, CryopickCryoSegNet,
-                                       CryopickDeepCryoPicker)
+                                       CryopickDeepCryoPicker, CryopickCompareCoordinates)
 
 PIXEL = 5.0
 SHAPE = (320, 384)
@@ -83,3 +83,26 @@ class TestProtocols2D(BaseTest):
         prot = self.newProtocol(CryopickDeepCryoPicker, inputMicrographs=self.protMics.outputMicrographs,
                                 diameter=PIXEL * 1000)
         self.assertTrue(any('larger than the micrographs' in e for e in prot.validate()))
+
+    def test_compare_coordinates(self):
+        """Truth against a copy with 5 picks removed and 3 moved far: exact counts in the three output sets."""
+        mics = self.protMics.outputMicrographs
+        df = self.truth.copy().reset_index(drop=True)
+        moved = df.iloc[5:8].copy()
+        moved[star.X] = (moved[star.X] + 100) % SHAPE[1]
+        altered = pd.concat([df.iloc[8:], moved], ignore_index=True)
+        path = os.path.join(self.dataDir, 'altered.star')
+        star.write_coordinates(path, altered)
+        other = self.newProtocol(CryopickImportCoordinates2D, inputMicrographs=mics, starFiles=path, boxSize=48)
+        self.launchProtocol(other)
+        cmp = self.newProtocol(CryopickCompareCoordinates, inputCoordinatesA=other.outputCoordinates,
+                               inputCoordinatesB=self.protTruth.outputCoordinates, radius=3.0)
+        self.launchProtocol(cmp)
+        # the moved picks may by chance land on another particle: count them from the data
+        from cryopick_plugin.engine.evaluate import compare_sets
+        _, only_a, only_b, _ = compare_sets(altered, df, 3.0)
+        self.assertEqual(cmp.intersection.getSize(), len(altered) - len(only_a))
+        self.assertEqual(cmp.onlyA.getSize(), len(only_a))
+        self.assertEqual(cmp.onlyB.getSize(), len(only_b))
+        self.assertGreaterEqual(cmp.onlyB.getSize(), 5)  # the removed picks
+        self.assertIn('F1', '\n'.join(cmp.summary()))

@@ -18,7 +18,7 @@ from cryopick_plugin.engine.evaluate import evaluate_picks
 from cryopick_plugin.engine.simulate_tomo import simulate_tomogram, write_simulated_tomogram
 from cryopick_plugin.protocols import (CryopickImportCoordinates3D, CryopickDogPick, CryopickExtractSubtomograms,
                                        CryopickWeakLabels, CryopickDisca, CryopickDiscaPredict, CryopickTrain3D,
-                                       CryopickPick3D, CryopickImportModel)
+                                       CryopickPick3D, CryopickImportModel, CryopickCompareCoordinates)
 
 SHAPE = (56, 112, 112)
 CLASSES = ('3j9i', '1bxn')
@@ -67,6 +67,14 @@ class TestProtocols3D(BaseTest):
         # The candidates are real particles: most of the truth is found at this easy SNR.
         scores = evaluate_picks(df, self.truth, radius=self.diameter / 2)
         self.assertGreater(scores['localisation']['recall'], 0.6)
+        # the compare protocol gives the same counts as the evaluator, as Scipion sets
+        cmp = self.newProtocol(CryopickCompareCoordinates, inputCoordinatesA=picks,
+                               inputCoordinatesB=self.protTruth.output3DCoordinates, radius=self.diameter / 2)
+        self.launchProtocol(cmp)
+        loc = scores['localisation']
+        self.assertEqual((cmp.intersection.getSize(), cmp.onlyA.getSize(), cmp.onlyB.getSize()),
+                         (loc['tp'], loc['fp'], loc['fn']))
+        self.assertEqual(set(cmp.intersection.getUniqueValues('_tomoId')), {'tomo_000', 'tomo_001'})
 
         ext = self.newProtocol(CryopickExtractSubtomograms, inputCoordinates=picks, boxSize=24, binning=2)
         self.launchProtocol(ext)
