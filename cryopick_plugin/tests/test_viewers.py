@@ -343,3 +343,19 @@ def test_png_view_fits_images_without_a_display(tmp_path):
     view = PngView(str(tmp_path / 'a.png'), title='t')
     assert view.getPaths() == [str(tmp_path / 'a.png')] and view.getTitle() == 't'
     assert png_views([]) == [] and len(png_views(['a.png', 'b.png'])) == 1
+
+
+def test_picking2d_viewer_preprocesses_like_the_method(tmp_path):
+    from cryopick_plugin.objects import CryopickModel
+    from cryopick_plugin.protocols import CryopickCryoSegNet, CryopickDeepCryoPicker
+    from cryopick_plugin.viewers import CryopickPicking2DViewer
+    viewer = CryopickPicking2DViewer(project=_Project(), tmpPath=str(tmp_path / 'Tmp'))
+    switches = {'blur': True, 'nlmeans': False, 'wiener': True, 'clahe': True, 'guided': True}
+    (tmp_path / 'csn.pt.json').write_text(json.dumps({'method': 'cryosegnet', 'meta': {'preprocess': switches}}))
+    csn = CryopickCryoSegNet()
+    csn.inputModel.set(CryopickModel(path=str(tmp_path / 'csn.pt'), method='cryosegnet'))
+    # CryoSegNet denoises at full resolution with the model's own switches
+    assert viewer._chain(csn) == ('cryosegnet', {'bin_factor': 1.0, 'switches': switches})
+    dcp = CryopickDeepCryoPicker()
+    dcp.polarity.set(1)
+    assert viewer._chain(dcp) == ('deepcryopicker', {'polarity': 'bright'})
