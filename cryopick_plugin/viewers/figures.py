@@ -95,7 +95,7 @@ def _empty_note(ax, text):
     ax.set_yticks([])
 
 
-def _show_plane(ax, plane, extent, origin, factor_note=None, cmap='gray'):
+def _show_plane(ax, plane, extent, origin, cmap='gray'):
     vmin, vmax = robust_limits(plane)
     ax.imshow(plane, cmap=cmap, vmin=vmin, vmax=vmax, origin=origin, extent=extent, interpolation='nearest')
     ax.set_xlim(extent[0], extent[1])
