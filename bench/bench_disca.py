@@ -1,9 +1,11 @@
 """Benchmark of DISCA clustering on simulated subtomograms of real macromolecules.
 
 Each condition is one run: 5 templates (4v4r, 3j9i, 4v94, 4cr2, 1qvr from shared/data/templates_10A),
-`--n-per-class` copies each at uniformly random orientations with a small random shift, white noise at
-the given SNR (signal variance / noise variance inside the box) and a missing wedge (tilt axis y, beam
-along z, tilt range ±θ) applied to the noisy subtomogram. It compares:
+`--n-per-class` copies each, simulated by `engine.simulate_subtomo.simulate_subtomograms` (the realistic
+model: random RELION orientations, |CTF| of a phase-flipped tomogram at 4 µm underfocus, missing wedge about
+the Y axis at ±θ applied to signal and noise, dark contrast, SNR = var(filtered signal) / var(filtered
+noise) over the box, as issue 4 defines it; templates binned together until the largest fits the box).
+It compares:
 
   disca      `disca_cluster` with the chosen preset (K estimated by BIC over --k-min..--k-max)
   raw        PCA + Gaussian mixtures with BIC on the voxels (non-deep baseline)
@@ -29,9 +31,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cryopick_plugin.engine import disca  # noqa: E402
-from cryopick_plugin.engine.geometry import rotate_volume  # noqa: E402
-from cryopick_plugin.engine.mrc import open_volume  # noqa: E402
-from cryopick_plugin.engine.settings import default_templates_dir  # noqa: E402
+from cryopick_plugin.engine.simulate_subtomo import simulate_subtomograms  # noqa: E402
 
 TEMPLATES = ['4v4r', '3j9i', '4v94', '4cr2', '1qvr']
 
@@ -48,64 +48,23 @@ CONDITIONS = {
 }
 
 
-def load_templates(box, folder=None):
-    """Each template centred on its centre of mass and cropped / padded to box³ (10 Å voxels)."""
-    from scipy.ndimage import center_of_mass, shift
-    folder = folder or default_templates_dir()
-    refs = []
-    for name in TEMPLATES:
-        vol, _ = open_volume(os.path.join(folder, f'{name}.mrc'))
-        vol = np.clip(np.asarray(vol, dtype=np.float32), 0, None)
-        centre = np.array(center_of_mass(vol))
-        vol = shift(vol, (np.array(vol.shape) - 1) / 2.0 - centre, order=1)
-        out = np.zeros((box,) * 3, np.float32)
-        src = [slice(max(0, (s - box) // 2), max(0, (s - box) // 2) + min(s, box)) for s in vol.shape]
-        dst = [slice(max(0, (box - s) // 2), max(0, (box - s) // 2) + min(s, box)) for s in vol.shape]
-        out[tuple(dst)] = vol[tuple(src)]
-        refs.append(out)
-    return refs
-
-
-def wedge_mask(box, tilt):
-    """Fourier mask (fftn layout) of a tilt series about y with range ±tilt; beam along z."""
-    f = np.fft.fftfreq(box)
-    kz, _, kx = np.meshgrid(f, f, f, indexing='ij')
-    return np.abs(kz) <= np.abs(kx) * np.tan(np.radians(tilt)) + 1e-9
-
-
-def simulate(refs, n_per_class, snr, tilt, seed, max_shift=2):
-    """(stack, truth): rotated, shifted copies + noise at `snr`, then the missing wedge."""
-    from scipy.spatial.transform import Rotation
-    from scipy.ndimage import shift as nd_shift
-    rng = np.random.default_rng(seed)
-    box = refs[0].shape[0]
-    signal_var = np.mean([r.var() for r in refs])
-    mask = wedge_mask(box, tilt) if tilt else None
-    stack = np.empty((len(refs) * n_per_class, box, box, box), np.float32)
-    truth = np.repeat(np.arange(len(refs)), n_per_class)
-    i = 0
-    for ref in refs:
-        for m in Rotation.random(n_per_class, random_state=rng).as_matrix():
-            v = rotate_volume(ref, m, order=1)
-            v = nd_shift(v, rng.uniform(-max_shift, max_shift, 3), order=1)
-            v = v + rng.normal(0, np.sqrt(signal_var / snr), v.shape)
-            if mask is not None:
-                v = np.fft.ifftn(np.fft.fftn(v) * mask).real
-            stack[i] = v
-            i += 1
-    order = rng.permutation(len(stack))
-    return stack[order], truth[order]
+def simulate(n_per_class, snr, tilt, box, seed):
+    """(stack, truth labels 0..4, simulator meta) from the realistic subtomogram simulator."""
+    sim = simulate_subtomograms(classes=tuple(TEMPLATES), n_per_class=n_per_class, box=box, snr=snr,
+                                tilt_range=tilt or 90.0, seed=seed)
+    return sim.stack, sim.labels, sim.meta
 
 
 def run_condition(name, args):
     snr, tilt, n_cond, kind = CONDITIONS[name]
     n_per_class = n_cond or args.n_per_class
-    refs = load_templates(args.box)
     t0 = time.time()
-    stack, truth = simulate(refs, n_per_class, snr, tilt, args.seed)
+    stack, truth, meta = simulate(n_per_class, snr, tilt, args.box, args.seed)
     record = {'condition': name, 'snr': snr, 'tilt_range': tilt, 'n_per_class': n_per_class,
               'n': len(stack), 'box': args.box, 'templates': TEMPLATES, 'preset': args.preset,
-              'seed': args.seed, 'simulation_s': time.time() - t0}
+              'seed': args.seed, 'simulation_s': time.time() - t0, 'simulator': 'simulate_subtomograms',
+              'simulated_voxel_size': meta['voxel_size'], 'binning': meta['binning'],
+              'defocus_um': meta['defocus_um'], 'threads': args.threads, 'date': time.strftime('%Y-%m-%d %H:%M')}
     k_range = (args.k_min, args.k_max)
     if kind == 'time':
         result = disca.disca_cluster(stack, preset=args.preset, k_range=k_range, max_iter=2, seed=args.seed,
@@ -113,18 +72,20 @@ def run_condition(name, args):
         record['time_per_iteration_s'] = result.history[0]['time_s']  # features + GMMs + one training epoch
         record['history'] = result.history
         return record
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     result = disca.disca_cluster(stack, preset=args.preset, k_range=k_range, max_iter=args.max_iter,
                                  seed=args.seed, device=args.device, log=print)
     record['disca'] = dict(disca.clustering_scores(truth, result.labels), time_s=time.time() - t0,
+                           cpu_s=time.process_time() - c0, iterations=len(result.history),
                            best_iteration=result.best_iteration,
                            time_per_iteration_s=float(np.mean([h['time_s'] for h in result.history])),
                            per_iteration=[dict(disca.clustering_scores(truth, lab), ddbi=h['ddbi'])
                                           for lab, h in zip(result.iteration_labels, result.history)])
     for features in ('raw', 'spectral'):
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         labels, _ = disca.baseline_cluster(stack, k_range, seed=args.seed, features=features)
-        record[features] = dict(disca.clustering_scores(truth, labels), time_s=time.time() - t0)
+        record[features] = dict(disca.clustering_scores(truth, labels), time_s=time.time() - t0,
+                                cpu_s=time.process_time() - c0)
     return record
 
 
@@ -141,7 +102,11 @@ def main(argv=None):
     parser.add_argument('--max-iter', type=int, default=None)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default='auto')
+    parser.add_argument('--threads', type=int, default=None, help='torch threads (the machine is shared)')
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     for name in args.conditions.split(','):
         if name not in CONDITIONS:
