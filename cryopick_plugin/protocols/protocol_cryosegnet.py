@@ -33,20 +33,27 @@ class CryopickTrainCryoSegNet(CryopickProtocol, ProtParticlePicking):
         form.addParam('inputCoordinates', params.PointerParam, pointerClass='SetOfCoordinates', important=True,
                       label='Training coordinates', help='Particle picks on (some of) the input micrographs; '
                                                          'micrographs without picks are not used.')
-        form.addParam('diameter', params.FloatParam, default=200.0, label='Particle diameter (Å)')
+        form.addParam('diameter', params.FloatParam, default=200.0, label='Particle diameter (Å)',
+                      help='Diameter of the training targets (filled circles around each coordinate), in Å. '
+                           'The wizard takes it from the coordinates\' box size (box = 1.5 × diameter).')
         form.addParam('initModel', params.PointerParam, pointerClass='CryopickModel', allowsNull=True,
                       label='Fine-tune from (optional)', help='A CryoSegNet model to start from.')
         form.addParam('preset', params.EnumParam, choices=PRESETS, default=0, label='Network size',
                       display=params.EnumParam.DISPLAY_HLIST,
                       help='cpu: 1/8 of the paper\'s width, 512-px input; paper: 131 M parameters, 1024-px input '
                            '(GPU).')
-        form.addParam('epochs', params.IntParam, default=50, label='Epochs (the paper used 200)')
-        form.addParam('batchSize', params.IntParam, default=2, label='Batch size')
-        form.addParam('learningRate', params.FloatParam, default=1e-4, label='Learning rate')
-        form.addParam('valFraction', params.FloatParam, default=0.2, label='Validation fraction')
+        form.addParam('epochs', params.IntParam, default=50, label='Epochs (the paper used 200)',
+                      help='Passes over the training micrographs; the epoch with the best validation Dice is kept.')
+        form.addParam('batchSize', params.IntParam, default=2, label='Batch size',
+                      help='Micrographs (or crops) per optimisation step. Lower it if the GPU runs out of memory.')
+        form.addParam('learningRate', params.FloatParam, default=1e-4, label='Learning rate',
+                      help='Adam learning rate (CryoSegNet: 1e-4).')
+        form.addParam('valFraction', params.FloatParam, default=0.2, label='Validation fraction',
+                      help='Fraction of the micrographs held out to choose the best epoch (validation Dice).')
         form.addParam('preprocess', params.BooleanParam, default=True, label='Denoise (CryoSegNet chain)',
                       help='No: the micrographs are already denoised.')
-        form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED)
+        form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,
+                      help='Seed of the random number generators (weights, sampling), so a run can be repeated.')
         self._defineComputeParams(form, gpu=True)
 
     def _insertAllSteps(self):
@@ -133,7 +140,9 @@ class CryopickCryoSegNet(CryopickPicking2DBase):
     def _defineParams(self, form):
         super()._defineParams(form)
         form.addParam('inputModel', params.PointerParam, pointerClass='CryopickModel', important=True,
-                      label='CryoSegNet model')
+                      label='CryoSegNet model',
+                      help='A model from the CryoSegNet training or model import protocol, trained at the '
+                           'micrographs\' pixel size.')
         self._defineDiameterParams(form, optional=True)
         form.addParam('samCheckpoint', params.PathParam, default='', label='Segment Anything checkpoint',
                       help='sam_vit_b/l/h .pth file. Empty: the CRYOPICK_SAM_CHECKPOINT variable; if that is empty '
@@ -146,7 +155,9 @@ class CryopickCryoSegNet(CryopickPicking2DBase):
         group.addParam('pointsPerSide', params.IntParam, default=32, label='Points per side',
                        help='Prompt grid of the automatic mask generator on the 1024-px map. Raise it for particles '
                             'smaller than ~32 px at that scale.')
-        group.addParam('iouFilter', params.FloatParam, default=0.94, label='Keep masks with predicted IoU above')
+        group.addParam('iouFilter', params.FloatParam, default=0.94, label='Keep masks with predicted IoU above',
+                       help='Segment Anything scores each mask by its predicted IoU; lower masks are dropped '
+                            '(CryoSegNet: 0.94).')
         group.addParam('sizeFactor', params.FloatParam, default=0.2, label='Size tolerance',
                        help='Masks whose box differs from the most common box by more than this fraction are dropped.')
         self._defineComputeParams(form, gpu=True)

@@ -50,8 +50,10 @@ class CryopickDeepCryoPicker(CryopickPicking2DBase):
         form.addParam('threshold', params.FloatParam, allowsNull=True, default=None, label='Score threshold',
                       help='Minimum classifier score of a pick. Empty: the model\'s own choice.')
         form.addParam('maxTrain', params.IntParam, default=20, label='Train on at most (micrographs)',
-                      expertLevel=params.LEVEL_ADVANCED)
-        form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED)
+                      expertLevel=params.LEVEL_ADVANCED,
+                      help='The automatic training set is built from the first micrographs, up to this many.')
+        form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,
+                      help='Seed of the random number generators (weights, sampling), so a run can be repeated.')
         self._defineComputeParams(form, gpu=True)
 
     def _insertAllSteps(self):

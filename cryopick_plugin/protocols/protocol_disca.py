@@ -108,11 +108,12 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                            'in under an hour on 2 cores). paper: the published width, for GPUs.')
         line = form.addLine('Number of clusters K', help='Candidate K values; the BIC chooses among them. The '
                                                          'largest is lowered to N/10 for small sets.')
-        line.addParam('kMin', params.IntParam, default=2, label='from')
-        line.addParam('kMax', params.IntParam, default=20, label='to')
+        line.addParam('kMin', params.IntParam, default=2, label='from', help='Smallest number of clusters tried.')
+        line.addParam('kMax', params.IntParam, default=20, label='to', help='Largest number of clusters tried.')
         form.addParam('maxIter', params.IntParam, allowsNull=True, default=None, label='Maximum iterations',
                       help='Empty: the preset\'s default. Stops earlier when the labels are stable.')
-        form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED)
+        form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,
+                      help='Seed of the random number generators (weights, sampling), so a run can be repeated.')
         self._defineComputeParams(form, gpu=True)
 
     def _insertAllSteps(self):
@@ -228,7 +229,8 @@ class CryopickDiscaPredict(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
         return [f'{getattr(self, OUT_CLASSES).getSize()} classes assigned.']
 
     def _methods(self):
-        return []
+        return ['Subtomograms were assigned to the clusters of a trained DISCA model [Zeng2023DISCA] '
+                '(cryopick).']
 
     def _citations(self):
         return ['Zeng2023DISCA']

@@ -35,7 +35,8 @@ class CryopickDogPick(CryopickProtocol, ProtTomoPicking):
         form.addParam('threshold', params.FloatParam, allowsNull=True, default=None, label='Score threshold',
                        help='Keep candidates whose DoG score is above this. Empty: keep the strongest up to the '
                             'maximum number.')
-        form.addParam('maxPicks', params.IntParam, default=500, label='Maximum candidates per tomogram')
+        form.addParam('maxPicks', params.IntParam, default=500, label='Maximum candidates per tomogram',
+                      help='The strongest candidates are kept, at most this many per tomogram.')
         form.addParam('minDistance', params.FloatParam, allowsNull=True, default=None,
                       label='Minimum distance (voxels)', help='Empty: derived from the diameter.')
         form.addParam('boxSize', params.IntParam, allowsNull=True, default=None, label='Box size (voxels)',
@@ -95,4 +96,8 @@ class CryopickDogPick(CryopickProtocol, ProtTomoPicking):
                 f'(diameter {self.diameter.get():g} voxels, {POLARITIES[self.polarity.get()]} particles).']
 
     def _methods(self):
-        return ['Candidate particles were found with a difference-of-Gaussians detector (cryopick).']
+        return ['Candidate particles were found with a difference-of-Gaussians detector, the template-free '
+                'first step of DISCA [Zeng2023DISCA] (cryopick).']
+
+    def _citations(self):
+        return ['Zeng2023DISCA']

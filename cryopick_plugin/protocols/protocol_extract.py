@@ -46,7 +46,8 @@ class CryopickExtractSubtomograms(CryopickProtocol, ProtTomoBase):
         return self.inputTomograms.get() or self.inputCoordinates.get().getPrecedents()
 
     def _box(self):
-        return int(self.boxSize.get() or self.inputCoordinates.get().getBoxSize() or 0)
+        coords = self.inputCoordinates.get()  # None in a new form
+        return int(self.boxSize.get() or (coords.getBoxSize() if coords is not None else 0) or 0)
 
     def _insertAllSteps(self):
         tsIds = sorted(set(self.inputCoordinates.get().getUniqueValues('_tomoId')) &

@@ -47,7 +47,8 @@ class CryopickTrain3D(CryopickProtocol, ProtTomoBase):
                       help='One epoch draws one patch per annotated particle. Training may stop earlier.')
         form.addParam('patience', params.IntParam, default=5, label='Patience (validations)',
                       help='Stop after this many validations without improvement.')
-        form.addParam('valEvery', params.IntParam, default=2, label='Validate every (epochs)')
+        form.addParam('valEvery', params.IntParam, default=2, label='Validate every (epochs)',
+                      help='Score the validation data every this many epochs; the best-scoring model is kept.')
         form.addParam('batchSize', params.IntParam, allowsNull=True, default=None, label='Batch size',
                       expertLevel=params.LEVEL_ADVANCED, help='Empty: the preset\'s.')
         form.addParam('learningRate', params.FloatParam, allowsNull=True, default=None, label='Peak learning rate',
@@ -55,7 +56,8 @@ class CryopickTrain3D(CryopickProtocol, ProtTomoBase):
         form.addParam('tune', params.BooleanParam, default=True, label='Tune thresholds on validation data',
                       help='Choose the segmentation and local-maximum thresholds that maximise the validation '
                            'score instead of DeepETPicker\'s fixed 0.5 / 0.1.')
-        form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED)
+        form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,
+                      help='Seed of the random number generators (weights, sampling), so a run can be repeated.')
         self._defineComputeParams(form, gpu=True)
 
     # ------------------------------------------------------------------ steps
