@@ -41,9 +41,10 @@ class CryopickDeepCryoPicker(CryopickPicking2DBase):
                       display=params.EnumParam.DISPLAY_HLIST,
                       help='irregular: region centroids (e.g. β-galactosidase); round: circular Hough transform; '
                            'square: Feret-box views.')
-        form.addParam('clustering', params.EnumParam, choices=CLUSTERINGS, default=0, label='Clustering',
-                      help='ibc: intensity-based clustering (AutoCryoPicker); kmeans; fcm: fuzzy c-means; '
-                           'super: SLIC superpixels then clustering (SuperCryoPicker).')
+        form.addParam('clustering', params.EnumParam, choices=CLUSTERINGS, default=3, label='Clustering',
+                      help='super: SLIC superpixels then clustering (SuperCryoPicker), the most robust to ice '
+                           'gradients and carbon; ibc: intensity-based clustering (AutoCryoPicker), for clean, '
+                           'evenly lit micrographs; kmeans; fcm: fuzzy c-means (faster than super).')
         form.addParam('polarity', params.EnumParam, choices=['dark', 'bright'], default=0,
                       display=params.EnumParam.DISPLAY_HLIST, label='Particle contrast',
                       help='dark: particles darker than the ice (raw micrographs).')

@@ -79,6 +79,16 @@ class TestProtocols2D(BaseTest):
                                inputModel=model, samCheckpoint='/nonexistent/sam_vit_b.pth')
         self.assertTrue(any('Segment Anything checkpoint not found' in e for e in bad.validate()))
 
+    def test_deepcryopicker(self):
+        prot = self.newProtocol(CryopickDeepCryoPicker, inputMicrographs=self.protMics.outputMicrographs,
+                                diameter=self.diameterA, clustering=1)  # k-means: the fastest that copes here
+        self.launchProtocol(prot)
+        df = self._check_picks(prot.outputCoordinates, int(2 * round(0.75 * self.diameterA / PIXEL)))
+        self.assertGreater(len(df), 0)
+        scores = evaluate_picks(df, self.truth, radius=self.diameterA / PIXEL / 2)
+        self.assertGreater(scores['localisation']['f1'], 0.5, scores['localisation'])
+        self.assertEqual(prot.outputModel.getMethod(), 'deepcryopicker')
+
     def test_bad_input_diameter_larger_than_micrograph(self):
         prot = self.newProtocol(CryopickDeepCryoPicker, inputMicrographs=self.protMics.outputMicrographs,
                                 diameter=PIXEL * 1000)
