@@ -22,7 +22,10 @@ def new_project(name, overwrite=False):
             name = f"{name}_{time.strftime('%Y%m%d_%H%M%S')}"
         else:
             manager.deleteProject(name)
-    return manager.createProject(name)
+    project = manager.createProject(name)
+    # A project works from its own folder (its database path is relative), as in Scipion's GUI and tests.
+    os.chdir(project.getPath())
+    return project
 
 
 def run(project, protocol_class, label=None, **params):
