@@ -5,6 +5,7 @@ dispatcher finds the modules itself, so adding a subcommand is adding a module. 
 underscores (``disca_predict``); the command a user types uses hyphens (``cryopick disca-predict``).
 """
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -52,14 +53,29 @@ def main(argv=None):
     try:
         result = args.func(args)
     except InputError as exc:
-        print(f'cryopick {args.command}: error: {exc}', file=sys.stderr)
-        # A Scipion protocol running this command reads the one-line message back (see protocol_base).
-        error_file = os.environ.get('CRYOPICK_ERROR_FILE')
-        if error_file:
-            with open(error_file, 'w') as fh:
-                fh.write(str(exc))
-        return 2
+        return _fail(args.command, str(exc))
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        # Outputs are written atomically, so nothing half-written is left: say so in one line.
+        where = exc.filename or getattr(args, 'out', None) or 'output'
+        return _fail(args.command, f'{where}: cannot write ({os.strerror(exc.errno)}); nothing was written, '
+                                   f'free some space and run again')
     return int(result or 0)
+
+
+# Disk full, file-size limit reached, quota exceeded.
+_NO_SPACE = {errno.ENOSPC, errno.EFBIG, getattr(errno, 'EDQUOT', errno.ENOSPC)}
+
+
+def _fail(command, message):
+    print(f'cryopick {command}: error: {message}', file=sys.stderr)
+    # A Scipion protocol running this command reads the one-line message back (see protocol_base).
+    error_file = os.environ.get('CRYOPICK_ERROR_FILE')
+    if error_file:
+        with open(error_file, 'w') as fh:
+            fh.write(message)
+    return 2
 
 
 if __name__ == '__main__':

@@ -18,6 +18,9 @@ from .errors import InputError
 # Bytes of float32 working data a whole-volume pass may hold at once (per slab). Keeps the peak memory of
 # statistics and normalisation bounded whatever the tomogram size.
 DEFAULT_SLAB_BYTES = 256 * 1024 ** 2
+# Bytes of the float64 copy `volume_stats` makes per slab: statistics are read-bound, so small slabs cost
+# no speed, and the pass stays far below the size of a large tomogram.
+STATS_SLAB_BYTES = 32 * 1024 ** 2
 
 
 def _open(path, mode='r'):
@@ -73,19 +76,20 @@ def iter_slabs(shape, itemsize=4, max_bytes=DEFAULT_SLAB_BYTES):
         yield slice(start, min(shape[0], start + step))
 
 
-def volume_stats(data, max_bytes=DEFAULT_SLAB_BYTES):
+def volume_stats(data, max_bytes=STATS_SLAB_BYTES):
     """Mean, standard deviation, minimum, maximum and NaN/inf presence, computed slab by slab.
 
-    Works on memory-mapped arrays without loading them whole; float64 accumulators keep the mean exact
-    enough for volumes of billions of voxels.
+    Works on memory-mapped arrays without loading them whole: each slab is one float64 copy of at most
+    `max_bytes` (the sum of squares is a dot product, so no second temporary), and float64 accumulators keep
+    the mean exact enough for volumes of billions of voxels.
     """
     n = 0
     total = 0.0
     total_sq = 0.0
     lo, hi = np.inf, -np.inf
     finite = True
-    for sl in iter_slabs(data.shape, max_bytes=max_bytes):
-        block = np.asarray(data[sl], dtype=np.float64)
+    for sl in iter_slabs(data.shape, itemsize=8, max_bytes=max_bytes):
+        block = np.asarray(data[sl], dtype=np.float64).ravel()
         if not np.all(np.isfinite(block)):
             finite = False
             block = block[np.isfinite(block)]
@@ -93,7 +97,7 @@ def volume_stats(data, max_bytes=DEFAULT_SLAB_BYTES):
             continue
         n += block.size
         total += float(block.sum())
-        total_sq += float(np.square(block).sum())
+        total_sq += float(np.dot(block, block))
         lo = min(lo, float(block.min()))
         hi = max(hi, float(block.max()))
     mean = total / n if n else float('nan')

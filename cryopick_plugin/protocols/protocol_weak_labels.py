@@ -54,7 +54,10 @@ class CryopickWeakLabels(CryopickProtocol, ProtTomoBase):
 
     def _tsIdsWithCoordinates(self):
         tomos = convert.tomograms_by_name(self.inputTomograms.get())
-        present = set(self.inputCoordinates.get().getUniqueValues('_tomoId'))
+        coords = self.inputCoordinates.get()
+        if not coords.getSize():
+            return []  # an empty set may have no table to query
+        present = set(coords.getUniqueValues('_tomoId'))
         return [ts for ts in tomos if ts in present]
 
     def convertInputStep(self, tsIds):
@@ -109,7 +112,7 @@ class CryopickWeakLabels(CryopickProtocol, ProtTomoBase):
             errors.append('The tomogram set is empty.')
         if coords.getSize() == 0:
             errors.append('The coordinate set is empty.')
-        if not self._tsIdsWithCoordinates():
+        elif not self._tsIdsWithCoordinates():
             errors.append('No coordinate refers to any of the input tomograms (coordinates are linked to '
                           'tomograms by tsId).')
         if coords.getSamplingRate() and tomos.getSamplingRate() and \
