@@ -31,49 +31,9 @@ IMAGE = 'rlnImageName'
 
 
 def read_subtomogram_star(star_path):
-    """(stack (N, b, b, b) float32, table, voxel size Å) from a subtomogram STAR file.
-
-    Uses `engine.extract.read_subtomograms` when that module provides it; otherwise reads the files here.
-    """
-    try:
-        from cryopick_plugin.engine.extract import read_subtomograms
-    except ImportError:
-        read_subtomograms = None
-    if read_subtomograms is not None:
-        return read_subtomograms(star_path)
-    return _read_subtomograms_local(star_path)
-
-
-def _read_subtomograms_local(star_path):
-    import pandas as pd
-    from cryopick_plugin.engine.mrc import open_volume
-    from cryopick_plugin.engine.star import read_star_blocks
-    blocks = read_star_blocks(star_path)
-    table = next((b for b in blocks.values() if isinstance(b, pd.DataFrame) and IMAGE in b.columns), None)
-    if table is None:
-        raise InputError(star_path, f"no data block with a {IMAGE} column")
-    table = table.reset_index(drop=True)
-    if len(table) == 0:
-        raise InputError(star_path, "lists no subtomograms")
-    folder = os.path.dirname(os.path.abspath(star_path))
-    stack, box, voxel = None, None, None
-    for i, name in enumerate(table[IMAGE].astype(str)):
-        path = name if os.path.isabs(name) else os.path.join(folder, name)
-        if not os.path.exists(path) and os.path.exists(name):
-            path = name
-        data, vs = open_volume(path, ndim=3)
-        if len(set(data.shape)) != 1:
-            raise InputError(path, f"subtomogram is not cubic: shape (z, y, x) = {tuple(data.shape)}")
-        if stack is None:
-            box, voxel = data.shape[0], vs
-            stack = np.empty((len(table), box, box, box), dtype=np.float32)
-        elif data.shape[0] != box:
-            raise InputError(path, f"box {data.shape[0]}³ differs from the first subtomogram's {box}³ "
-                                   f"(all subtomograms must have the same box)")
-        stack[i] = data
-    if not np.all(np.isfinite(stack)):
-        raise InputError(star_path, "subtomograms contain NaN or infinite values")
-    return stack, table, voxel
+    """(stack (N, b, b, b) float32, table, voxel size Å) from a subtomogram STAR file."""
+    from cryopick_plugin.engine.extract import read_subtomograms
+    return read_subtomograms(star_path)
 
 
 def labelled_table(table, labels, probabilities):

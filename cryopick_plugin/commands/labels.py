@@ -10,7 +10,6 @@ Example:
   cryopick labels TS_01.mrc TS_01_picks.star --diameter 11 --diameter-per-class 2:7 --out TS_01_labels.mrc
 """
 import logging
-import os
 
 import numpy as np
 
@@ -31,25 +30,12 @@ def add_args(parser):
     parser.add_argument('--out', required=True, help='output label map (uint8 MRC)')
 
 
-def rows_for_tomogram(table, tomo_path, source):
-    """Rows of a coordinate table that belong to a tomogram (all rows when there is no rlnTomoName)."""
-    if star.TOMO not in table.columns:
-        return table
-    base = os.path.basename(tomo_path)
-    stem = os.path.splitext(base)[0]
-    keep = table[star.TOMO].astype(str).isin([base, stem, tomo_path])
-    if not keep.any():
-        names = ', '.join(sorted(table[star.TOMO].astype(str).unique())[:5])
-        raise InputError(source, f"no row has {star.TOMO} = {stem} (names present: {names})")
-    return table[keep].reset_index(drop=True)
-
-
 def main(args):
     shape, voxel, _ = mrc.read_header(args.tomogram)
     if len(shape) != 3 or min(shape) < 2:
         raise InputError(args.tomogram, f"expected a 3D volume, found shape {shape}")
     table = star.read_coordinates(args.coordinates, dims=3)
-    table = rows_for_tomogram(table, args.tomogram, args.coordinates)
+    table = star.rows_for_volume(table, args.tomogram, args.coordinates)
     if len(table) == 0:
         raise InputError(args.coordinates, "holds no coordinates")
     star.check_inside(args.coordinates, table, shape, name_col=star.TOMO)

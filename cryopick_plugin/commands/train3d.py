@@ -19,7 +19,6 @@ import logging
 
 from ..engine import labels, star
 from ..engine.errors import InputError
-from .labels import rows_for_tomogram
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ def parse_item(spec, option):
     if len(parts) != 3 or not all(parts):
         raise InputError(option, f"expected TOMO.mrc:LABELS.mrc:COORDS.star, got {spec!r}")
     tomo, label_map, coords = parts
-    table = rows_for_tomogram(star.read_coordinates(coords, dims=3), tomo, coords)
+    table = star.rows_for_volume(star.read_coordinates(coords, dims=3), tomo, coords)
     return tomo, label_map, table
 
 

@@ -24,7 +24,6 @@ Examples:
 import logging
 import os
 
-import numpy as np
 
 from ..engine import cryosegnet, star
 from ..engine.errors import InputError

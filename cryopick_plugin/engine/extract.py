@@ -181,17 +181,5 @@ def read_subtomograms(star_path):
     return stack, table, voxel_size
 
 
-def rows_for_volume(table, volume_path, source):
-    """Rows of a coordinate table that belong to a tomogram (all rows when there is no rlnTomoName).
+rows_for_volume = star.rows_for_volume  # kept for callers of the engine API
 
-    A row belongs when its rlnTomoName equals the file name with or without extension.
-    """
-    if star.TOMO not in table.columns:
-        return table.reset_index(drop=True)
-    base = os.path.basename(os.fspath(volume_path))
-    stem = os.path.splitext(base)[0]
-    keep = table[star.TOMO].astype(str).isin([base, stem, os.fspath(volume_path)])
-    if not keep.any():
-        names = ', '.join(sorted(table[star.TOMO].astype(str).unique())[:5])
-        raise InputError(source, f"no row has {star.TOMO} = {stem} (names present: {names})")
-    return table[keep].reset_index(drop=True)

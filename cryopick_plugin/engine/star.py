@@ -126,3 +126,21 @@ def check_inside(path, df, shape_zyx, name_col=None):
         where = f" of {df[name_col].iloc[i]}" if name_col and name_col in df.columns else ""
         raise InputError(path, f"{int(bad.sum())} coordinate(s) outside the volume{where} "
                                f"(first: {tuple(np.round(xyz[i], 1))}, size x,y,z = {tuple(bounds.astype(int))})")
+
+
+def rows_for_volume(table, volume_path, source):
+    """Rows of a coordinate table that belong to a tomogram / micrograph (all rows without a name column).
+
+    A row belongs when its rlnTomoName (or rlnMicrographName) equals the file name with or without
+    extension. Raises InputError naming `source` when no row does.
+    """
+    col = TOMO if TOMO in table.columns else MIC if MIC in table.columns else None
+    if col is None:
+        return table.reset_index(drop=True)
+    base = os.path.basename(os.fspath(volume_path))
+    stem = os.path.splitext(base)[0]
+    keep = table[col].astype(str).isin([base, stem, os.fspath(volume_path)])
+    if not keep.any():
+        names = ', '.join(sorted(table[col].astype(str).unique())[:5])
+        raise InputError(source, f"no row has {col} = {stem} (names present: {names})")
+    return table[keep].reset_index(drop=True)

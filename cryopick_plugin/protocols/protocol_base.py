@@ -71,6 +71,25 @@ class CryopickProtocol(EMProtocol):
         star.write_coordinates(path, df)
         return len(df)
 
+    def _registerPerTomogramPicks(self, tomograms, tsIds, suffix, box_size, output_name, extra_sources=()):
+        """Read extra/<tsId><suffix> STAR files (one per tomogram) into one SetOfCoordinates3D output."""
+        import pandas as pd
+        tables = []
+        for tsId in tsIds:
+            df = star.read_coordinates(self._tsPath(tsId, suffix), dims=3)
+            df[star.TOMO] = tsId  # one file per tomogram: the link is the tsId, whatever the file name
+            tables.append(df)
+        df = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+        coords = self._createSetOfCoordinates3D(tomograms)
+        coords.setSamplingRate(tomograms.getSamplingRate())
+        coords.setBoxSize(box_size)
+        if len(df):
+            convert.frame_to_coordinates3d(df, coords, tomograms, source=self._getExtraPath())
+        self._defineOutputs(**{output_name: coords})
+        for source in (self.inputTomograms,) + tuple(extra_sources):
+            self._defineSourceRelation(source, coords)
+        return coords
+
     @staticmethod
     def _readJson(path):
         with open(path) as fh:

@@ -2,7 +2,6 @@
 import os
 
 from pyworkflow.protocol import params
-from pwem.objects import SetOfCoordinates
 from tomo.objects import SetOfCoordinates3D
 from tomo.protocols import ProtTomoBase
 

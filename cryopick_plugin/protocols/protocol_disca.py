@@ -1,7 +1,6 @@
 """DISCA: unsupervised, template-free clustering of subtomograms, and prediction with a trained DISCA model."""
 import os
 
-import numpy as np
 from pyworkflow.object import String
 from pyworkflow.protocol import params
 from tomo.objects import AverageSubTomogram, Coordinate3D, SetOfClassesSubTomograms, SetOfCoordinates3D

@@ -5,7 +5,6 @@ from tomo.protocols import ProtTomoPicking
 
 from .. import convert
 from ..constants import OUT_COORDS3D
-from ..engine import star
 from .protocol_base import CryopickProtocol
 
 POLARITIES = ['dark', 'bright', 'both']
@@ -60,21 +59,9 @@ class CryopickDogPick(CryopickProtocol, ProtTomoPicking):
         self._runCryopick('dog-pick', args)
 
     def createOutputStep(self, tsIds):
-        import pandas as pd
-        tomograms = self.inputTomograms.get()
-        tables = []
-        for tsId in tsIds:
-            df = star.read_coordinates(self._tsPath(tsId, '_dog.star'), dims=3)
-            df[star.TOMO] = tsId
-            tables.append(df)
-        df = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-        coords = self._createSetOfCoordinates3D(tomograms)
-        coords.setSamplingRate(tomograms.getSamplingRate())
-        coords.setBoxSize(self.boxSize.get() or int(2 * round(0.75 * self.diameter.get())))
-        if len(df):
-            convert.frame_to_coordinates3d(df, coords, tomograms, source=self._getExtraPath())
-        self._defineOutputs(**{OUT_COORDS3D: coords})
-        self._defineSourceRelation(self.inputTomograms, coords)
+        self._registerPerTomogramPicks(self.inputTomograms.get(), tsIds, '_dog.star',
+                                       self.boxSize.get() or int(2 * round(0.75 * self.diameter.get())),
+                                       OUT_COORDS3D)
 
     def _validate(self):
         errors = []

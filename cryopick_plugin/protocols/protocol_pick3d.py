@@ -7,7 +7,6 @@ from tomo.protocols import ProtTomoPicking
 
 from .. import convert
 from ..constants import OUT_COORDS3D
-from ..engine import star
 from .protocol_base import CryopickProtocol
 
 
@@ -74,22 +73,8 @@ class CryopickPick3D(CryopickProtocol, ProtTomoPicking):
         self._runCryopick('pick3d', args, gpu=True)
 
     def createOutputStep(self, tsIds):
-        import pandas as pd
-        tomograms = self.inputTomograms.get()
-        tables = []
-        for tsId in tsIds:
-            df = star.read_coordinates(self._tsPath(tsId, '_picks.star'), dims=3)
-            df[star.TOMO] = tsId  # one file per tomogram: the link is the tsId, whatever the file name
-            tables.append(df)
-        df = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-        coords = self._createSetOfCoordinates3D(tomograms)
-        coords.setSamplingRate(tomograms.getSamplingRate())
-        coords.setBoxSize(self._boxSize())
-        if len(df):
-            convert.frame_to_coordinates3d(df, coords, tomograms, source=self._getExtraPath())
-        self._defineOutputs(**{OUT_COORDS3D: coords})
-        self._defineSourceRelation(self.inputTomograms, coords)
-        self._defineSourceRelation(self.inputModel, coords)
+        self._registerPerTomogramPicks(self.inputTomograms.get(), tsIds, '_picks.star', self._boxSize(),
+                                       OUT_COORDS3D, extra_sources=(self.inputModel,))
 
     def _boxSize(self):
         if self.boxSize.get():

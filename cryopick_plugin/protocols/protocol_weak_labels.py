@@ -1,5 +1,4 @@
 """DeepETPicker weak labels: particle centres → label maps a 3D segmentation network learns from."""
-import os
 
 from pyworkflow.object import String
 from pyworkflow.protocol import params
