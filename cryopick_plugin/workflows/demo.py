@@ -39,7 +39,7 @@ def run_demo(project_name='cryopick_demo', count=2, shape=(64, 128, 128), snr=0.
     project = new_project(project_name, overwrite=overwrite)
     data_dir = os.path.join(project.getPath(), 'simulated')
     os.makedirs(data_dir, exist_ok=True)
-    print(f"Project: {project.getName()} ({project.getPath()})", file=out)
+    print(f"Project: {project.getShortName()} ({project.getPath()})", file=out)
     sims = simulate_inputs(data_dir, count, shape, snr, seed, templates_dir)
     meta = sims[0][0].meta
     print(f"Simulated {count} tomogram(s) of {tuple(shape)} voxels at {meta.get('voxel_size', 10.0)} Å, "
@@ -68,7 +68,7 @@ def run_demo(project_name='cryopick_demo', count=2, shape=(64, 128, 128), snr=0.
     prots = {'tomograms': prot_tomos, 'truth': prot_truth}
     if epochs > 0 and count >= 2:
         prots.update(train_and_pick(project, prot_tomos, prot_truth, meta, names, epochs, out))
-    print(f"Open it in Scipion: python -m pyworkflow.apps.pw_project {project.getName()}", file=out)
+    print(f"Open it in Scipion: python -m pyworkflow.apps.pw_project {project.getShortName()}", file=out)
     print(f"Done in {time.time() - t0:.1f} s.", file=out)
     return project, prots
 
