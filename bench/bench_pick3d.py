@@ -14,6 +14,8 @@ differs.
 
 Examples (from the repository root):
   .venv/bin/python bench/bench_pick3d.py mpnms --shape 64 192 192 --repeat 3
+  .venv/bin/python bench/bench_pick3d.py mpnms --model M.pt --tomogram T.mrc --truth T_truth.star \
+      --particle-diameter 20 --threads 1
   .venv/bin/python bench/bench_pick3d.py throughput --shape 64 160 160 --threads 2
   .venv/bin/python bench/bench_pick3d.py train --epochs 15 --threads 2 --out /tmp/bench_pick3d
 """
@@ -51,17 +53,31 @@ def _simulate(shape, seed, snr, classes=CLASSES):
 def bench_mpnms(args):
     from scipy.ndimage import gaussian_filter
     from sklearn.cluster import MeanShift
-    sim, diam = _simulate(args.shape, args.seed, args.snr, classes=(args.template,))
-    d_particle = diam[1]
+    if args.tomogram:
+        # a tomogram of the F1 benchmark with its truth (all classes): the map is the network's
+        # foreground probability (sum of its class channels), one label diameter for all particles
+        if not (args.model and args.truth and args.particle_diameter):
+            raise SystemExit('--tomogram needs --model, --truth and --particle-diameter')
+        volume, _ = mrc.open_volume(args.tomogram)
+        truth_xyz = star.xyz_array(star.read_coordinates(args.truth))
+        d_particle = float(args.particle_diameter)
+    else:
+        sim, diam = _simulate(args.shape, args.seed, args.snr, classes=(args.template,))
+        volume = sim.volume
+        d_particle = diam[1]
+        truth_xyz = star.xyz_array(sim.truth)
     label_d = max(3, int(round(d_particle / 2)) | 1)   # DeepETPicker-like label, about half the particle
-    truth_xyz = star.xyz_array(sim.truth)
     rng = np.random.default_rng(args.seed)
     if args.model:
         net, meta = pick3d.load_picker(args.model)
-        st = mrc.volume_stats(sim.volume)
-        prob = pick3d.probability_map(sim.volume, pick3d.model_predictor(net), 1, meta['patch'],
-                                      meta['pad_infer'], 2, st['mean'], st['std'])[0]
-        label_d = int(meta['diameters']['1'])
+        st = mrc.volume_stats(volume)
+        n_ch = len(meta['diameters'])
+        t0 = time.perf_counter()
+        prob = pick3d.probability_map(volume, pick3d.model_predictor(net), n_ch, meta['patch'],
+                                      meta['pad_infer'], 2, st['mean'], st['std']).sum(axis=0)
+        t_map = time.perf_counter() - t0
+        if not args.tomogram:
+            label_d = int(meta['diameters']['1'])
     else:
         lab = labels.make_labels(sim.volume.shape, truth_xyz, np.ones(len(truth_xyz), int), label_d, 'tball')
         prob = gaussian_filter((lab > 0).astype(np.float32), 1.0)
@@ -85,7 +101,10 @@ def bench_mpnms(args):
     s_ms = train3d.pick_scores(ms_centres[:, ::-1], truth_xyz, match)
     s_msf = train3d.pick_scores(ms_centres[sizes >= min_size][:, ::-1], truth_xyz, match)
     result = {'shape_zyx': list(prob.shape), 'particles': len(truth_xyz), 'particle_diameter_vox': d_particle,
-              'label_diameter_vox': label_d, 'map': 'model' if args.model else f'truth labels + noise {args.noise}',
+              'label_diameter_vox': label_d,
+              'map': 'model (sum of class channels)' if args.model else f'truth labels + noise {args.noise}',
+              'map_seconds': round(t_map, 2) if args.model else None,
+              'tomogram': args.tomogram or f'simulated {args.template}',
               'foreground_voxels': int((prob > 0.5).sum()), 'match_radius': match,
               'mpnms': {'f1': round(s_mp['f1'], 4), 'precision': round(s_mp['precision'], 4),
                         'recall': round(s_mp['recall'], 4), 'seconds': round(min(t_mp), 4)},
@@ -168,6 +187,10 @@ def main(argv=None):
     a.add_argument('--snr', type=float, default=0.1)
     a.add_argument('--noise', type=float, default=0.15)
     a.add_argument('--model', default=None)
+    a.add_argument('--tomogram', default=None, help='use this tomogram (with --model, --truth) instead of a simulation')
+    a.add_argument('--truth', default=None, help='truth STAR of --tomogram (every row counts, classes ignored)')
+    a.add_argument('--particle-diameter', type=float, default=None,
+                   help='with --tomogram: particle diameter in voxels (MeanShift bandwidth = half of it)')
     a.add_argument('--template', default='1bxn', help='molecule simulated (a name in the templates folder)')
     a.add_argument('--repeat', type=int, default=3)
     a.add_argument('--seed', type=int, default=0)
