@@ -28,7 +28,9 @@ from .errors import InputError
 log = logging.getLogger(__name__)
 
 METHOD = 'deepetpicker'
-IN_MEMORY_BYTES = 256 * 1024 ** 2
+# Probability maps larger than this go to a temporary memory-mapped file (MP-NMS then works slab by slab),
+# so picking memory stays bounded whatever the tomogram size.
+IN_MEMORY_BYTES = 64 * 1024 ** 2
 
 
 # ----------------------------------------------------------------------------------------------- tiles

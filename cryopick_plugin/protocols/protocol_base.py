@@ -37,6 +37,9 @@ class CryopickProtocol(EMProtocol):
         if not isinstance(args, str):
             args = ' '.join(shlex.quote(str(a)) for a in args)
         threads = self.numberOfThreads.get() if hasattr(self, 'numberOfThreads') else 1
+        if getattr(self, 'stepsExecutionMode', None) == params.STEPS_PARALLEL and (threads or 1) > 1:
+            # The threads already run steps side by side: one compute thread per job avoids oversubscription.
+            threads = 1
         # torch and BLAS use as many threads as the protocol was given, not every core of the node.
         error_file = os.path.abspath(self._getTmpPath(f'{command}_error.txt'))
         os.makedirs(os.path.dirname(error_file), exist_ok=True)

@@ -100,6 +100,10 @@ class CryopickExtractSubtomograms(CryopickProtocol, ProtTomoBase):
             return errors
         if coords.getSize() == 0:
             errors.append('The coordinate set is empty.')
+            return errors
+        tomos = self._tomograms()
+        if tomos is not None and not set(coords.getUniqueValues('_tomoId')) & set(convert.tomograms_by_name(tomos)):
+            errors.append('No coordinate refers to any of the tomograms (coordinates are linked by tsId).')
         box = self._box()
         if box < 4:
             errors.append('Give a box size (the coordinates have none).')
