@@ -45,16 +45,17 @@ def _scores(stdout):
     return found
 
 
-def _project(name):
-    """Load a project the script made (pyworkflow changes the working folder: restore it)."""
+def _project(name, monkeypatch):
+    """Load a project the script made and work in its folder (its sets are stored with relative paths);
+    monkeypatch brings the test session back to its own folder afterwards."""
     from pyworkflow.project import Manager
+    manager = Manager()
+    assert manager.hasProject(name), f"project {name} was not created"
     cwd = os.getcwd()
-    try:
-        manager = Manager()
-        assert manager.hasProject(name), f"project {name} was not created"
-        return manager.loadProject(name)
-    finally:
-        os.chdir(cwd)
+    project = manager.loadProject(name)  # this changes the working folder
+    os.chdir(cwd)
+    monkeypatch.chdir(project.getPath())  # remembers cwd, restored after the test
+    return project
 
 
 def _finished_runs(project):
@@ -83,7 +84,7 @@ def _check_consistent(score):
     assert score['r'] == pytest.approx(score['tp'] / score['n_true'], abs=1e-3)
 
 
-def test_supervised_3d_through_the_scipion_launcher(tmp_path):
+def test_supervised_3d_through_the_scipion_launcher(tmp_path, monkeypatch):
     """import → weak labels → train → pick → extract → RELION, launched as `scipion python <file>`."""
     launcher = os.path.join(os.path.dirname(sys.executable), 'scipion')
     assert os.path.exists(launcher), 'scipion-app\'s launcher is not installed in this environment'
@@ -95,7 +96,7 @@ def test_supervised_3d_through_the_scipion_launcher(tmp_path):
     stdout = _run([launcher, 'python', os.path.join(WORKFLOWS, 'supervised_3d.py'), '--simulate',
                    '--project', name, '--count', '2', '--shape', '48', '96', '96', '--per-class', '5',
                    '--epochs', '1', '--patience', '1', '--no-tune', '--t-lm', '0.05'], tmp_path, env)
-    project = _project(name)
+    project = _project(name, monkeypatch)
     runs = _finished_runs(project)
     for cls in ('ProtImportTomograms', 'CryopickImportCoordinates3D', 'CryopickWeakLabels', 'CryopickTrain3D',
                 'CryopickPick3D', 'CryopickExtractSubtomograms'):
@@ -126,3 +127,100 @@ def test_supervised_3d_through_the_scipion_launcher(tmp_path):
     coords = star.read_coordinates(os.path.join(relion_dir, 'coordinates.star'), dims=3)
     assert len(coords) == picks
     assert set(coords[star.TOMO]) <= {'tomo_000', 'tomo_001'}
+
+
+def test_label_free_3d_as_a_file(tmp_path, monkeypatch):
+    """DoG → extract → DISCA → chosen class → weak labels → train → pick, run as `python <file>`."""
+    name = 'wf_label_free'
+    stdout = _run([sys.executable, os.path.join(WORKFLOWS, 'label_free_3d.py'), '--simulate', '--project', name,
+                   '--count', '2', '--shape', '48', '96', '96', '--per-class', '8', '--box', '24',
+                   '--candidates', '30', '--k-max', '3', '--max-iter', '2', '--epochs', '1', '--patience', '1',
+                   '--no-tune', '--t-lm', '0.05'], tmp_path)
+    runs = _finished_runs(_project(name, monkeypatch))
+    for cls in ('ProtImportTomograms', 'CryopickDogPick', 'CryopickExtractSubtomograms', 'CryopickDisca',
+                'ProtSetFilter', 'CryopickWeakLabels', 'CryopickTrain3D', 'CryopickPick3D'):
+        assert len(runs.get(cls, [])) == 1, f"{cls} missing from {sorted(runs)}"
+    subtomos = runs['CryopickExtractSubtomograms'][0].outputSubtomograms.getSize()
+    disca = runs['CryopickDisca'][0]
+    sizes = {int(c.getObjId()): c.getSize() for c in disca.outputClasses.iterItems()}
+    assert sum(sizes.values()) == subtomos >= 20
+
+    # the chosen class (printed) is the filter's output, renumbered class 1, and trained the picker
+    chosen = int(re.search(r"Chosen class: (\d+) \(", stdout).group(1))
+    assert chosen in sizes
+    selected = next(out for _, out in runs['ProtSetFilter'][0].iterOutputAttributes())
+    assert selected.getSize() == sizes[chosen]
+    assert set(selected.getUniqueValues('_groupId')) == {1}
+    masks = runs['CryopickWeakLabels'][0].outputTomoMasks
+    assert masks.getSize() == len(set(selected.getUniqueValues('_tomoId')))
+    assert runs['CryopickTrain3D'][0].outputModel.exists()
+
+    scores = _scores(stdout)
+    dog = scores['DoG candidates vs truth']
+    _check_consistent(dog)
+    assert dog['n_true'] == 32 and dog['r'] > 0.5, dog  # DoG finds most particles at this SNR
+    final = scores['label-free picks vs truth (all classes)']
+    _check_consistent(final)
+    assert final['n_pred'] == runs['CryopickPick3D'][0].output3DCoordinates.getSize()
+    assert final['n_true'] == 32
+
+
+def test_class_choice_rule():
+    """Centre contrast tells a centred dark blob from noise; the largest non-junk class wins."""
+    import numpy as np
+    from cryopick_plugin.workflows.common import PipelineError
+    from cryopick_plugin.workflows.label_free_3d import centre_contrast, choose_class
+    rng = np.random.default_rng(0)
+    grid = np.indices((16, 16, 16)) - 7.5
+    blob = -np.exp(-(grid ** 2).sum(axis=0) / (2 * 3.0 ** 2)) + 0.05 * rng.standard_normal((16, 16, 16))
+    noise = 0.05 * rng.standard_normal((16, 16, 16))
+    assert centre_contrast(blob) > 1.0
+    assert centre_contrast(-blob, polarity='bright') > 1.0
+    assert abs(centre_contrast(noise)) < 0.5
+    classes = [{'class': 1, 'size': 40, 'contrast': centre_contrast(noise)},   # largest but junk
+               {'class': 2, 'size': 25, 'contrast': centre_contrast(blob)},
+               {'class': 3, 'size': 12, 'contrast': centre_contrast(blob) * 0.9}]
+    chosen, reason = choose_class(classes)
+    assert chosen == 2 and 'junk: 1' in reason
+    assert choose_class(classes, requested=3)[0] == 3
+    with pytest.raises(PipelineError):
+        choose_class(classes, requested=7)
+
+
+def test_picking_2d_as_a_module(tmp_path, monkeypatch):
+    """Micrographs → DeepCryoPicker, CryoSegNet trained on its picks → comparison, run with `python -m`."""
+    import cryopick_plugin.protocols as protocols
+    name = 'wf_picking_2d'
+    stdout = _run([sys.executable, '-m', 'cryopick_plugin.workflows.picking_2d', '--simulate', '--project', name,
+                   '--count', '3', '--epochs', '2', '--no-preprocess', '--val-fraction', '0.34', '--lr', '1e-3'],
+                  tmp_path)
+    runs = _finished_runs(_project(name, monkeypatch))
+    for cls in ('ProtImportMicrographs', 'CryopickDeepCryoPicker', 'CryopickTrainCryoSegNet', 'CryopickCryoSegNet'):
+        assert len(runs.get(cls, [])) == 1, f"{cls} missing from {sorted(runs)}"
+    dcp = runs['CryopickDeepCryoPicker'][0].outputCoordinates.getSize()
+    csn = runs['CryopickCryoSegNet'][0].outputCoordinates.getSize()
+    assert dcp > 0
+    assert runs['CryopickTrainCryoSegNet'][0].outputModel.exists()
+    assert f"CryoSegNet trains on the DeepCryoPicker ({dcp} picks)" in stdout
+
+    scores = _scores(stdout)
+    for what, n in (('DeepCryoPicker vs truth', dcp), ('CryoSegNet vs truth', csn)):
+        _check_consistent(scores[what])
+        assert scores[what]['n_pred'] == n and scores[what]['n_true'] == 180
+    assert scores['DeepCryoPicker vs truth']['f1'] > 0.2
+
+    if csn == 0:
+        # CryoSegNet's U-Net learns little in two CPU epochs on three micrographs: the script must say so
+        assert 'Comparison skipped: CryoSegNet or the DeepCryoPicker found no particle.' in stdout
+        return
+    m = re.search(r"COMPARE CryoSegNet \((\d+) picks\) with DeepCryoPicker \((\d+) picks\) within [\d.]+ px: "
+                  r"both (\d+), only CryoSegNet (\d+), only DeepCryoPicker (\d+); precision ([\d.]+), "
+                  r"recall ([\d.]+), F1 ([\d.]+), Jaccard ([\d.]+)", stdout)
+    assert m, stdout[-3000:]
+    n_a, n_b, both, only_a, only_b = (int(m.group(i)) for i in range(1, 6))
+    assert (n_a, n_b) == (csn, dcp)
+    assert both + only_a == n_a and both + only_b == n_b
+    assert float(m.group(9)) == pytest.approx(both / (n_a + n_b - both), abs=1e-3)
+    if hasattr(protocols, 'CryopickCompareCoordinates'):
+        cmp = runs['CryopickCompareCoordinates'][0]
+        assert (cmp.intersection.getSize(), cmp.onlyA.getSize(), cmp.onlyB.getSize()) == (both, only_a, only_b)
