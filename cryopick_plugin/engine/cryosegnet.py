@@ -291,7 +291,7 @@ def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epoch
     val_loss, val_dice = _evaluate(net, val_x, val_y, device)
     history.append({'epoch': 0, 'train_loss': None, 'val_loss': val_loss, 'val_dice': val_dice, 'seconds': 0.0})
     say(f'epoch 0: val loss {val_loss:.4f}, val Dice {val_dice:.4f}')
-    best = {'epoch': 0, 'val_dice': val_dice, 'state': snapshot()}
+    best = {'epoch': 0, 'val_dice': val_dice, 'val_loss': val_loss, 'state': snapshot()}
     crops_per_image = (input_size // crop) ** 2
 
     for epoch in range(1, epochs + 1):
@@ -320,8 +320,10 @@ def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epoch
         history.append(row)
         say(f"epoch {epoch}: train loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, "
             f"val Dice {val_dice:.4f} ({row['seconds']:.1f} s)")
-        if val_dice > best['val_dice']:
-            best = {'epoch': epoch, 'val_dice': val_dice, 'state': snapshot()}
+        # Best Dice wins; at equal Dice (e.g. still 0 early in training, when nothing passes 0.5 yet) the
+        # lower validation loss does, so a short run keeps what it learnt instead of the starting weights.
+        if val_dice > best['val_dice'] or (val_dice == best['val_dice'] and val_loss < best['val_loss']):
+            best = {'epoch': epoch, 'val_dice': val_dice, 'val_loss': val_loss, 'state': snapshot()}
 
     h, w, sy, sx = network_frame(checked[0].shape, input_size)
     meta = {
