@@ -142,7 +142,7 @@ def score_picks(picks, truth, diam, factor):
 
 
 def run_condition(args, snr):
-    tag = f"snr{snr:g}_{'x'.join(map(str, args.shape))}"
+    tag = f"snr{snr:g}_{'x'.join(map(str, args.shape))}" + (f'_{args.tag}' if args.tag else '')
     result_path = os.path.join(args.out, f'pick3d_f1_{tag}.json')
     if os.path.exists(result_path):
         print(f'{tag}: result exists ({result_path}), skipped')
@@ -189,7 +189,8 @@ def run_condition(args, snr):
     result = {
         'condition': {'snr': snr, 'shape_zyx': list(args.shape), 'voxel_size_A': 10.0, 'classes': list(CLASSES),
                       'distractors': list(DISTRACTORS), 'n_per_distractor': args.distractors,
-                      'beads': args.beads, 'vesicles': args.vesicles, 'seeds_train_val_test': list(SEEDS)},
+                      'beads': args.beads, 'vesicles': args.vesicles, 'seeds_train_val_test': list(SEEDS),
+                      'epochs': args.epochs, 'steps_per_epoch': args.steps_per_epoch, 'tag': args.tag},
         'particle_diameters_vox': {NAMES[CLASSES[c - 1]]: d for c, d in diam.items()},
         'label_diameters_vox': {NAMES[CLASSES[c - 1]]: d for c, d in d_lab.items()},
         'placed': {k: v['placed'] for k, v in info.items()},
@@ -227,6 +228,7 @@ def main(argv=None):
     p.add_argument('--beads', type=int, default=8)
     p.add_argument('--vesicles', type=int, default=2)
     p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--tag', default='', help='suffix of the condition name (e.g. a longer training of the same SNR)')
     p.add_argument('--out', default=os.path.join(ROOT, 'bench', 'results'))
     args = p.parse_args(argv)
     import torch
