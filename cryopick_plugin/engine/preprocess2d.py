@@ -30,7 +30,7 @@ DeepCryoPicker chain (`deepcryopicker_chain`), after AutoCryoPicker's MATLAB dem
   → float32 [0, 1].
 
 Speed (4096² on one CPU core): NL-means dominates the CryoSegNet chain; pass ``bin_factor`` to
-`run_chain` to work on a downsampled micrograph (see bench/README_2d.md for measured times).
+`run_chain` to work on a downsampled micrograph (see bench/README.md, section 3, for measured times).
 """
 import numpy as np
 
