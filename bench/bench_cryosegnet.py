@@ -7,8 +7,8 @@ checkpoint can be had offline: picking is the U-Net-only path (threshold + dista
 
 Reported on the test micrographs:
 * F1 / precision / recall, picks matched one-to-one to annotated centres within 54 px (half the
-  diameter), at the picker's default threshold 0.5 and at the threshold with the best F1 on the training
-  micrographs;
+  diameter), at the model's own threshold (chosen by the training on its held-out micrograph), at 0.5 and
+  at the threshold with the best F1 on the training micrographs;
 * pixel Dice of the thresholded U-Net map against the expert masks (JPEG masks thresholded at 128), the
   CryoSegNet paper's metric, mean over micrographs (the paper reports the per-set maximum; given too);
 * seconds per 4096² micrograph per stage: preprocessing chain, network (scaling, forward, upsampling),
@@ -105,6 +105,8 @@ def main():
 
     sweep = {thr: scores(train, thr)[0] for thr in THRESHOLDS}
     best_thr = max(THRESHOLDS, key=lambda t: sweep[t]['f1'])
+    own_thr = float(model.meta.get('threshold', 0.5))
+    test_own, _ = scores(test, own_thr)
     test_default, t_post = scores(test, 0.5)
     test_best, _ = scores(test, best_thr)
     dice_default = [pixel_dice(probs[i], masks[i], 0.5) for i in test]
@@ -125,6 +127,8 @@ def main():
         'settings': vars(args), 'train_seconds': round(train_seconds, 1),
         'best_epoch': model.meta['best_epoch'], 'best_val_dice': round(model.meta['best_val_dice'], 3),
         'train_threshold_sweep': {str(k): v for k, v in sweep.items()}, 'best_threshold': best_thr,
+        'own_threshold': own_thr, 'own_threshold_source': model.meta.get('threshold_source'),
+        'own_threshold_val_f1': model.meta.get('threshold_val_f1'), 'test_at_own': test_own,
         'test_at_0.5': test_default, f'test_at_{best_thr}': test_best,
         'test_pixel_dice_mean_at_0.5': round(float(np.mean(dice_default)), 3),
         'test_pixel_dice_max_at_0.5': round(float(np.max(dice_default)), 3),

@@ -161,7 +161,8 @@ def run_condition(args, snr):
         with Clock() as c_train:
             meta = train3d.train(items[:2], items[2:3], model, preset='cpu', epochs=args.epochs, device='cpu',
                                  seed=0, val_every=args.val_every, patience=args.epochs, diameters=d_lab,
-                                 max_steps_per_epoch=args.steps_per_epoch)
+                                 max_steps_per_epoch=args.steps_per_epoch,
+                                 class_balance=not args.no_class_balance)
         train_rec = {'epochs_run': meta['epochs_run'], 'best_epoch': meta['best_epoch'],
                      'steps_per_epoch': args.steps_per_epoch, 'thresholds': meta['thresholds'],
                      'best_val': meta['best_val'], 'tuned_val': meta.get('tuned_val'),
@@ -190,7 +191,8 @@ def run_condition(args, snr):
         'condition': {'snr': snr, 'shape_zyx': list(args.shape), 'voxel_size_A': 10.0, 'classes': list(CLASSES),
                       'distractors': list(DISTRACTORS), 'n_per_distractor': args.distractors,
                       'beads': args.beads, 'vesicles': args.vesicles, 'seeds_train_val_test': list(SEEDS),
-                      'epochs': args.epochs, 'steps_per_epoch': args.steps_per_epoch, 'tag': args.tag},
+                      'epochs': args.epochs, 'steps_per_epoch': args.steps_per_epoch, 'tag': args.tag,
+                      'class_balance': not args.no_class_balance},
         'particle_diameters_vox': {NAMES[CLASSES[c - 1]]: d for c, d in diam.items()},
         'label_diameters_vox': {NAMES[CLASSES[c - 1]]: d for c, d in d_lab.items()},
         'placed': {k: v['placed'] for k, v in info.items()},
@@ -228,6 +230,7 @@ def main(argv=None):
     p.add_argument('--beads', type=int, default=8)
     p.add_argument('--vesicles', type=int, default=2)
     p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--no-class-balance', action='store_true', help='draw each particle once per epoch (the reference)')
     p.add_argument('--tag', default='', help='suffix of the condition name (e.g. a longer training of the same SNR)')
     p.add_argument('--out', default=os.path.join(ROOT, 'bench', 'results'))
     args = p.parse_args(argv)

@@ -27,7 +27,9 @@ Loss, augmentation, checkpoints
     preferred orientation, so these are label-preserving; the reference trained on ≈5,000 micrographs from
     22 data sets and used none, but fine-tuning on a handful of micrographs over-fits without them); Adam;
     the kept weights are those with the best validation Dice (threshold 0.5), evaluated also before the
-    first epoch so fine-tuning never returns a model worse than the one it started from.
+    first epoch so fine-tuning never returns a model worse than the one it started from. With held-out
+    micrographs, the U-Net-only picking threshold is then chosen on them (F1 within half the diameter over
+    0.3–0.8) and stored in the model as its default.
 
 Picking without SAM (`picks_from_map`)
     Threshold the map, take the maxima of the distance transform of the foreground (touching particles
@@ -340,9 +342,42 @@ def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epoch
         'preset': None if (init_model or isinstance(preset, dict)) else preset,
         'n_particles': int(sum(len(c) for c in centres)),
     }
+    if not val_is_train and epochs > 0:
+        # The U-Net-only picking threshold is chosen on the held-out micrographs, so "the model's own
+        # threshold" is a measured choice rather than 0.5 (a higher one separates touching particles).
+        net.load_state_dict(best['state'])
+        net.eval()
+        model = CryoSegNetModel(net, arch, meta, device)
+        maps = [predict_map(checked[i], model, preprocess=switches) for i in val_idx]
+        thr, f1 = tune_threshold(maps, [centres[i] for i in val_idx], diameter_px)
+        meta.update(threshold=thr, threshold_source='F1 on the validation micrographs',
+                    threshold_val_f1=round(f1, 4))
+        say(f'U-Net-only threshold {thr:.2f} (validation F1 {f1:.3f})')
     save_model(out_model, METHOD, arch, best['state'], meta)
     say(f"best val Dice {best['val_dice']:.4f} at epoch {best['epoch']} → {out_model}")
     return history
+
+
+THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def tune_threshold(maps, centres, diameter_px, grid=THRESHOLD_GRID):
+    """(threshold, F1) of the U-Net-only path maximising F1 (one-to-one within half the diameter, pooled
+    over the maps) against the true centres; ties go to the threshold nearer 0.5."""
+    from .evaluate import match_points
+    best = None
+    for thr in grid:
+        tp = n_pred = n_true = 0
+        for prob, xy in zip(maps, centres):
+            picks = picks_from_map(prob, diameter_px, threshold=thr)[[star.X, star.Y]].to_numpy()
+            xy = np.asarray(xy, dtype=float).reshape(-1, 2)
+            pairs = match_points(picks, xy, diameter_px / 2.0)[0] if len(picks) and len(xy) else ()
+            tp, n_pred, n_true = tp + len(pairs), n_pred + len(picks), n_true + len(xy)
+        f1 = 2 * tp / max(n_pred + n_true, 1)
+        key = (f1, -abs(thr - 0.5))
+        if best is None or key > best[0]:
+            best = (key, float(thr), f1)
+    return best[1], best[2]
 
 
 # -------------------------------------------------------------------------------------------- inference
@@ -440,7 +475,7 @@ def picks_from_map(prob, diameter_px, threshold=0.5, min_radius=0.3, max_radius=
     return picks_frame(xy[order], scores[order], d)
 
 
-def cryosegnet_pick(image, model_path, diameter_px=None, sam_checkpoint=None, sam_type=None, threshold=0.5,
+def cryosegnet_pick(image, model_path, diameter_px=None, sam_checkpoint=None, sam_type=None, threshold=None,
                     points_per_side=32, pred_iou_thresh=0.88, stability_score_thresh=0.95, iou_filter=0.94,
                     size_factor=0.2, device='auto', sam_model=None, preprocess=None, source='micrograph'):
     """Pick one micrograph: U-Net map, then SAM post-processing (when a SAM model/checkpoint is given) or
@@ -473,7 +508,9 @@ def cryosegnet_pick(image, model_path, diameter_px=None, sam_checkpoint=None, sa
                                         iou_filter=iou_filter, size_factor=size_factor, return_count=True)
         diag.update(path='sam', n_masks=n_masks)
     else:
+        if threshold is None:
+            threshold = float(model.meta.get('threshold', 0.5))
         picks = picks_from_map(prob, d, threshold=threshold)
-        diag.update(path='unet', n_masks=None)
+        diag.update(path='unet', n_masks=None, threshold=threshold)
     diag['seconds']['postprocess'] = time.time() - t1
     return picks.reset_index(drop=True), diag

@@ -1,7 +1,9 @@
 """Training a DeepETPicker 3D-ResUNet from tomograms, weak label maps and particle centres.
 
-Samples. Each epoch draws one patch per annotated particle, centred on it with a uniform integer jitter of
-± patch//5 voxels (as the reference), plus `bg_fraction` × that many patches at uniformly random places.
+Samples. Each epoch draws as many patches as there are annotated particles, centred on a particle with a
+uniform integer jitter of ± patch//5 voxels (as the reference) — with several classes drawn class-balanced
+(every class equally often, with replacement; `class_balance=False` draws each particle once, as the
+reference) — plus `bg_fraction` × that many patches at uniformly random places.
 Particle-centred patches almost never show the empty parts of a tomogram (ice far from particles, the
 volume's top and bottom, carbon edges); without a few random patches the network never learns to stay
 silent there and inference fills those regions with false positives.
@@ -23,7 +25,8 @@ cosine annealing, start lr/30, end lr/3000) stepped every batch (constant lr for
 
 Validation, every `val_every` epochs: Dice loss on patches at the validation particles, then the real
 picking (overlap tiles + MP-NMS) on a validation sub-volume and one-to-one matching (Hungarian, within
-`match_radius`) of picks to the true centres, giving precision P, recall R, F1 and the paper's score
+`match_radius`; class by class when there are several, so a pick of the wrong class is an error) of picks
+to the true centres, giving precision P, recall R, F1 and the paper's score
 P·R^α / (P + R^α) (α = 3 favours recall). The best model by that score is kept (written to `out_model` each
 time it improves); training stops after `patience` validations without improvement. When no validation
 tomogram is given, the last 20% of the first training tomogram along y is held out (its particles are not
@@ -175,13 +178,24 @@ def augment(x, y, rng, p_affine=0.2):
     return np.ascontiguousarray(x), np.ascontiguousarray(y)
 
 
-def epoch_samples(tomos, patch, rng, bg_fraction):
-    """(tomo index, centre zyx) of one epoch: every particle jittered, plus random background centres."""
+def epoch_samples(tomos, patch, rng, bg_fraction, class_balance=False):
+    """(tomo index, centre zyx) of one epoch: particles jittered, plus random background centres.
+
+    Without `class_balance` every particle is drawn once. With it the epoch has the same number of particle
+    patches, but drawn with replacement so that every class is drawn equally often: in crowded cells the
+    abundant small complexes outnumber the rare big ones by ten to one, and an unbalanced epoch teaches the
+    network the abundant class long before it sees enough of the rare ones to tell them apart.
+    """
     jitter = patch // 5
-    out = []
-    for i, t in enumerate(tomos):
-        for c in t.zyx[_trainable(t)]:
-            out.append((i, c + rng.integers(-jitter, jitter + 1, size=3)))
+    pool = [(i, c, k) for i, t in enumerate(tomos)
+            for c, k in zip(t.zyx[_trainable(t)], t.classes[_trainable(t)])]
+    if class_balance and pool:
+        classes = np.array([k for _, _, k in pool])
+        counts = {k: int(np.sum(classes == k)) for k in np.unique(classes)}
+        weight = np.array([1.0 / counts[k] for k in classes])
+        chosen = rng.choice(len(pool), size=len(pool), replace=True, p=weight / weight.sum())
+        pool = [pool[j] for j in chosen]
+    out = [(i, c + rng.integers(-jitter, jitter + 1, size=3)) for i, c, _ in pool]
     n_bg = int(round(bg_fraction * len(out)))
     for _ in range(n_bg):
         i = int(rng.integers(len(tomos)))
@@ -267,11 +281,19 @@ def _val_maps(model, vset, patch, pad, n_classes, device, batch_size):
 
 
 def _val_scores(maps, vset, diameters, thresholds, match_radius, alpha, device):
+    """Picking scores on the validation maps. With several classes a pick counts only when its class is the
+    true particle's (matching class by class), so checkpoints and thresholds are chosen for telling the
+    classes apart, not only for finding particles."""
     tp = n_pred = n_true = 0
-    for prob, (_, _, _, truth, _) in zip(maps, vset):
-        zyx, _, _ = find_peaks(prob, diameters, device=device, **thresholds)
-        s = pick_scores(zyx, truth, match_radius, alpha)
-        tp, n_pred, n_true = tp + s['tp'], n_pred + s['n_pred'], n_true + s['n_true']
+    for prob, (_, _, _, truth, truth_cls) in zip(maps, vset):
+        zyx, cls, _ = find_peaks(prob, diameters, device=device, **thresholds)
+        if prob.shape[0] == 1:
+            groups = [(zyx, truth)]
+        else:
+            groups = [(zyx[cls == c], truth[truth_cls == c]) for c in range(1, prob.shape[0] + 1)]
+        for picked, true in groups:
+            s = pick_scores(picked, true, match_radius, alpha)
+            tp, n_pred, n_true = tp + s['tp'], n_pred + s['n_pred'], n_true + s['n_true']
     p = tp / n_pred if n_pred else 0.0
     r = tp / n_true if n_true else 0.0
     ra = r ** alpha
@@ -303,7 +325,8 @@ def _default_log(record):
 def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size=None, lr=None,
           device='auto', seed=0, alpha=3.0, val_every=2, patience=5, log=None, diameters=None,
           label_kind='tball', patch=None, pad=None, widths=None, norm='bn', bg_fraction=0.1, ce_weight=0.5,
-          p_affine=0.2, match_radius=None, tune=True, thresholds=None, max_steps_per_epoch=None):
+          p_affine=0.2, match_radius=None, tune=True, thresholds=None, max_steps_per_epoch=None,
+          class_balance=True):
     """Train a 3D-ResUNet and write the best model to `out_model`; return the model's meta dict.
 
     train_items / val_items: lists of (tomogram path, label-map path, coordinate DataFrame with
@@ -402,7 +425,7 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
             'diameters': {str(c): d for c, d in sorted(diameters.items())}, 'label_kind': label_kind,
             'normalisation': 'standardise per tomogram (mean, std over the whole volume)',
             'patch': patch, 'pad_infer': pad, 'thresholds': dict(base_thr), 'preset': preset,
-            'match_radius': match_radius, 'alpha': alpha, 'lr': lr, 'batch_size': batch_size, 'seed': seed,
+            'match_radius': match_radius, 'alpha': alpha, 'class_balance': bool(class_balance), 'lr': lr, 'batch_size': batch_size, 'seed': seed,
             'train_tomograms': [t.name for t in tomos], 'val_tomograms': [v[0].name for v in vset],
             'cryopick_version': package_version(), 'model_format_version': model_io.FORMAT_VERSION}
     history, best, best_state, since_best = [], None, None, 0
@@ -410,7 +433,8 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
     epoch = 0
     for epoch in range(1, epochs + 1):
         model.train()
-        samples = epoch_samples(tomos, patch, rng, bg_fraction)[:steps * batch_size]
+        samples = epoch_samples(tomos, patch, rng, bg_fraction, class_balance and n_classes > 1)
+        samples = samples[:steps * batch_size]
         losses = []
         t0 = time.time()
         for b in range(0, len(samples), batch_size):

@@ -125,10 +125,13 @@ def test_training_learns_disks_and_picks_them(trained):
     assert arch['base_width'] == 4 and meta['input_size'] == 128 and meta['diameter_px'] == DIAMETER
     assert meta['best_val_dice'] == pytest.approx(best)
     assert len(meta['val_micrographs']) == 1 and len(meta['train_micrographs']) == 4
+    # the picking threshold was chosen on the held-out micrograph and is the default of picking
+    assert meta['threshold'] in cs.THRESHOLD_GRID and meta['threshold_source'].startswith('F1')
+    assert meta['threshold_val_f1'] >= 0.8
     image, centres = synthetic_micrograph(np.random.default_rng(42))
     picks, diag = cs.cryosegnet_pick(image, path, device='cpu')
     assert list(picks.columns) == cs.COLUMNS and diag['path'] == 'unet'
-    assert diag['prob'].shape == image.shape
+    assert diag['prob'].shape == image.shape and diag['threshold'] == meta['threshold']
     assert f1_score(star.xyz_array(picks), centres, DIAMETER / 2) >= 0.8
 
 
@@ -324,3 +327,17 @@ def test_pick_command_writes_star_per_micrograph(trained, tmp_path):
         assert (out / f'{stem}_prob.mrc').exists()
     assert main(['cryosegnet', paths[0], '--model', path, '--out', str(out),
                  '--sam-checkpoint', str(tmp_path / 'missing.pth')]) == 2
+
+
+def test_tune_threshold_picks_the_level_between_particles_and_junk():
+    """Particles at 0.65, junk blobs at 0.55: only a threshold of 0.6 keeps the particles and drops the junk."""
+    yy, xx = np.mgrid[0:200, 0:400]
+    prob = np.zeros((200, 400), np.float32)
+    centres = np.array([[60.0, 60.0], [200.0, 60.0], [330.0, 140.0]])
+    for cx, cy in centres:
+        prob[(xx - cx) ** 2 + (yy - cy) ** 2 <= 20 ** 2] = 0.65
+    for cx, cy in ((60.0, 150.0), (200.0, 150.0)):
+        prob[(xx - cx) ** 2 + (yy - cy) ** 2 <= 14 ** 2] = 0.55
+    thr, f1 = cs.tune_threshold([prob], [centres], 40.0)
+    assert thr == 0.6 and f1 == pytest.approx(1.0)
+    assert cs.tune_threshold([prob], [centres], 40.0, grid=(0.5,))[1] == pytest.approx(2 * 3 / (5 + 3))
