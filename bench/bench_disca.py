@@ -64,7 +64,8 @@ def run_condition(name, args):
               'n': len(stack), 'box': args.box, 'templates': TEMPLATES, 'preset': args.preset,
               'seed': args.seed, 'simulation_s': time.time() - t0, 'simulator': 'simulate_subtomograms',
               'simulated_voxel_size': meta['voxel_size'], 'binning': meta['binning'],
-              'defocus_um': meta['defocus_um'], 'threads': args.threads, 'date': time.strftime('%Y-%m-%d %H:%M')}
+              'defocus_um': meta['defocus_um'], 'threads': args.threads, 'date': time.strftime('%Y-%m-%d %H:%M'),
+              'disca_options': {k: disca.TRAINING[args.preset].get(k) for k in ('init', 'min_iter', 'lr')}}
     k_range = (args.k_min, args.k_max)
     if kind == 'time':
         result = disca.disca_cluster(stack, preset=args.preset, k_range=k_range, max_iter=2, seed=args.seed,

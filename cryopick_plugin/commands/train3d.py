@@ -45,6 +45,8 @@ def add_args(parser):
     parser.add_argument('--patience', type=int, default=5, help='validations without improvement before stopping')
     parser.add_argument('--alpha', type=float, default=3.0, help='recall weight of the selection score')
     parser.add_argument('--ce-weight', type=float, default=0.5, help='cross-entropy weight added to soft Dice')
+    parser.add_argument('--no-class-balance', action='store_true',
+                        help='draw each particle once per epoch (the reference) instead of every class equally often')
     parser.add_argument('--no-tune', action='store_true', help='keep t_seg 0.5 / t_lm 0.1 instead of tuning them')
     parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N (default $CRYOPICK_DEVICE)')
     parser.add_argument('--threads', type=int, default=None, help='CPU threads for torch')
@@ -81,7 +83,7 @@ def main(args):
                          alpha=args.alpha, val_every=args.val_every, patience=args.patience,
                          diameters=diameters, label_kind=args.label_kind, patch=args.patch, pad=args.pad,
                          ce_weight=args.ce_weight, tune=not args.no_tune,
-                         max_steps_per_epoch=args.steps_per_epoch)
+                         max_steps_per_epoch=args.steps_per_epoch, class_balance=not args.no_class_balance)
     log.info('%s: best epoch %s of %s, validation %s, thresholds %s', args.out, meta['best_epoch'],
              meta['epochs_run'], meta['best_val'], meta['thresholds'])
     return 0

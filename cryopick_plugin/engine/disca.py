@@ -20,9 +20,15 @@ The kept result carries the network weights that produced its features together 
 mixture that produced its labels, so `disca_predict` reproduces the labels of the training data exactly and
 assigns new subtomograms to the same clusters with a posterior probability.
 
-Departures from the reference, on purpose: rotations are uniform on SO(3) (scipy) instead of the SVD of a
-random matrix; each subtomogram is normalised to zero mean and unit variance; the 'cpu' preset bins
-subtomograms to 24³ and uses a quarter of the width; candidate K is a range capped by the data size.
+Departures from the reference, on purpose: the 'cpu' preset starts from the labels of a Gaussian mixture
+on rotation-invariant spectral features (radial power spectrum and radial profile; option `init`) rather
+than on the features of the untrained network — the reference can afford many slow iterations to climb out
+of a poor start, a CPU run cannot, and a random network's features merge whole classes whose labels the
+training then entrenches — and it does not accept convergence before iteration `min_iter` (4), because
+labels are trivially stable while the network has barely moved. The 'paper' preset keeps the reference's
+start. Further: rotations are uniform on SO(3) (scipy) instead of the SVD of a random matrix; each
+subtomogram is normalised to zero mean and unit variance; the 'cpu' preset bins subtomograms to 24³ and
+uses a quarter of the width; candidate K is a range capped by the data size.
 """
 import copy
 import json
@@ -56,11 +62,11 @@ METHOD = 'disca'
 TRAINING = {
     'paper': {'lr': 1e-5, 'batch_size': 64, 'pca_dim': 16, 'reg_covar': 1e-5, 'n_init': 5,
               'gmm_max_iter': 100, 'label_smoothing': 0.2, 'head_epochs': 10, 'head_lr': 1e-4,
-              'stable_fraction': 0.999, 'min_per_cluster': 10},
+              'stable_fraction': 0.999, 'min_per_cluster': 10, 'init': 'network', 'min_iter': 1},
     # Fewer, shorter iterations on a CPU: a larger learning rate gets the features moving within them.
     'cpu': {'lr': 5e-4, 'batch_size': 16, 'pca_dim': 16, 'reg_covar': 1e-5, 'n_init': 3,
             'gmm_max_iter': 100, 'label_smoothing': 0.2, 'head_epochs': 10, 'head_lr': 1e-3,
-            'stable_fraction': 0.999, 'min_per_cluster': 10},
+            'stable_fraction': 0.999, 'min_per_cluster': 10, 'init': 'spectral', 'min_iter': 4},
 }
 DEFAULT_MAX_ITER = {'paper': 20, 'cpu': 10}
 
@@ -429,6 +435,10 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
             features = yopo.extract_features(net, data, device, batch_size=max(opts['batch_size'], 64))
             pca = PCA(n_components=pca_dim, random_state=seed).fit(features)
             x = pca.transform(features)
+            if it == 0 and opts.get('init') == 'spectral':
+                # First labels from rotation-invariant spectra instead of an untrained network's features
+                # (see the module doc); the network then learns from them.
+                x = spectral_embedding(stack, pca_dim, seed)
             new_labels, gmm, components, bics = fit_mixtures(x, ks, opts, seed + it, k, labels)
             new_k = int(new_labels.max()) + 1
             same_k = new_k == k
@@ -457,7 +467,8 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
                 best = {'iteration': it, 'ddbi': score, 'labels': labels.copy(), 'k': k, 'state': state,
                         'features': features, 'x': x,
                         'probabilities': _posterior(x, state)}
-            converged = it > 0 and same_k and (1.0 - changed) > opts['stable_fraction']
+            converged = (it >= max(1, int(opts.get('min_iter', 1))) and same_k
+                         and (1.0 - changed) > opts['stable_fraction'])
             last = converged or it == max_iter - 1
             if not last:
                 smoothing *= 0.9
@@ -554,6 +565,13 @@ def spectral_features(stack, n_shells=None):
     return np.array(out)
 
 
+def spectral_embedding(stack, dim, seed=0):
+    """Standardised `spectral_features` reduced by PCA to `dim` dimensions."""
+    x = spectral_features(stack)
+    x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8)
+    return PCA(n_components=int(min(dim, x.shape[1], len(x) - 1)), random_state=seed).fit_transform(x)
+
+
 def baseline_cluster(stack, k_range=(2, 20), seed=0, features='raw', pca_dim=16, min_per_cluster=10):
     """Non-deep reference: PCA + full-covariance Gaussian mixtures with BIC over K on `features`.
 
@@ -568,7 +586,7 @@ def baseline_cluster(stack, k_range=(2, 20), seed=0, features='raw', pca_dim=16,
     ks = candidate_ks(len(x), k_range, min_per_cluster)
     pca_dim = int(max(2, min(pca_dim, x.shape[1], len(x) // ks[-1] - 1, len(x) - 1)))
     x = PCA(n_components=pca_dim, random_state=seed).fit_transform(
-        (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8))
+        (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8))  # same as spectral_embedding for 'spectral'
     opts = dict(TRAINING['paper'])
     labels, _, _, _ = fit_mixtures(x, ks, opts, seed)
     return labels, int(labels.max()) + 1

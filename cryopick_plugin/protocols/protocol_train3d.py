@@ -56,6 +56,11 @@ class CryopickTrain3D(CryopickProtocol, ProtTomoBase):
         form.addParam('tune', params.BooleanParam, default=True, label='Tune thresholds on validation data',
                       help='Choose the segmentation and local-maximum thresholds that maximise the validation '
                            'score instead of DeepETPicker\'s fixed 0.5 / 0.1.')
+        form.addParam('classBalance', params.BooleanParam, default=True, label='Class-balanced patches',
+                      expertLevel=params.LEVEL_ADVANCED,
+                      help='With several classes, draw training patches so that every class is seen equally '
+                           'often (rare large complexes are otherwise swamped by abundant small ones). No: '
+                           'one patch per particle per epoch, as DeepETPicker.')
         form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,
                       help='Seed of the random number generators (weights, sampling), so a run can be repeated.')
         self._defineComputeParams(form, gpu=True)
@@ -104,6 +109,8 @@ class CryopickTrain3D(CryopickProtocol, ProtTomoBase):
             args += ['--lr', self.learningRate.get()]
         if not self.tune.get():
             args.append('--no-tune')
+        if not self.classBalance.get():
+            args.append('--no-class-balance')
         self._runCryopick('train3d', args, gpu=True)
 
     @staticmethod

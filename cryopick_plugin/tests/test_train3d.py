@@ -166,3 +166,31 @@ def test_two_classes_train_and_pick(tmp_path, one_thread):
     assert net.out_channels == 3                     # background + two classes, softmax
     picks = pick3d.pick(tomo, out, device='cpu', t_seg=0.0, t_lm=0.0)
     assert set(picks[star.CLASS]) <= {1, 2} and len(picks)
+
+
+def test_class_balanced_epochs_draw_every_class_equally_often():
+    """90 particles of class 1 and 10 of class 2: balanced epochs keep the epoch size (100 particle patches
+    + 10 % background) but draw class 2 about as often as class 1; unbalanced ones draw each particle once."""
+    # particles on a grid 8 voxels apart; patch 16 jitters by at most 3, so each centre has one source
+    grid = np.stack(np.meshgrid(*[np.arange(4, 84, 8)] * 3, indexing='ij'), -1).reshape(-1, 3)
+    zyx = np.random.default_rng(0).permutation(grid)[:100]
+    classes = np.array([1] * 90 + [2] * 10)
+    volume = np.zeros((88, 88, 88), np.float32)
+    tomo = train3d.Tomo('t', volume, volume.astype(np.uint8), 1.0, 0.0, 1.0, zyx, classes)
+
+    def class_counts(samples):
+        counts = {1: 0, 2: 0}
+        for _, c in samples:
+            source = np.flatnonzero(np.all(np.abs(zyx - c) <= 3, axis=1))
+            assert len(source) == 1
+            counts[int(classes[source[0]])] += 1
+        return counts
+
+    plain = train3d.epoch_samples([tomo], 16, np.random.default_rng(1), 0.1, class_balance=False)
+    balanced = train3d.epoch_samples([tomo], 16, np.random.default_rng(1), 0.1, class_balance=True)
+    assert len(plain) == len(balanced) == 110
+    assert class_counts(train3d.epoch_samples([tomo], 16, np.random.default_rng(2), 0.0, False)) == {1: 90, 2: 10}
+    counts = [class_counts(train3d.epoch_samples([tomo], 16, np.random.default_rng(s), 0.0, True))
+              for s in range(5)]
+    assert all(sum(c.values()) == 100 for c in counts)
+    assert 0.4 < np.mean([c[2] / 100 for c in counts]) < 0.6
