@@ -214,6 +214,24 @@ def fit_mixtures(x, candidate_ks, options, seed, current_k=None, current_labels=
     return labels, gmm, components, bics
 
 
+SAMPLES_PER_PARAMETER = 30
+
+
+def bic_dim(n, samples_per_parameter=SAMPLES_PER_PARAMETER):
+    """Largest PCA dimension d whose full-covariance Gaussian (d + d(d+1)/2 + 1 free parameters) has at
+    least `samples_per_parameter` subtomograms per parameter.
+
+    BIC charges every component its parameter count times log N. With 16 dimensions a component costs 153
+    parameters, and a thousand subtomograms cannot pay for a fifth class even when it is perfectly
+    separated: K collapses (measured in bench/README.md §2). Fewer dimensions for fewer subtomograms keep
+    the estimate of K honest; large sets get the full preset dimension back.
+    """
+    d = 1
+    while (d + 1) + (d + 1) * (d + 2) // 2 + 1 <= n / samples_per_parameter:
+        d += 1
+    return d
+
+
 def candidate_ks(n, k_range, min_per_cluster=10):
     """The candidate K values for n subtomograms: k_range capped at n // min_per_cluster.
 
@@ -413,7 +431,7 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
     ks = candidate_ks(n, k_range, opts['min_per_cluster'])
     # A full covariance in d dimensions is singular with fewer than d + 1 members; with small data the PCA
     # is narrowed so that even the largest K leaves every cluster more members than dimensions.
-    pca_dim = int(max(2, min(opts['pca_dim'], arch['feature_dim'], n // ks[-1] - 1, n - 1)))
+    pca_dim = int(max(2, min(opts['pca_dim'], arch['feature_dim'], n // ks[-1] - 1, n - 1, bic_dim(n))))
     if len(ks) and ks[-1] < int(k_range[1]):
         say(f'K capped at {ks[-1]} for {n} subtomograms ({opts["min_per_cluster"]} per cluster at least)')
 
@@ -584,7 +602,7 @@ def baseline_cluster(stack, k_range=(2, 20), seed=0, features='raw', pca_dim=16,
     else:
         raise InputError('features', f"unknown baseline features {features!r}")
     ks = candidate_ks(len(x), k_range, min_per_cluster)
-    pca_dim = int(max(2, min(pca_dim, x.shape[1], len(x) // ks[-1] - 1, len(x) - 1)))
+    pca_dim = int(max(2, min(pca_dim, x.shape[1], len(x) // ks[-1] - 1, len(x) - 1, bic_dim(len(x)))))
     x = PCA(n_components=pca_dim, random_state=seed).fit_transform(
         (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8))  # same as spectral_embedding for 'spectral'
     opts = dict(TRAINING['paper'])
