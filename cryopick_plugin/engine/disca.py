@@ -453,9 +453,11 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
             features = yopo.extract_features(net, data, device, batch_size=max(opts['batch_size'], 64))
             pca = PCA(n_components=pca_dim, random_state=seed).fit(features)
             x = pca.transform(features)
-            if it == 0 and opts.get('init') == 'spectral':
+            if it == 0 and max_iter > 1 and opts.get('init') == 'spectral':
                 # First labels from rotation-invariant spectra instead of an untrained network's features
-                # (see the module doc); the network then learns from them.
+                # (see the module doc); the network then learns from them. Such an iteration is never kept
+                # (its mixture lives in another feature space than the network's), so a one-iteration
+                # run clusters the network's features as the reference does.
                 x = spectral_embedding(stack, pca_dim, seed)
             new_labels, gmm, components, bics = fit_mixtures(x, ks, opts, seed + it, k, labels)
             new_k = int(new_labels.max()) + 1

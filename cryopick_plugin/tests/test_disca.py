@@ -325,3 +325,16 @@ def test_commands_reject_bad_input(tmp_path, capsys):
     assert main(['disca', str(small), '--out', str(tmp_path / 'run2'), '--k-min', '2']) == 2
     assert 'too few' in capsys.readouterr().err
     assert not (tmp_path / 'run2' / 'labels.star').exists()
+
+
+def test_bic_dimension_grows_with_the_data():
+    from cryopick_plugin.engine.disca import SAMPLES_PER_PARAMETER, bic_dim
+
+    def params(d):
+        return d + d * (d + 1) // 2 + 1
+
+    dims = [bic_dim(n) for n in (100, 300, 1000, 2000, 5000, 20000)]
+    assert dims == sorted(dims) and dims[2] == 6 and dims[-1] > 16
+    for n in (300, 1000, 5000):
+        d = bic_dim(n)
+        assert params(d) * SAMPLES_PER_PARAMETER <= n < params(d + 1) * SAMPLES_PER_PARAMETER
