@@ -41,7 +41,8 @@ def add_args(parser):
     parser.add_argument('--iou', type=float, default=0.94, help='keep SAM masks with predicted IoU above this (0.94)')
     parser.add_argument('--size-factor', type=float, default=0.2, help='SAM box size tolerance factor (0.2)')
     parser.add_argument('--threshold', type=float, default=None,
-                        help='U-Net-only path: probability threshold (default: the model\'s, 0.5)')
+                        help='U-Net-only path: probability threshold (default: the model\'s, chosen on its '
+                             'validation micrographs; 0.5 when it had none)')
     parser.add_argument('--diameter', type=float, default=None,
                         help='particle diameter in pixels (default: the training diameter)')
     parser.add_argument('--save-maps', action='store_true', help='also write the probability maps (MRC)')

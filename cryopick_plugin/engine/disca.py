@@ -30,7 +30,6 @@ start. Further: rotations are uniform on SO(3) (scipy) instead of the SVD of a r
 subtomogram is normalised to zero mean and unit variance; the 'cpu' preset bins subtomograms to 24³ and
 uses a quarter of the width; candidate K is a range capped by the data size.
 """
-import copy
 import json
 import logging
 import os

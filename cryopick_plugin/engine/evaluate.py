@@ -73,7 +73,7 @@ def match_points(pred_xyz, true_xyz, radius, dense_limit=DENSE_LIMIT):
     edge_comp = comp[ci]
     order = np.argsort(edge_comp, kind='stable')
     bounds = np.flatnonzero(np.diff(edge_comp[order])) + 1
-    out_i, out_j, out_d = [], [], []
+    out_i, out_j = [], []
     for edges in np.split(order, bounds):
         pi, inv_i = np.unique(ci[edges], return_inverse=True)
         tj, inv_j = np.unique(cj[edges], return_inverse=True)

@@ -177,7 +177,6 @@ def _temp_array(shape, work_dir, stack):
 def rescaled(volume, factor, out):
     """Linear resampling of `volume` by `factor` into `out`, slab by slab: out[j] = volume(j / factor)."""
     from scipy.ndimage import map_coordinates
-    nz = out.shape[0]
     grids = [np.arange(n) / factor for n in out.shape[1:]]
     for sl in mrc.iter_slabs(out.shape, max_bytes=64 * 1024 ** 2):
         zs = np.arange(sl.start, sl.stop) / factor

@@ -150,7 +150,8 @@ class CryopickCryoSegNet(CryopickPicking2DBase):
         form.addParam('samType', params.EnumParam, choices=SAM_TYPES, default=0, label='SAM model type',
                       help='auto: read it from the checkpoint.')
         form.addParam('threshold', params.FloatParam, allowsNull=True, default=None,
-                      label='U-Net threshold', help='Probability threshold of the U-Net-only path (model default 0.5).')
+                      label='U-Net threshold', help='Probability threshold of the U-Net-only path. Empty: the model\'s own, chosen '
+                           'during training on the held-out micrographs (0.5 when it had none).')
         group = form.addGroup('Segment Anything', expertLevel=params.LEVEL_ADVANCED)
         group.addParam('pointsPerSide', params.IntParam, default=32, label='Points per side',
                        help='Prompt grid of the automatic mask generator on the 1024-px map. Raise it for particles '

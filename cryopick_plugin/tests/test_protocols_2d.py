@@ -6,7 +6,6 @@ micrograph links and positions inside the micrographs, plus validation errors fo
 """
 import os
 
-import numpy as np
 import pandas as pd
 
 from pyworkflow.tests import BaseTest, setupTestProject

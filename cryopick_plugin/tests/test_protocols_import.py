@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from pyworkflow.tests import BaseTest, setupTestProject
 from pwem.protocols import ProtImportMicrographs

@@ -11,7 +11,6 @@ import os
 import shutil
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from cryopick_plugin.engine import extract, geometry, relion, star
