@@ -109,10 +109,14 @@ class CryopickCompareCoordinates(CryopickProtocol, ProtTomoBase):
         if not m:
             return ['Comparison not ready yet.']
         loc = m['localisation']
+
+        def fmt(value, spec):
+            # precision has no value without picks, the mean distance none without matches
+            return '–' if value is None else format(value, spec)
         return [f"A: {loc['n_pred']} picks, B: {loc['n_true']} picks, matched within {self.radius.get():g} px: "
                 f"{loc['tp']} (only A: {loc['fp']}, only B: {loc['fn']}).",
-                f"A against B: precision {loc['precision']:.3f}, recall {loc['recall']:.3f}, F1 {loc['f1']:.3f}, "
-                f"mean distance {loc['mean_distance']:.2f} px."]
+                f"A against B: precision {fmt(loc['precision'], '.3f')}, recall {fmt(loc['recall'], '.3f')}, "
+                f"F1 {fmt(loc['f1'], '.3f')}, mean distance {fmt(loc['mean_distance'], '.2f')} px."]
 
     def _methods(self):
         return ['Coordinate sets were compared with one-to-one (Hungarian) matching in cryopick.']

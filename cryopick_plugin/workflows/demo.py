@@ -108,8 +108,10 @@ def train_and_pick(project, prot_tomos, prot_truth, meta, names, epochs, out):
     for c, name in enumerate(names, start=1):
         radius = diameters[name] / 4
         s = evaluate_picks(picks[picks[star.CLASS] == c], ref[ref[star.CLASS] == c], radius)['localisation']
-        print(f"  {name:6s} precision {s['precision']:.2f}  recall {s['recall']:.2f}  F1 {s['f1']:.2f} "
-              f"({s['n_true']} particles)", file=out)
+        # precision is undefined (None) for a class the picker never predicted
+        p, r, f = (('%.2f' % s[k]) if s[k] is not None else '–' for k in ('precision', 'recall', 'f1'))
+        print(f"  {name:6s} precision {p}  recall {r}  F1 {f} ({s['n_true']} particles, {s['n_pred']} picks)",
+              file=out)
     print('  ' + compare.summary()[-1], file=out)
     return {'labels': labels, 'train': train, 'pick': pick, 'compare': compare}
 
