@@ -105,35 +105,54 @@ def probability_map(volume, predictor, n_channels, patch, pad, batch_size=2, mea
     return out
 
 
+def _class_diameter(diameters, c):
+    if not isinstance(diameters, dict):
+        return float(diameters)
+    return float(diameters[c] if c in diameters else diameters[str(c)])
+
+
 def find_peaks(prob_map, diameters, t_seg=None, t_lm=None, t_dist=None, kernel=None, iterations=None,
                device='cpu'):
     """MP-NMS on every class channel of a (C, z, y, x) map, then de-duplication across classes.
 
     `diameters`: {class: label diameter (voxels)} for classes 1..C (defaults for the thresholds).
+    Unless `iterations` is given, every channel is pooled ⌈d/(k−1)⌉ times with the largest label
+    diameter d (the reference's choice; it keeps the peak scores of all classes on one scale, so one t_lm
+    fits all — per-class counts made small classes' peaks systematically higher and lost large particles
+    to the tuned t_lm). Unless `t_dist` is given, two picks are duplicates when closer than the
+    de-duplication distance of the larger of their two classes: a particle of one class cannot sit that
+    close to one of another class, so such a pair is one particle claimed by two channels (one distance
+    from the smallest class, as the reference, lets a large particle keep a pick in each channel).
     Returns (zyx (N, 3) int, classes (N,), scores (N,)) by decreasing score.
     """
     p = resolve_thresholds(diameters, t_seg, t_lm, t_dist, kernel, iterations)
+    n_pool = p['iterations'] or mpnms.default_iterations(
+        max(_class_diameter(diameters, c + 1) for c in range(prob_map.shape[0])), p['kernel'])
     zyx, cls, scores = [], [], []
     for c in range(prob_map.shape[0]):
         idx, sc = mpnms.mp_nms_slabs(prob_map[c], t_seg=p['t_seg'], t_lm=p['t_lm'], kernel=p['kernel'],
-                                     iterations=p['iterations'], device=device)
+                                     iterations=n_pool, device=device)
         zyx.append(idx)
         scores.append(sc)
         cls.append(np.full(len(idx), c + 1, dtype=int))
     zyx, cls, scores = np.concatenate(zyx), np.concatenate(cls), np.concatenate(scores)
-    keep = mpnms.deduplicate(zyx, scores, p['t_dist'])
+    if p['t_dist'] is None:
+        t_dist = np.array([mpnms.default_t_dist(_class_diameter(diameters, c)) for c in cls], dtype=float)
+    else:
+        t_dist = p['t_dist']
+    keep = mpnms.deduplicate(zyx, scores, t_dist)
     return zyx[keep], cls[keep], scores[keep]
 
 
 def resolve_thresholds(diameters, t_seg=None, t_lm=None, t_dist=None, kernel=None, iterations=None):
-    """Fill unset thresholds from the defaults derived from the label diameters."""
-    ds = [float(d) for d in (diameters.values() if isinstance(diameters, dict) else [diameters])]
+    """Fill unset thresholds from the defaults. `iterations` and `t_dist` stay None unless given: they
+    are derived from the label diameters of the classes in `find_peaks`."""
     kernel = int(kernel or mpnms.DEFAULT_KERNEL)
     return {'t_seg': float(mpnms.DEFAULT_T_SEG if t_seg is None else t_seg),
             't_lm': float(mpnms.DEFAULT_T_LM if t_lm is None else t_lm),
             'kernel': kernel,
-            'iterations': int(iterations or mpnms.default_iterations(max(ds), kernel)),
-            't_dist': float(mpnms.default_t_dist(min(ds)) if t_dist is None else t_dist)}
+            'iterations': int(iterations) if iterations else None,
+            't_dist': None if t_dist is None else float(t_dist)}
 
 
 def picks_frame(zyx, classes, scores, tomo_name=None, scale=1.0):
@@ -233,6 +252,7 @@ def pick(tomo_path, model_path, device='auto', t_seg=None, t_lm=None, t_dist=Non
                         stats['mean'], stats['std'], padding, out=prob)
         zyx, cls, scores = find_peaks(prob, diameters, device=device, **p)
     name = tomo_name or os.path.splitext(os.path.basename(os.fspath(tomo_path)))[0]
-    log.info('%s: %d picks (t_seg %.2f, t_lm %.2f, t_dist %.1f, %d×k%d pooling, patch %d, pad %d)', name,
-             len(zyx), p['t_seg'], p['t_lm'], p['t_dist'], p['iterations'], p['kernel'], patch, pad)
+    log.info('%s: %d picks (t_seg %.2f, t_lm %.2f, t_dist %s, %s×k%d pooling, patch %d, pad %d)', name,
+             len(zyx), p['t_seg'], p['t_lm'], p['t_dist'] or 'per class', p['iterations'] or 'default',
+             p['kernel'], patch, pad)
     return picks_frame(zyx, cls, scores, name, scale)

@@ -393,9 +393,9 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
     vset = validation_set(val_tomos, tomos)
     if not any(len(t.zyx[_trainable(t)]) for t in tomos):
         raise InputError('--train', "no training particle left outside the validation region")
+    # iterations / t_dist None: derived from the label diameters in pick3d.find_peaks
     base_thr = {'t_seg': mpnms.DEFAULT_T_SEG, 't_lm': mpnms.DEFAULT_T_LM, 'kernel': mpnms.DEFAULT_KERNEL,
-                'iterations': mpnms.default_iterations(max(diameters.values())),
-                't_dist': float(mpnms.default_t_dist(min(diameters.values())))}
+                'iterations': None, 't_dist': None}
     base_thr.update(thresholds or {})
     match_radius = float(match_radius or max(2.0, min(diameters.values()) / 2.0))
 

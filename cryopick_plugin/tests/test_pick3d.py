@@ -38,6 +38,38 @@ def test_mp_nms_finds_blob_centres_exactly():
     assert np.array_equal(idx4, idx) and np.allclose(sc4, scores)
 
 
+def _reference_mp_nms(prob, t_seg, t_lm, kernel, iterations):
+    """The reference formulation: repeated k³ mean pooling, then k³ max pooling. Pooled as exact integer
+    sums in float64 (divided once at the end) so that plateaus tie exactly, as the binary mask's do."""
+    import torch.nn.functional as F
+    h = torch.from_numpy((prob > t_seg).astype(np.float64))[None, None]
+    for _ in range(iterations):
+        h = F.avg_pool3d(h, kernel, stride=1, padding=kernel // 2, divisor_override=1)
+    total = float(kernel) ** (3 * iterations)
+    peak = (F.max_pool3d(h, kernel, stride=1, padding=kernel // 2) == h) & (h > t_lm * total)
+    return {tuple(p) for p in torch.nonzero(peak[0, 0]).numpy()}, h[0, 0].numpy() / total
+
+
+@pytest.mark.parametrize('kernel, iterations', [(3, 2), (5, 3)])
+def test_separable_mp_nms_equals_the_cubic_pooling(kernel, iterations):
+    # Foreground touching the volume border (zero padding there) and a sparse corner blob (the
+    # foreground bounding-box crop must not change anything).
+    rng = np.random.default_rng(kernel)
+    shape = (23, 40, 37)
+    prob = _balls(shape, [[0, 5, 5], [11, 20, 36], [20, 38, 2], [12, 21, 18]], 3)
+    prob += rng.uniform(0, 0.6, shape).astype(np.float32) * (rng.random(shape) < 0.05)
+    want, h_ref = _reference_mp_nms(prob, 0.5, 0.05, kernel, iterations)
+    idx, scores = mpnms.mp_nms(prob, t_seg=0.5, t_lm=0.05, kernel=kernel, iterations=iterations)
+    assert want and {tuple(p) for p in idx} == want
+    assert np.allclose(scores, h_ref[tuple(idx.T)], atol=1e-6)
+    lone = np.zeros(shape, np.float32)
+    lone[20:23, 35:40, 30:37] = 1
+    want, _ = _reference_mp_nms(lone, 0.5, 0.05, kernel, iterations)
+    assert {tuple(p) for p in mpnms.mp_nms(lone, t_seg=0.5, t_lm=0.05, kernel=kernel,
+                                           iterations=iterations)[0]} == want
+    assert len(mpnms.mp_nms(np.zeros(shape, np.float32), diameter=7)[0]) == 0
+
+
 def test_deduplicate_keeps_the_best_within_distance():
     pts = np.array([[0, 0, 0], [0, 0, 2], [0, 0, 3.5], [10, 10, 10]], float)
     keep = mpnms.deduplicate(pts, [0.5, 0.9, 0.4, 0.1], t_dist=3)
@@ -45,6 +77,33 @@ def test_deduplicate_keeps_the_best_within_distance():
     assert list(keep) == [1, 3]
     assert list(mpnms.deduplicate(pts, [0.5, 0.9, 0.4, 0.1], t_dist=1.5)) == [1, 0, 2, 3]
     assert mpnms.default_iterations(23, 5) == 6 and mpnms.default_t_dist(11) == 6
+
+
+def test_deduplicate_with_a_distance_per_point_uses_the_larger_of_a_pair():
+    pts = np.array([[0, 0, 0], [0, 0, 7], [0, 20, 0], [0, 20, 7]], float)
+    # 0 and 1: 7 apart, one of them allows 9 → duplicates; 2 and 3: both allow 5 → two particles
+    keep = mpnms.deduplicate(pts, [0.9, 0.8, 0.7, 0.6], t_dist=[9, 5, 5, 5])
+    assert list(keep) == [0, 2, 3]
+    keep = mpnms.deduplicate(pts, [0.8, 0.9, 0.7, 0.6], t_dist=[9, 5, 5, 5])
+    assert list(keep) == [1, 2, 3]
+    with pytest.raises(ValueError):
+        mpnms.deduplicate(pts, [0.9, 0.8, 0.7, 0.6], t_dist=[9, 5])
+
+
+def test_one_particle_claimed_by_two_class_channels_gives_one_pick():
+    # A large particle (label 13) whose channel-2 (small class, label 7) response peaks 6 voxels off its
+    # centre: the small class's own distance (4) would keep both, the large class's (7) merges them.
+    # Two small particles 8 voxels apart stay two.
+    shape = (24, 44, 44)
+    prob = np.zeros((2,) + shape, np.float32)
+    prob[0] = _balls(shape, [[12, 12, 12]], 6) * 0.9
+    prob[1] = _balls(shape, [[12, 12, 18]], 3) * 0.95 + _balls(shape, [[12, 32, 12], [12, 32, 20]], 3) * 0.9
+    zyx, cls, _ = pick3d.find_peaks(prob, {1: 13, 2: 7})
+    found = sorted((int(c), tuple(p)) for c, p in zip(cls, zyx))
+    assert [c for c, p in found if p[1] == 32] == [2, 2]
+    assert len([c for c, p in found if p[1] == 12]) == 1 and len(found) == 3
+    zyx, cls, _ = pick3d.find_peaks(prob, {1: 13, 2: 7}, t_dist=4)   # one distance for all: both kept
+    assert len(zyx) == 4
 
 
 @pytest.mark.parametrize('padding', ['zero', 'mirror'])
