@@ -59,7 +59,8 @@ def bench_mpnms(args):
         if not (args.model and args.truth and args.particle_diameter):
             raise SystemExit('--tomogram needs --model, --truth and --particle-diameter')
         volume, _ = mrc.open_volume(args.tomogram)
-        truth_xyz = star.xyz_array(star.read_coordinates(args.truth))
+        truth_df = star.read_coordinates(args.truth)
+        truth_xyz = star.xyz_array(truth_df)
         d_particle = float(args.particle_diameter)
     else:
         sim, diam = _simulate(args.shape, args.seed, args.snr, classes=(args.template,))
@@ -73,8 +74,9 @@ def bench_mpnms(args):
         st = mrc.volume_stats(volume)
         n_ch = len(meta['diameters'])
         t0 = time.perf_counter()
-        prob = pick3d.probability_map(volume, pick3d.model_predictor(net), n_ch, meta['patch'],
-                                      meta['pad_infer'], 2, st['mean'], st['std']).sum(axis=0)
+        prob_classes = pick3d.probability_map(volume, pick3d.model_predictor(net), n_ch, meta['patch'],
+                                              meta['pad_infer'], 2, st['mean'], st['std'])
+        prob = prob_classes.sum(axis=0)
         t_map = time.perf_counter() - t0
         if not args.tomogram:
             label_d = int(meta['diameters']['1'])
@@ -82,6 +84,8 @@ def bench_mpnms(args):
         lab = labels.make_labels(sim.volume.shape, truth_xyz, np.ones(len(truth_xyz), int), label_d, 'tball')
         prob = gaussian_filter((lab > 0).astype(np.float32), 1.0)
         prob = np.clip(prob + rng.normal(0, args.noise, prob.shape), 0, 1).astype(np.float32)
+    if args.per_class:
+        return _mpnms_per_class(args, prob_classes, meta, truth_df, t_map)
     radius = d_particle / 2.0
     match = max(2.0, label_d / 2.0)
     t_mp, t_ms = [], []
@@ -114,6 +118,49 @@ def bench_mpnms(args):
                                           'recall': round(s_msf['recall'], 4), 'min_cluster_voxels': int(min_size)},
               'time_ratio_meanshift_over_mpnms': round(min(t_ms) / max(min(t_mp), 1e-9), 2)}
     return result
+
+
+def _mpnms_per_class(args, prob_classes, meta, truth_df, t_map):
+    """Both methods on each class channel of the network's map with that class's sizes: MP-NMS with its
+    label diameter, MeanShift with bandwidth = its particle radius (label diameter ≈ half the particle);
+    picks scored against that class's truth within max(2, label diameter / 2); counts summed."""
+    from sklearn.cluster import MeanShift
+    from cryopick_plugin.engine import evaluate, mpnms
+    rows, tot = [], {'mpnms': [0, 0, 0.0], 'meanshift': [0, 0, 0.0]}
+    for c in range(prob_classes.shape[0]):
+        label_d = float(meta['diameters'][str(c + 1)] if str(c + 1) in meta['diameters']
+                        else meta['diameters'][c + 1])
+        p_c = np.ascontiguousarray(prob_classes[c])
+        truth_c = star.xyz_array(truth_df[truth_df[star.CLASS] == c + 1])
+        match = max(2.0, label_d / 2.0)
+        t_mp, t_ms = [], []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            zyx, _ = mpnms.mp_nms(p_c, diameter=label_d, t_seg=0.5, t_lm=0.1)
+            t_mp.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            pts = np.argwhere(p_c > 0.5).astype(float)
+            centres = (MeanShift(bandwidth=label_d, bin_seeding=True).fit(pts).cluster_centers_
+                       if len(pts) else np.zeros((0, 3)))
+            t_ms.append(time.perf_counter() - t0)
+        row = {'class': c + 1, 'label_diameter_vox': label_d, 'particles': len(truth_c),
+               'foreground_voxels': int((p_c > 0.5).sum())}
+        for name, found, t in (('mpnms', zyx, t_mp), ('meanshift', centres, t_ms)):
+            s = train3d.pick_scores(np.asarray(found, float)[:, ::-1], truth_c, match)
+            tp = s['tp']
+            row[name] = {'f1': round(s['f1'], 4), 'picks': len(found), 'seconds': round(min(t), 4)}
+            tot[name][0] += tp
+            tot[name][1] += len(found)
+            tot[name][2] += min(t)
+        rows.append(row)
+    n_true = len(truth_df)
+    out = {'mode': 'per class', 'map_seconds': round(t_map, 2), 'tomogram': args.tomogram, 'classes': rows}
+    for name, (tp, n_pred, sec) in tot.items():
+        m = evaluate.counts_to_metrics(tp, n_pred, n_true)
+        out[name] = {'f1': round(m['f1'], 4), 'precision': round(m['precision'], 4),
+                     'recall': round(m['recall'], 4), 'seconds': round(sec, 4)}
+    out['time_ratio_meanshift_over_mpnms'] = round(tot['meanshift'][2] / max(tot['mpnms'][2], 1e-9), 1)
+    return out
 
 
 def bench_throughput(args):
@@ -193,6 +240,8 @@ def main(argv=None):
                    help='with --tomogram: particle diameter in voxels (MeanShift bandwidth = half of it)')
     a.add_argument('--template', default='1bxn', help='molecule simulated (a name in the templates folder)')
     a.add_argument('--repeat', type=int, default=3)
+    a.add_argument('--per-class', action='store_true',
+                   help='with --model/--tomogram: compare on each class channel with its own sizes')
     a.add_argument('--seed', type=int, default=0)
     b = sub.add_parser('throughput')
     b.add_argument('--shape', type=int, nargs=3, default=[64, 160, 160])
