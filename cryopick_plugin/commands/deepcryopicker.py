@@ -39,7 +39,8 @@ def add_args(parser):
     parser.add_argument('--preset', choices=sorted(cnn2d.PRESETS), default='cpu',
                         help='network preset: cpu (48² window, narrow) or paper (227² AlexNet-like)')
     parser.add_argument('--threshold', type=float, default=None,
-                        help=f'particle score threshold (default: the model\'s, {dcp.DEFAULT_THRESHOLD})')
+                        help='particle score threshold (default: the model\'s, calibrated on the '
+                             'background of its training micrographs)')
     parser.add_argument('--clustering', choices=ibc.METHODS, default='ibc', help='pixel clustering (ibc)')
     parser.add_argument('--shape', choices=ibc.SHAPES, default='irregular',
                         help='particle shape used to select training particles (irregular)')

@@ -49,7 +49,10 @@ class CryopickDeepCryoPicker(CryopickPicking2DBase):
                       display=params.EnumParam.DISPLAY_HLIST, label='Particle contrast',
                       help='dark: particles darker than the ice (raw micrographs).')
         form.addParam('threshold', params.FloatParam, allowsNull=True, default=None, label='Score threshold',
-                      help='Minimum classifier score of a pick. Empty: the model\'s own choice.')
+                      help='Minimum classifier score of a pick. Empty: the model\'s own threshold, chosen at '
+                           'training as the score that 5% of empty-ice positions (one diameter away from '
+                           'every clustering candidate) reach on the training micrographs, within '
+                           '0.05–0.5. Lower it for crowded micrographs, raise it for clean ones.')
         form.addParam('maxTrain', params.IntParam, default=20, label='Train on at most (micrographs)',
                       expertLevel=params.LEVEL_ADVANCED,
                       help='The automatic training set is built from the first micrographs, up to this many.')
