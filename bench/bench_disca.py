@@ -12,7 +12,9 @@ It compares:
   spectral   the same on rotation-invariant features (radial power spectrum + radial profile)
 
 and records estimated K, accuracy (Hungarian), homogeneity, completeness, V-measure and time per
-iteration. Timing conditions (time_1k, time_2k, time_5k) run two DISCA iterations on N subtomograms.
+iteration. With --analysis, also: each cluster's average after undoing the simulated orientations,
+correlated with every template (and the same for the true classes, as the ceiling), and the paper's Fig. 3B
+distances between features of randomly rotated copies, same-class and different-class subtomograms. Timing conditions (time_1k, time_2k, time_5k) run two DISCA iterations on N subtomograms.
 
 Resumable: every finished condition is appended to <out>/<condition>.json and skipped next time (delete the
 file to rerun it). Run one condition at a time, e.g.
@@ -30,8 +32,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cryopick_plugin.engine import disca  # noqa: E402
+from cryopick_plugin.engine import disca, geometry  # noqa: E402
+from cryopick_plugin.engine.ctf import ctf_1d  # noqa: E402
 from cryopick_plugin.engine.simulate_subtomo import simulate_subtomograms  # noqa: E402
+from cryopick_plugin.engine.simulate_tomo import AMPLITUDE_CONTRAST, CS_MM, VOLTAGE_KV, _paste  # noqa: E402
+from cryopick_plugin.engine.templates import load_templates  # noqa: E402
 
 TEMPLATES = ['4v4r', '3j9i', '4v94', '4cr2', '1qvr']
 
@@ -49,17 +54,95 @@ CONDITIONS = {
 
 
 def simulate(n_per_class, snr, tilt, box, seed):
-    """(stack, truth labels 0..4, simulator meta) from the realistic subtomogram simulator."""
-    sim = simulate_subtomograms(classes=tuple(TEMPLATES), n_per_class=n_per_class, box=box, snr=snr,
-                                tilt_range=tilt or 90.0, seed=seed)
-    return sim.stack, sim.labels, sim.meta
+    """The realistic subtomogram simulator's output (stack, labels 0..4, eulers, meta)."""
+    return simulate_subtomograms(classes=tuple(TEMPLATES), n_per_class=n_per_class, box=box, snr=snr,
+                                 tilt_range=tilt or 90.0, seed=seed)
+
+
+def _pearson_in_sphere(a, b):
+    box = a.shape[-1]
+    r = np.sqrt(((np.indices(a.shape) - (box - 1) / 2.0) ** 2).sum(axis=0)) <= box / 2.0
+    x, y = a[r] - a[r].mean(), b[r] - b[r].mean()
+    return float((x * y).sum() / (np.sqrt((x * x).sum() * (y * y).sum()) + 1e-12))
+
+
+def _filtered_templates(sim):
+    """Each class's template at the identity orientation, pasted as the simulator pastes it, filtered by
+    the same |CTF| (no wedge: averaging over orientations fills it) and made dark like the data."""
+    from scipy import fft
+    box, vox = sim.stack.shape[-1], sim.meta['voxel_size']
+    temps = load_templates(TEMPLATES, voxel_size=vox)
+    freq = np.sqrt(sum(np.square(np.fft.fftfreq(box, d=vox))[tuple(sl)] for sl in
+                       ([slice(None), None, None], [None, slice(None), None], [None, None, slice(None)])))
+    ctf = np.abs(ctf_1d(freq, float(sim.meta['defocus_um'][0]), VOLTAGE_KV, CS_MM, AMPLITUDE_CONTRAST))
+    out = []
+    for name in sim.class_names:
+        vol = np.zeros((box,) * 3, np.float32)
+        _paste(vol, geometry.particle_from_reference(temps[name], 0, 0, 0), (box // 2,) * 3)
+        out.append(-np.real(fft.ifftn(fft.fftn(vol) * ctf)).astype(np.float32))
+    return out
+
+
+def _unrotated(volume, eulers):
+    """A subtomogram turned back to the reference frame about voxel box//2 (where the simulator pasted the
+    particle): padded to an odd box so that voxel is the rotation centre, then cropped back."""
+    box = volume.shape[-1]
+    padded = np.pad(volume, [(0, 1 - box % 2)] * 3)
+    return geometry.reference_from_particle(padded, *eulers)[:box, :box, :box]
+
+
+def class_averages(sim, labels):
+    """Per cluster: the average of its members after undoing their simulated orientations, correlated
+    (Pearson inside the inscribed sphere, both blurred by σ = 1 voxel) with every class's template."""
+    from scipy.ndimage import gaussian_filter
+    templates = [gaussian_filter(t, 1.0) for t in _filtered_templates(sim)]
+    rows = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        avg = np.mean([_unrotated(sim.stack[i], sim.eulers[i]) for i in members], axis=0)
+        cc = [_pearson_in_sphere(gaussian_filter(avg, 1.0), t) for t in templates]
+        truth = np.bincount(sim.labels[members], minlength=len(templates))
+        major = int(np.argmax(truth))
+        rows.append({'cluster': int(c), 'size': int(len(members)), 'majority_class': sim.class_names[major],
+                     'purity': round(float(truth[major] / len(members)), 4),
+                     'cc_majority_template': round(cc[major], 4),
+                     'cc_best_other_template': round(max(v for j, v in enumerate(cc) if j != major), 4),
+                     'cc_all': {n: round(v, 4) for n, v in zip(sim.class_names, cc)}})
+    return rows
+
+
+def rotation_distances(sim, model_path, per_class=10, copies=6, seed=0, device='auto'):
+    """The paper's Fig. 3B: feature distances between randomly rotated copies of one subtomogram, between
+    subtomograms of one class and between classes, in the kept model's PCA space (where the mixture is
+    fitted) and, for comparison, on the standardised rotation-invariant spectral features."""
+    rng = np.random.default_rng(seed + 11)
+    picked = np.concatenate([np.flatnonzero(sim.labels == k)[:per_class] for k in range(len(sim.class_names))])
+    source = np.repeat(picked, copies)
+    rotated = disca.random_rotations(sim.stack[source], rng)
+    _, x, _ = disca.disca_features(rotated, model_path, device=device)
+    spec = disca.spectral_features(rotated)
+    spec = (spec - spec.mean(axis=0)) / (spec.std(axis=0) + 1e-8)
+    cls = sim.labels[source]
+    iu = np.triu_indices(len(source), 1)
+    same_sub = (source[:, None] == source[None, :])[iu]
+    same_cls = (cls[:, None] == cls[None, :])[iu]
+    out = {'subtomograms': int(len(picked)), 'copies_each': int(copies)}
+    for name, feat in (('disca_pca', x), ('spectral', spec)):
+        d = np.sqrt(((feat[:, None, :] - feat[None, :, :]) ** 2).sum(-1))[iu]
+        groups = {'rotated_copies': d[same_sub], 'same_class': d[same_cls & ~same_sub], 'between_classes': d[~same_cls]}
+        stats = {g: {'mean': round(float(v.mean()), 4), 'std': round(float(v.std()), 4)} for g, v in groups.items()}
+        stats['ratio_same_class_over_between'] = round(float(groups['same_class'].mean() / groups['between_classes'].mean()), 4)
+        stats['ratio_copies_over_between'] = round(float(groups['rotated_copies'].mean() / groups['between_classes'].mean()), 4)
+        out[name] = stats
+    return out
 
 
 def run_condition(name, args):
     snr, tilt, n_cond, kind = CONDITIONS[name]
     n_per_class = n_cond or args.n_per_class
     t0 = time.time()
-    stack, truth, meta = simulate(n_per_class, snr, tilt, args.box, args.seed)
+    sim = simulate(n_per_class, snr, tilt, args.box, args.seed)
+    stack, truth, meta = sim.stack, sim.labels, sim.meta
     record = {'condition': name, 'snr': snr, 'tilt_range': tilt, 'n_per_class': n_per_class,
               'n': len(stack), 'box': args.box, 'templates': TEMPLATES, 'preset': args.preset,
               'seed': args.seed, 'simulation_s': time.time() - t0, 'simulator': 'simulate_subtomograms',
@@ -82,6 +165,14 @@ def run_condition(name, args):
                            time_per_iteration_s=float(np.mean([h['time_s'] for h in result.history])),
                            per_iteration=[dict(disca.clustering_scores(truth, lab), ddbi=h['ddbi'])
                                           for lab, h in zip(result.iteration_labels, result.history)])
+    if args.analysis:
+        model_path = os.path.join(args.out, f'{name}_model.pt')
+        disca.save_disca_model(model_path, result)
+        t0 = time.time()
+        record['class_averages'] = class_averages(sim, result.labels)
+        record['truth_class_averages'] = class_averages(sim, truth)
+        record['rotation_distances'] = rotation_distances(sim, model_path, seed=args.seed, device=args.device)
+        record['analysis_s'] = time.time() - t0
     for features in ('raw', 'spectral'):
         t0, c0 = time.time(), time.process_time()
         labels, _ = disca.baseline_cluster(stack, k_range, seed=args.seed, features=features)
@@ -104,6 +195,10 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default='auto')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (the machine is shared)')
+    parser.add_argument('--analysis', action='store_true',
+                        help='also: per-cluster averages after undoing the simulated orientations, '
+                             'correlated with the templates, and the Fig. 3B feature distances of rotated '
+                             'copies (results in <condition>_analysis.json, model kept)')
     args = parser.parse_args(argv)
     if args.threads:
         import torch
@@ -112,7 +207,7 @@ def main(argv=None):
     for name in args.conditions.split(','):
         if name not in CONDITIONS:
             parser.error(f'unknown condition {name}')
-        path = os.path.join(args.out, f'{name}.json')
+        path = os.path.join(args.out, f"{name}{'_analysis' if args.analysis else ''}.json")
         done = json.load(open(path)) if os.path.exists(path) else []
         if any(r.get('preset') == args.preset and r.get('seed') == args.seed for r in done):
             print(f'{name}: done already ({path})')

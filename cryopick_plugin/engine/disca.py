@@ -539,12 +539,9 @@ def save_disca_model(path, result, meta=None):
     return save_model(path, METHOD, result.arch, result.model_state, info)
 
 
-def disca_predict(stack, model_path, device='auto', batch_size=64):
-    """Assign subtomograms to the clusters of a saved DISCA model.
-
-    stack: (N, b, b, b) with the box size the model was trained on. Returns (labels (N,) 0-based,
-    probabilities (N, K) posterior of each cluster).
-    """
+def disca_features(stack, model_path, device='auto', batch_size=64):
+    """Network features of subtomograms under a saved DISCA model: (features (N, F), their PCA projection
+    (N, d) — the space the mixture lives in, state dict of the model file)."""
     arch, state, meta = load_model(model_path, METHOD)
     stack = np.asarray(stack)
     box = meta.get('input_box')
@@ -558,6 +555,16 @@ def disca_predict(stack, model_path, device='auto', batch_size=64):
     with _DeterministicTorch(device):
         features = yopo.extract_features(net, data, device, batch_size)
     x = (features.astype(np.float64) - state['pca.mean'].numpy()) @ state['pca.components'].numpy().T
+    return features, x, state
+
+
+def disca_predict(stack, model_path, device='auto', batch_size=64):
+    """Assign subtomograms to the clusters of a saved DISCA model.
+
+    stack: (N, b, b, b) with the box size the model was trained on. Returns (labels (N,) 0-based,
+    probabilities (N, K) posterior of each cluster).
+    """
+    _, x, state = disca_features(stack, model_path, device, batch_size)
     prob = _posterior(x, state)
     return prob.argmax(axis=1).astype(int), prob
 
