@@ -8,7 +8,8 @@ the training split (DeepCryoPicker trains on them without labels; thresholds are
 truth), the rest the test split.
 
 Reported per method on the test split: F1 / precision / recall at the picker's own threshold
-(DeepCryoPicker 0.5; LoG has none, so only tuned) and at the threshold that maximises F1 on the training
+(DeepCryoPicker: the model's, calibrated without labels at training, and the fixed 0.5; LoG has none,
+so only tuned) and at the threshold that maximises F1 on the training
 split; and seconds per 4096² micrograph per stage. The JPGs are already denoised by CryoSegNet's chain;
 the CryoSegNet chain is timed on one of them as if it were raw, for the time figure only.
 
@@ -131,11 +132,14 @@ def main():
     tr = [dcp_picks[r.name] for r in train]
     te = [dcp_picks[r.name] for r in test]
     thr = best_threshold(tr, [r.centres for r in train], radius)
+    own = float(model.meta['threshold'])
     out['deepcryopicker'] = {
-        'own_threshold': dcp.DEFAULT_THRESHOLD, 'tuned_threshold': thr,
-        'test_at_own': at_threshold(te, [r.centres for r in test], dcp.DEFAULT_THRESHOLD, radius),
+        'own_threshold': own, 'own_threshold_source': model.meta.get('threshold_source'),
+        'tuned_threshold': thr,
+        'test_at_own': at_threshold(te, [r.centres for r in test], own, radius),
         'test_at_tuned': at_threshold(te, [r.centres for r in test], thr, radius),
-        'train_at_own': at_threshold(tr, [r.centres for r in train], dcp.DEFAULT_THRESHOLD, radius)}
+        'train_at_own': at_threshold(tr, [r.centres for r in train], own, radius),
+        'test_at_fixed_0.5': at_threshold(te, [r.centres for r in test], dcp.DEFAULT_THRESHOLD, radius)}
     print('DeepCryoPicker', json.dumps(out['deepcryopicker'], indent=1))
     print('times', json.dumps(out['times_s_per_micrograph'], indent=1))
     if args.json:

@@ -142,7 +142,7 @@ def score_picks(picks, truth, diam, factor):
 
 def run_condition(args, snr):
     tag = f"snr{snr:g}_{'x'.join(map(str, args.shape))}" + (f'_{args.tag}' if args.tag else '')
-    result_path = os.path.join(args.out, f'pick3d_f1_{tag}.json')
+    result_path = os.path.join(args.out, f"pick3d_f1_{tag}{'_retuned' if args.retune else ''}.json")
     if os.path.exists(result_path):
         print(f'{tag}: result exists ({result_path}), skipped')
         return json.load(open(result_path))
@@ -172,6 +172,15 @@ def run_condition(args, snr):
 
     test_tomo, _, truth = items[3]
     val_tomo, _, val_truth = items[2]
+    if args.retune:
+        # thresholds chosen again on the validation tomogram with the current peak finder
+        retuned = os.path.join(work, 'deepet_cpu_retuned.pt')
+        with Clock() as c_tune:
+            meta = train3d.retune(model, items[2:3], retuned)
+        train_rec = dict(train_rec, retuned={'thresholds': meta['thresholds'], 'tuned_val': meta['tuned_val'],
+                                             **c_tune.as_dict()})
+        model = retuned
+        print(f'{tag}: retuned', train_rec['retuned'], flush=True)
     with Clock() as c_pick:
         picks = pick3d.pick(test_tomo, model, device='cpu', tomo_name=f'sim{SEEDS[3]}', work_dir=work)
     star.write_coordinates(os.path.join(work, 'test_picks.star'), picks) if len(picks) else None
@@ -231,6 +240,9 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--no-class-balance', action='store_true', help='draw each particle once per epoch (the reference)')
     p.add_argument('--tag', default='', help='suffix of the condition name (e.g. a longer training of the same SNR)')
+    p.add_argument('--retune', action='store_true',
+                   help='choose t_seg / t_lm of the trained model again on the validation tomogram with the '
+                        'current peak finder before picking (result file *_retuned.json)')
     p.add_argument('--out', default=os.path.join(ROOT, 'bench', 'results'))
     args = p.parse_args(argv)
     import torch

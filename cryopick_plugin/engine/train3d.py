@@ -500,6 +500,32 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
     return meta
 
 
+def retune(model_path, val_items, out_model=None, device='cpu', batch_size=2):
+    """Choose t_seg and t_lm of a trained model again on validation tomograms, with the current peak
+    finder (de-duplication and pooling left to their defaults), and write the model with them.
+
+    val_items: [(tomogram, label map, coordinate table)] as for `train`. Returns the new meta.
+    Useful when the peak finder's defaults change after a model was trained, or to adapt a model's
+    thresholds to another data set's validation tomogram without retraining.
+    """
+    arch, state, meta = model_io.load_model(model_path, METHOD)
+    from .pick3d import load_picker
+    net, _ = load_picker(model_path, device)
+    vset = validation_set([load_item(it, 'validation') for it in val_items], [])
+    diameters = {int(c): float(d) for c, d in meta['diameters'].items()}
+    match_radius = float(meta.get('match_radius') or max(2.0, min(diameters.values()) / 2.0))
+    base = {'t_seg': mpnms.DEFAULT_T_SEG, 't_lm': mpnms.DEFAULT_T_LM,
+            'kernel': int((meta.get('thresholds') or {}).get('kernel') or mpnms.DEFAULT_KERNEL),
+            'iterations': None, 't_dist': None}
+    maps = _val_maps(net, vset, int(meta['patch']), int(meta['pad_infer']), len(diameters), device,
+                     max(2, batch_size))
+    thr, s = tune_thresholds(maps, vset, diameters, base, match_radius, float(meta.get('alpha', 3.0)), device)
+    meta = dict(meta, thresholds=thr, tuned_val={k: round(float(v), 4) for k, v in s.items()},
+                retuned_on=[v[0].name for v in vset])
+    model_io.save_model(out_model or model_path, METHOD, arch, state, meta)
+    return meta
+
+
 def _summary(record):
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
 

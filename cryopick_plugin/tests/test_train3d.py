@@ -107,6 +107,16 @@ def test_tiny_training_picks_well_and_beats_dog(tmp_path, one_thread):
     base = train3d.pick_scores(star.xyz_array(dog.dog_pick(test_vol, 9, 'dark', threshold=threshold)), truth, 3.0)
     assert net['f1'] > base['f1'] + 0.1, (net, base)
 
+    # thresholds chosen again on the validation tomogram, into a new file; the original is untouched
+    retuned = tmp_path / 'retuned.pt'
+    new = train3d.retune(out, [val_item], retuned)
+    assert new['retuned_on'] == ['tomo2'] and new['thresholds']['t_dist'] is None
+    assert new['thresholds']['t_seg'] in train3d.T_SEG_GRID and new['thresholds']['t_lm'] in train3d.T_LM_GRID
+    assert model_io.load_model(retuned, 'deepetpicker')[2]['thresholds'] == new['thresholds']
+    assert model_io.load_model(out, 'deepetpicker')[2]['thresholds'] == saved['thresholds']
+    again = train3d.pick_scores(star.xyz_array(pick3d.pick(test_item[0], retuned, device='cpu')), truth, 3.0)
+    assert again['f1'] >= 0.8, again
+
 
 def _run(argv):
     parser = argparse.ArgumentParser()
