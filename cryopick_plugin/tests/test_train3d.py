@@ -204,3 +204,28 @@ def test_class_balanced_epochs_draw_every_class_equally_often():
               for s in range(5)]
     assert all(sum(c.values()) == 100 for c in counts)
     assert 0.4 < np.mean([c[2] / 100 for c in counts]) < 0.6
+
+
+def test_hard_negatives_are_unlabelled_blobs_and_get_background_patches(tmp_path):
+    # synthetic_tomogram: the decoys (radius 6) are dark blobs with no label; DoG finds them, the hard
+    # negatives are the blobs far from every annotated particle, and epochs draw patches there.
+    tomo, lab, table = write_item(tmp_path, 7)
+    t = train3d.load_item((tomo, lab, table))
+    hard = train3d.find_hard_negatives(t, 10, 6, n_max=60)
+    assert len(hard) >= 5
+    dist = np.linalg.norm(hard[:, None, :] - t.zyx[None, :, :], axis=2).min(axis=1)
+    assert np.all(dist >= 6)
+    # most of them are the decoys: inside a dark ball (the smoothed volume is well below the mean)
+    smooth = gaussian_filter(np.asarray(mrc.open_volume(tomo)[0]), 1.5)
+    assert np.mean([smooth[tuple(p)] < smooth.mean() - 0.3 for p in hard]) >= 0.6
+    t.hard = hard
+    samples = train3d.epoch_samples([t], 32, np.random.default_rng(0), bg_fraction=1.0, hard_fraction=1.0)
+    assert len(samples) == 2 * len(t.zyx)
+
+    def near_hard(centres):
+        return sum(np.min(np.abs(hard - c).max(axis=1)) <= 32 // 5 for c in centres)
+    # every background centre is a jittered hard negative (particle centres are all ≥ 6 voxels away,
+    # but their jitter may bring some within reach too)
+    assert near_hard([c for _, c in samples]) >= len(t.zyx)
+    none = train3d.epoch_samples([t], 32, np.random.default_rng(0), bg_fraction=1.0, hard_fraction=0.0)
+    assert near_hard([c for _, c in none]) < near_hard([c for _, c in samples])
