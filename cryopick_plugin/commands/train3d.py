@@ -47,6 +47,11 @@ def add_args(parser):
     parser.add_argument('--ce-weight', type=float, default=0.5, help='cross-entropy weight added to soft Dice')
     parser.add_argument('--no-class-balance', action='store_true',
                         help='draw each particle once per epoch (the reference) instead of every class equally often')
+    parser.add_argument('--bg-fraction', type=float, default=0.2,
+                        help='background patches per particle patch (default %(default)s)')
+    parser.add_argument('--hard-fraction', type=float, default=0.5,
+                        help='share of the background patches centred on unlabelled blobs found by DoG '
+                             '(hard negatives; 0 = all at random places, the reference; default %(default)s)')
     parser.add_argument('--no-tune', action='store_true', help='keep t_seg 0.5 / t_lm 0.1 instead of tuning them')
     parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N (default $CRYOPICK_DEVICE)')
     parser.add_argument('--threads', type=int, default=None, help='CPU threads for torch')
@@ -63,6 +68,9 @@ def parse_item(spec, option):
 
 
 def main(args):
+    for option, value in (('--bg-fraction', args.bg_fraction), ('--hard-fraction', args.hard_fraction)):
+        if not 0 <= value <= (10 if option == '--bg-fraction' else 1):
+            raise InputError(option, f"out of range: {value:g}")
     train_items = [parse_item(s, '--train') for s in args.train]
     val_items = [parse_item(s, '--val') for s in args.val]
     diameters = None
@@ -83,7 +91,8 @@ def main(args):
                          alpha=args.alpha, val_every=args.val_every, patience=args.patience,
                          diameters=diameters, label_kind=args.label_kind, patch=args.patch, pad=args.pad,
                          ce_weight=args.ce_weight, tune=not args.no_tune,
-                         max_steps_per_epoch=args.steps_per_epoch, class_balance=not args.no_class_balance)
+                         max_steps_per_epoch=args.steps_per_epoch, class_balance=not args.no_class_balance,
+                         bg_fraction=args.bg_fraction, hard_fraction=args.hard_fraction)
     log.info('%s: best epoch %s of %s, validation %s, thresholds %s', args.out, meta['best_epoch'],
              meta['epochs_run'], meta['best_val'], meta['thresholds'])
     return 0

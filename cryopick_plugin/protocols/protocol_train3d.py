@@ -61,6 +61,12 @@ class CryopickTrain3D(CryopickProtocol, ProtTomoBase):
                       help='With several classes, draw training patches so that every class is seen equally '
                            'often (rare large complexes are otherwise swamped by abundant small ones). No: '
                            'one patch per particle per epoch, as DeepETPicker.')
+        form.addParam('hardNegatives', params.FloatParam, default=0.5, label='Hard-negative share',
+                      expertLevel=params.LEVEL_ADVANCED, validators=[params.Range(0, 1)],
+                      help='Share of the background patches centred on unlabelled dense blobs (other '
+                           'complexes, gold fiducials, membranes) found by difference of Gaussians, rather '
+                           'than at random places. These objects, not empty ice, are where a picker trained '
+                           'without them picks falsely. 0: all random, as DeepETPicker.')
         form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,
                       help='Seed of the random number generators (weights, sampling), so a run can be repeated.')
         self._defineComputeParams(form, gpu=True)
@@ -111,6 +117,7 @@ class CryopickTrain3D(CryopickProtocol, ProtTomoBase):
             args.append('--no-tune')
         if not self.classBalance.get():
             args.append('--no-class-balance')
+        args += ['--hard-fraction', self.hardNegatives.get()]
         self._runCryopick('train3d', args, gpu=True)
 
     @staticmethod
