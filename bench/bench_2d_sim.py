@@ -20,8 +20,8 @@ inside the particles' bounding discs over the noise variance). For each conditio
      threshold choice), picked by `cryosegnet_pick` without SAM (no checkpoint offline): reported at the
      model's own threshold (chosen on its held-out micrograph), at the best training-split threshold on the
      picks' score (the smoothed map at the pick; picks taken at the low segmentation threshold --csn-low,
-     0.3: lower, the foreground regions merge and the radius filter drops them), and at the best
-     training-split segmentation threshold (the picker's own knob, swept over a grid).
+     0.3: lower, on a weakly trained map the foreground regions merge and the radius filter drops them),
+     and at the best training-split segmentation threshold (the picker's own knob, swept over a grid).
 
 Ground truth: the simulator's exact particle centres (rlnCoordinateX = column, rlnCoordinateY = row of the
 image array), the same frame as every picker's output. A frame check runs first (LoG on one micrograph at
@@ -33,7 +33,7 @@ Results go to --json, one entry per SNR; an SNR already in that file is skipped 
 
 Usage:
   .venv/bin/python bench/bench_2d_sim.py [--snr 0.1 0.03 0.01] [--count 6] [--dcp-per-class 600]
-      [--dcp-epochs 12] [--csn-epochs 25] [--json bench/results/bench_2d_sim.json]
+      [--dcp-epochs 12] [--csn-epochs 50] [--json bench/results/bench_2d_sim.json]
 """
 import argparse
 import json
@@ -56,7 +56,8 @@ from cryopick_plugin.engine.simulate_micrograph import simulate_micrograph  # no
 
 # Segmentation thresholds swept for CryoSegNet's tuned figure: wider than the 0.3-0.8 of its own
 # held-out tuning (cryosegnet.THRESHOLD_GRID), so that the tuned figure is not limited by the grid's ends.
-# Below about 0.2 neighbouring discs merge into regions too wide to be kept, so picks vanish.
+# On a weakly trained map a low threshold joins neighbouring discs into regions wider than the radius
+# filter keeps, so picks can vanish there.
 CSN_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -269,7 +270,7 @@ def main():
     ap.add_argument('--log-bin', type=int, default=2)
     ap.add_argument('--dcp-per-class', type=int, default=None, help='default: the cpu preset (600)')
     ap.add_argument('--dcp-epochs', type=int, default=None, help='default: the cpu preset (12)')
-    ap.add_argument('--csn-epochs', type=int, default=25)
+    ap.add_argument('--csn-epochs', type=int, default=50)
     ap.add_argument('--csn-input-size', type=int, default=768)
     ap.add_argument('--csn-crop', type=int, default=256)
     ap.add_argument('--csn-batch', type=int, default=4)
