@@ -145,6 +145,8 @@ def find_candidates(work, diameter, clustering='ibc', shape='irregular', seed=0,
     n_segments = int(max(100, work.size / (0.5 * diameter) ** 2))
     labels = ibc.cluster_labels(work, clustering, k, seed, n_segments=n_segments)
     mask = ibc.clean_mask(ibc.foreground(labels, k, keep), diameter)
+    # carbon, thick ice and contamination are no particle candidates (nor their edge fragments)
+    mask &= ~ibc.slab_mask(mask, diameter)
     regions = ibc.candidate_regions(mask, diameter)
     if shape == 'round' and regions:
         # Round views: Hough circles give the centres; region shape still decides good/bad.
