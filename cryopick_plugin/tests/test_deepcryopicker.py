@@ -102,6 +102,20 @@ def test_shape_selection_rejects_elongated_and_merged_blobs():
         ibc.select_good(regions, 20, 'triangle')
 
 
+def test_slab_mask_marks_carbon_but_not_particles_or_crowds():
+    d = 20
+    yy, xx = np.indices((200, 300))
+    mask = np.zeros((200, 300), bool)
+    mask[:, 240:] = True                                   # a carbon film along one edge
+    mask[(yy - 100) ** 2 + (xx - 40) ** 2 <= (d / 2) ** 2] = True      # an isolated particle
+    for cx, cy in ((110, 60), (130, 60), (120, 77), (140, 77), (100, 77)):   # a crowd of touching discs
+        mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= (d / 2) ** 2] = True
+    mask[150:156, 225:238] = True                          # an edge fragment next to the film
+    slabs = ibc.slab_mask(mask, d)
+    assert slabs[:, 240:].all() and slabs[150:156, 225:238].all()
+    assert not slabs[100, 40] and not slabs[60:78, 100:141].any()
+
+
 def test_hough_centres_of_round_particles():
     mask = np.zeros((120, 120), bool)
     truth = np.array([[30.0, 30.0], [80.0, 70.0]])
