@@ -161,7 +161,8 @@ def run_condition(args, snr):
             meta = train3d.train(items[:2], items[2:3], model, preset='cpu', epochs=args.epochs, device='cpu',
                                  seed=0, val_every=args.val_every, patience=args.epochs, diameters=d_lab,
                                  max_steps_per_epoch=args.steps_per_epoch,
-                                 class_balance=not args.no_class_balance)
+                                 class_balance=not args.no_class_balance, bg_fraction=args.bg_fraction,
+                                 hard_fraction=args.hard_fraction)
         train_rec = {'epochs_run': meta['epochs_run'], 'best_epoch': meta['best_epoch'],
                      'steps_per_epoch': args.steps_per_epoch, 'thresholds': meta['thresholds'],
                      'best_val': meta['best_val'], 'tuned_val': meta.get('tuned_val'),
@@ -200,7 +201,8 @@ def run_condition(args, snr):
                       'distractors': list(DISTRACTORS), 'n_per_distractor': args.distractors,
                       'beads': args.beads, 'vesicles': args.vesicles, 'seeds_train_val_test': list(SEEDS),
                       'epochs': args.epochs, 'steps_per_epoch': args.steps_per_epoch, 'tag': args.tag,
-                      'class_balance': not args.no_class_balance},
+                      'class_balance': not args.no_class_balance, 'bg_fraction': args.bg_fraction,
+                      'hard_fraction': args.hard_fraction},
         'particle_diameters_vox': {NAMES[CLASSES[c - 1]]: d for c, d in diam.items()},
         'label_diameters_vox': {NAMES[CLASSES[c - 1]]: d for c, d in d_lab.items()},
         'placed': {k: v['placed'] for k, v in info.items()},
@@ -239,6 +241,8 @@ def main(argv=None):
     p.add_argument('--vesicles', type=int, default=2)
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--no-class-balance', action='store_true', help='draw each particle once per epoch (the reference)')
+    p.add_argument('--bg-fraction', type=float, default=0.1, help='background patches per particle patch')
+    p.add_argument('--hard-fraction', type=float, default=0.0, help='share of them on hard negatives')
     p.add_argument('--tag', default='', help='suffix of the condition name (e.g. a longer training of the same SNR)')
     p.add_argument('--retune', action='store_true',
                    help='choose t_seg / t_lm of the trained model again on the validation tomogram with the '

@@ -47,9 +47,9 @@ def add_args(parser):
     parser.add_argument('--ce-weight', type=float, default=0.5, help='cross-entropy weight added to soft Dice')
     parser.add_argument('--no-class-balance', action='store_true',
                         help='draw each particle once per epoch (the reference) instead of every class equally often')
-    parser.add_argument('--bg-fraction', type=float, default=0.2,
+    parser.add_argument('--bg-fraction', type=float, default=0.1,
                         help='background patches per particle patch (default %(default)s)')
-    parser.add_argument('--hard-fraction', type=float, default=0.5,
+    parser.add_argument('--hard-fraction', type=float, default=0.0,
                         help='share of the background patches centred on unlabelled blobs found by DoG '
                              '(hard negatives; 0 = all at random places, the reference; default %(default)s)')
     parser.add_argument('--no-tune', action='store_true', help='keep t_seg 0.5 / t_lm 0.1 instead of tuning them')

@@ -3,9 +3,9 @@
 Samples. Each epoch draws as many patches as there are annotated particles, centred on a particle with a
 uniform integer jitter of ± patch//5 voxels (as the reference) — with several classes drawn class-balanced
 (every class equally often, with replacement; `class_balance=False` draws each particle once, as the
-reference) — plus `bg_fraction` × that many background patches, half of them (`hard_fraction`) centred
-on unlabelled blobs found by DoG (hard negatives: other complexes, fiducials, membranes), the rest at
-uniformly random places.
+reference) — plus `bg_fraction` × that many background patches at uniformly random places or, for a
+share `hard_fraction` of them (default none), centred on unlabelled blobs found by DoG (hard negatives:
+other complexes, fiducials, membranes; see `find_hard_negatives` and bench/README §1.1 for what they did).
 Particle-centred patches almost never show the empty parts of a tomogram (ice far from particles, the
 volume's top and bottom, carbon edges); without a few random patches the network never learns to stay
 silent there and inference fills those regions with false positives.
@@ -373,9 +373,9 @@ def _default_log(record):
 
 def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size=None, lr=None,
           device='auto', seed=0, alpha=3.0, val_every=2, patience=5, log=None, diameters=None,
-          label_kind='tball', patch=None, pad=None, widths=None, norm='bn', bg_fraction=0.2, ce_weight=0.5,
+          label_kind='tball', patch=None, pad=None, widths=None, norm='bn', bg_fraction=0.1, ce_weight=0.5,
           p_affine=0.2, match_radius=None, tune=True, thresholds=None, max_steps_per_epoch=None,
-          class_balance=True, hard_fraction=0.5):
+          class_balance=True, hard_fraction=0.0):
     """Train a 3D-ResUNet and write the best model to `out_model`; return the model's meta dict.
 
     train_items / val_items: lists of (tomogram path, label-map path, coordinate DataFrame with

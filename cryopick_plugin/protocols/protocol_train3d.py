@@ -61,7 +61,7 @@ class CryopickTrain3D(CryopickProtocol, ProtTomoBase):
                       help='With several classes, draw training patches so that every class is seen equally '
                            'often (rare large complexes are otherwise swamped by abundant small ones). No: '
                            'one patch per particle per epoch, as DeepETPicker.')
-        form.addParam('hardNegatives', params.FloatParam, default=0.5, label='Hard-negative share',
+        form.addParam('hardNegatives', params.FloatParam, default=0.0, label='Hard-negative share',
                       expertLevel=params.LEVEL_ADVANCED, validators=[params.Range(0, 1)],
                       help='Share of the background patches centred on unlabelled dense blobs (other '
                            'complexes, gold fiducials, membranes) found by difference of Gaussians, rather '
