@@ -149,6 +149,8 @@ def run_condition(name, args):
               'simulated_voxel_size': meta['voxel_size'], 'binning': meta['binning'],
               'defocus_um': meta['defocus_um'], 'threads': args.threads, 'date': time.strftime('%Y-%m-%d %H:%M'),
               'disca_options': {k: disca.TRAINING[args.preset].get(k) for k in ('init', 'min_iter', 'lr')}}
+    options = {'wedge_tilt': float(tilt)} if args.wedge else {}
+    record['disca_options'].update(options)
     k_range = (args.k_min, args.k_max)
     if kind == 'time':
         result = disca.disca_cluster(stack, preset=args.preset, k_range=k_range, max_iter=2, seed=args.seed,
@@ -158,13 +160,16 @@ def run_condition(name, args):
         return record
     t0, c0 = time.time(), time.process_time()
     result = disca.disca_cluster(stack, preset=args.preset, k_range=k_range, max_iter=args.max_iter,
-                                 seed=args.seed, device=args.device, log=print)
+                                 seed=args.seed, device=args.device, log=print, options=options)
     record['disca'] = dict(disca.clustering_scores(truth, result.labels), time_s=time.time() - t0,
                            cpu_s=time.process_time() - c0, iterations=len(result.history),
                            best_iteration=result.best_iteration,
                            time_per_iteration_s=float(np.mean([h['time_s'] for h in result.history])),
                            per_iteration=[dict(disca.clustering_scores(truth, lab), ddbi=h['ddbi'])
-                                          for lab, h in zip(result.iteration_labels, result.history)])
+                                          for lab, h in zip(result.iteration_labels, result.history)],
+                           contingency={f'cluster {c}': np.bincount(truth[result.labels == c],
+                                                                    minlength=len(TEMPLATES)).tolist()
+                                        for c in range(result.k)})
     if args.analysis:
         model_path = os.path.join(args.out, f'{name}_model.pt')
         disca.save_disca_model(model_path, result)
@@ -195,6 +200,8 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default='auto')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (the machine is shared)')
+    parser.add_argument('--wedge', action='store_true',
+                        help="re-impose the condition's missing wedge on the rotated training copies")
     parser.add_argument('--analysis', action='store_true',
                         help='also: per-cluster averages after undoing the simulated orientations, '
                              'correlated with the templates, and the Fig. 3B feature distances of rotated '

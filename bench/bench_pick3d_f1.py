@@ -162,8 +162,10 @@ def run_condition(args, snr):
                                  seed=0, val_every=args.val_every, patience=args.epochs, diameters=d_lab,
                                  max_steps_per_epoch=args.steps_per_epoch,
                                  class_balance=not args.no_class_balance, bg_fraction=args.bg_fraction,
-                                 hard_fraction=args.hard_fraction)
-        train_rec = {'epochs_run': meta['epochs_run'], 'best_epoch': meta['best_epoch'],
+                                 hard_fraction=args.hard_fraction, batch_size=args.batch_size, lr=args.lr,
+                                 precision=args.precision)
+        train_rec = {'precision': meta.get('precision'), 'batch_size': meta.get('batch_size'), 'lr': meta.get('lr'),
+                     'epochs_run': meta['epochs_run'], 'best_epoch': meta['best_epoch'],
                      'steps_per_epoch': args.steps_per_epoch, 'thresholds': meta['thresholds'],
                      'best_val': meta['best_val'], 'tuned_val': meta.get('tuned_val'),
                      **c_train.as_dict()}
@@ -183,7 +185,8 @@ def run_condition(args, snr):
         model = retuned
         print(f'{tag}: retuned', train_rec['retuned'], flush=True)
     with Clock() as c_pick:
-        picks = pick3d.pick(test_tomo, model, device='cpu', tomo_name=f'sim{SEEDS[3]}', work_dir=work)
+        picks = pick3d.pick(test_tomo, model, device='cpu', tomo_name=f'sim{SEEDS[3]}', work_dir=work,
+                            precision=args.precision)
     star.write_coordinates(os.path.join(work, 'test_picks.star'), picks) if len(picks) else None
 
     d_dog = float(np.median(list(diam.values())))
@@ -243,6 +246,10 @@ def main(argv=None):
     p.add_argument('--no-class-balance', action='store_true', help='draw each particle once per epoch (the reference)')
     p.add_argument('--bg-fraction', type=float, default=0.1, help='background patches per particle patch')
     p.add_argument('--hard-fraction', type=float, default=0.0, help='share of them on hard negatives')
+    p.add_argument('--batch-size', type=int, default=None, help='patches per step (default: the cpu preset, 1)')
+    p.add_argument('--lr', type=float, default=None, help='peak learning rate (default: the cpu preset)')
+    p.add_argument('--precision', default='auto', choices=('auto', 'fp32', 'bf16'),
+                   help='network arithmetic (auto: bf16 where the CPU has it natively)')
     p.add_argument('--tag', default='', help='suffix of the condition name (e.g. a longer training of the same SNR)')
     p.add_argument('--retune', action='store_true',
                    help='choose t_seg / t_lm of the trained model again on the validation tomogram with the '

@@ -55,6 +55,11 @@ def add_args(parser):
     parser.add_argument('--k-max', type=int, default=20, help='largest number of clusters tried (20)')
     parser.add_argument('--max-iter', type=int, default=None,
                         help='EM iterations at most (default: 10 for cpu, 20 for paper)')
+    parser.add_argument('--wedge-tilt', type=float, default=None, metavar='DEG',
+                        help='largest tilt angle of the acquisition (e.g. 60 for a ±60° series, tilt axis Y): '
+                             'the rotated training copies get this missing wedge back, so the features do '
+                             'not depend on how a particle lies relative to the wedge (default: off, as the '
+                             'reference)')
     parser.add_argument('--seed', type=int, default=0, help='random seed (0)')
     parser.add_argument('--device', default=None, help="'auto', 'cpu' or 'cuda' (default $CRYOPICK_DEVICE or auto)")
 
@@ -63,13 +68,16 @@ def main(args):
     from cryopick_plugin.engine import disca
     from cryopick_plugin.engine.mrc import atomic_path, write_mrc
     from cryopick_plugin.engine.star import write_star
+    if args.wedge_tilt is not None and not 0 <= args.wedge_tilt < 90:
+        raise InputError('--wedge-tilt', f"must be between 0 and 90 degrees, got {args.wedge_tilt:g}")
     if args.k_min < 1 or args.k_max < args.k_min:
         raise InputError('--k-min/--k-max', f"bad range {args.k_min}..{args.k_max}")
     stack, table, voxel = read_subtomogram_star(args.subtomograms)
     os.makedirs(args.out, exist_ok=True)
     result = disca.disca_cluster(stack, preset=args.preset, k_range=(args.k_min, args.k_max),
                                  max_iter=args.max_iter, seed=args.seed, device=args.device,
-                                 log=logger.info, out_dir=args.out)
+                                 log=logger.info, out_dir=args.out,
+                                 options={'wedge_tilt': args.wedge_tilt} if args.wedge_tilt else None)
     model_path = os.path.join(args.out, 'disca_model.pt')
     disca.save_disca_model(model_path, result, {'voxel_size': voxel,
                                                 'source': os.path.abspath(args.subtomograms)})

@@ -14,7 +14,7 @@ import logging
 
 import pandas as pd
 
-from ..engine import pick3d, star
+from ..engine import pick3d, settings, star
 from ..engine.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ def add_args(parser):
     parser.add_argument('--rescale', action='store_true',
                         help='resample tomograms whose voxel size differs from the model\'s instead of failing')
     parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N (default $CRYOPICK_DEVICE)')
+    parser.add_argument('--precision', choices=settings.PRECISIONS, default=None,
+                        help='network arithmetic: auto (bf16 where the CPU/GPU has it natively), fp32 or bf16 (default $CRYOPICK_PRECISION or auto)')
     parser.add_argument('--tomo-name', action='append', default=[], metavar='NAME',
                         help='rlnTomoName to write, once per tomogram in order (default: file name without '
                              'extension)')
@@ -56,7 +58,8 @@ def main(args):
         frames.append(pick3d.pick(tomo, args.model, device=device, t_seg=args.t_seg, t_lm=args.t_lm,
                                   t_dist=args.t_dist, pad=args.pad, batch_size=args.batch_size,
                                   rescale=args.rescale, kernel=args.kernel, iterations=args.iterations,
-                                  padding=args.padding, work_dir=args.work_dir, model=model, tomo_name=name))
+                                  padding=args.padding, work_dir=args.work_dir, model=model, tomo_name=name,
+                                  precision=args.precision))
         log.info('%s: %d picks', tomo, len(frames[-1]))
     star.write_coordinates(args.out, pd.concat(frames, ignore_index=True))
     return 0

@@ -17,7 +17,7 @@ Example:
 """
 import logging
 
-from ..engine import labels, star
+from ..engine import labels, settings, star
 from ..engine.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ def add_args(parser):
                              '(hard negatives; 0 = all at random places, the reference; default %(default)s)')
     parser.add_argument('--no-tune', action='store_true', help='keep t_seg 0.5 / t_lm 0.1 instead of tuning them')
     parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N (default $CRYOPICK_DEVICE)')
+    parser.add_argument('--precision', choices=settings.PRECISIONS, default=None,
+                        help='network arithmetic: auto (bf16 where the CPU/GPU has it natively), fp32 or bf16 (default $CRYOPICK_PRECISION or auto)')
     parser.add_argument('--threads', type=int, default=None, help='CPU threads for torch')
     parser.add_argument('--seed', type=int, default=0)
 
@@ -92,7 +94,8 @@ def main(args):
                          diameters=diameters, label_kind=args.label_kind, patch=args.patch, pad=args.pad,
                          ce_weight=args.ce_weight, tune=not args.no_tune,
                          max_steps_per_epoch=args.steps_per_epoch, class_balance=not args.no_class_balance,
-                         bg_fraction=args.bg_fraction, hard_fraction=args.hard_fraction)
+                         bg_fraction=args.bg_fraction, hard_fraction=args.hard_fraction,
+                         precision=args.precision)
     log.info('%s: best epoch %s of %s, validation %s, thresholds %s', args.out, meta['best_epoch'],
              meta['epochs_run'], meta['best_val'], meta['thresholds'])
     return 0

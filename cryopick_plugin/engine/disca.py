@@ -46,7 +46,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import homogeneity_completeness_v_measure
 from sklearn.mixture import GaussianMixture
 
-from . import yopo
+from . import geometry, yopo
 from .errors import InputError
 from .geometry import rotate_volume
 from .model_io import load_model, save_model
@@ -61,11 +61,13 @@ METHOD = 'disca'
 TRAINING = {
     'paper': {'lr': 1e-5, 'batch_size': 64, 'pca_dim': 16, 'reg_covar': 1e-5, 'n_init': 5,
               'gmm_max_iter': 100, 'label_smoothing': 0.2, 'head_epochs': 10, 'head_lr': 1e-4,
-              'stable_fraction': 0.999, 'min_per_cluster': 10, 'init': 'network', 'min_iter': 1},
+              'stable_fraction': 0.999, 'min_per_cluster': 10, 'init': 'network', 'min_iter': 1,
+              'wedge_tilt': None},
     # Fewer, shorter iterations on a CPU: a larger learning rate gets the features moving within them.
     'cpu': {'lr': 5e-4, 'batch_size': 16, 'pca_dim': 16, 'reg_covar': 1e-5, 'n_init': 3,
             'gmm_max_iter': 100, 'label_smoothing': 0.2, 'head_epochs': 10, 'head_lr': 1e-3,
-            'stable_fraction': 0.999, 'min_per_cluster': 10, 'init': 'spectral', 'min_iter': 4},
+            'stable_fraction': 0.999, 'min_per_cluster': 10, 'init': 'spectral', 'min_iter': 4,
+            'wedge_tilt': None},
 }
 DEFAULT_MAX_ITER = {'paper': 20, 'cpu': 10}
 
@@ -251,14 +253,27 @@ def candidate_ks(n, k_range, min_per_cluster=10):
 
 # ------------------------------------------------------------------------------------- augmentation
 
-def random_rotations(stack, rng, order=1):
+def random_rotations(stack, rng, order=1, tilt_range=None):
     """Each subtomogram rotated by its own uniformly random 3D rotation; corners filled with noise.
 
     Voxels that the rotation brings in from outside the box get Gaussian noise with the mean and standard
     deviation of that subtomogram's own corners (outside the inscribed sphere), so no blank corners tell
     the network how a subtomogram was turned.
+
+    tilt_range (degrees, optional): re-impose the acquisition's missing wedge (tilt axis Y, beam Z) after
+    the rotation, then restore each subtomogram's mean and standard deviation. A rotated subtomogram
+    otherwise carries its wedge in a direction no real subtomogram has, and the network can learn the
+    molecule's orientation relative to the wedge — which splits a class into "top" and "side" views. With
+    the wedge put back where the microscope leaves it, the rotated copy looks like a real subtomogram of
+    the same molecule in another orientation, so the training (same label for both) teaches invariance to
+    the particle-versus-wedge orientation as well.
     """
     n, b = len(stack), stack.shape[-1]
+    wedge = None
+    if tilt_range is not None:
+        if not 0 < float(tilt_range) < 90:
+            raise InputError('wedge tilt range', f"must be between 0 and 90 degrees, got {tilt_range:g}")
+        wedge = geometry.wedge_mask((b, b, b), float(tilt_range))[:, :, :b // 2 + 1]
     matrices = Rotation.random(n, random_state=rng).as_matrix()
     grid = np.indices((b, b, b)) - (b - 1) / 2.0
     corners = np.sqrt((grid ** 2).sum(axis=0)) > (b - 1) / 2.0
@@ -270,6 +285,10 @@ def random_rotations(stack, rng, order=1):
         background = stack[i][corners]
         noise = rng.normal(background.mean(), background.std() + 1e-6, size=int((~inside).sum()))
         rotated[~inside] = noise.astype(np.float32)
+        if wedge is not None:
+            mean, std = float(stack[i].mean()), float(stack[i].std())
+            rotated = np.fft.irfftn(np.fft.rfftn(rotated) * wedge, s=(b, b, b))
+            rotated = (rotated - rotated.mean()) / (rotated.std() + 1e-6) * std + mean
         out[i] = rotated
     return out
 
@@ -501,7 +520,8 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
                 lr *= 0.95
                 for group in opt.param_groups:
                     group['lr'] = lr
-                augmented = np.concatenate([data, random_rotations(data, rng)])
+                augmented = np.concatenate([data, random_rotations(data, rng,
+                                                                   tilt_range=opts.get('wedge_tilt'))])
                 entry['loss'] = _train_epoch(net, head, opt, augmented, np.tile(targets, (2, 1)), opts,
                                              generator, device)
                 entry['lr'], entry['smoothing'] = lr, smoothing

@@ -50,3 +50,16 @@ def particle_from_reference(reference, rot, tilt, psi, order=1, cval=0.0):
 def reference_from_particle(particle, rot, tilt, psi, order=1, cval=0.0):
     """A particle at RELION angles (rot, tilt, psi) turned back into the reference frame: particle(A y)."""
     return rotate_volume(particle, euler_to_matrix(rot, tilt, psi), order=order, cval=cval)
+
+
+def wedge_mask(shape, tilt_range):
+    """Boolean Fourier mask (unshifted fftfreq grid, axes z y x) of what a ±tilt_range series samples.
+
+    Tilt axis Y, beam along Z (the usual tomogram and subtomogram orientation): a component is sampled
+    when |kz| ≤ |kx|·tan(tilt_range); the rest is the missing wedge. ky is unrestricted.
+    """
+    nz, ny, nx = shape
+    kz = np.abs(np.fft.fftfreq(nz)).reshape(-1, 1, 1)
+    kx = np.abs(np.fft.fftfreq(nx)).reshape(1, 1, -1)
+    inside = kz <= kx * np.tan(np.deg2rad(tilt_range)) + 1e-9
+    return np.broadcast_to(inside, tuple(shape))

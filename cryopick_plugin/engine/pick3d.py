@@ -68,14 +68,20 @@ def read_window(volume, start, size, mean=0.0, std=1.0, padding='zero'):
     return block
 
 
-def model_predictor(model, device='cpu'):
-    """Callable (B, 1, P, P, P) float32 numpy → (B, n_classes, P, P, P) foreground probabilities."""
+def model_predictor(model, device='cpu', precision='auto'):
+    """Callable (B, 1, P, P, P) float32 numpy → (B, n_classes, P, P, P) foreground probabilities.
+
+    precision: 'auto' / 'fp32' / 'bf16' (`settings.resolve_precision`); the probabilities come back fp32.
+    """
     import torch
-    model = model.to(device).eval()
+    from .settings import autocast, memory_format, resolve_precision
+    precision = resolve_precision(precision, device)
+    layout = memory_format(5, precision)
+    model = model.to(device).eval().to(memory_format=layout)
 
     def predict(batch):
-        with torch.no_grad():
-            x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+        with torch.no_grad(), autocast(device, precision):
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).to(memory_format=layout)
             return model.foreground(x).float().cpu().numpy()
     return predict
 
@@ -209,7 +215,7 @@ def rescaled(volume, factor, out):
 
 def pick(tomo_path, model_path, device='auto', t_seg=None, t_lm=None, t_dist=None, pad=None, batch_size=2,
          tomo_name=None, rescale=False, kernel=None, iterations=None, padding='zero', work_dir=None,
-         model=None):
+         model=None, precision='auto'):
     """Pick one tomogram with a DeepETPicker model; return a RELION coordinate table.
 
     Columns: rlnTomoName (`tomo_name`, default the file name without extension), rlnCoordinateX/Y/Z (voxels
@@ -217,6 +223,7 @@ def pick(tomo_path, model_path, device='auto', t_seg=None, t_lm=None, t_dist=Non
     for an unreadable/NaN/constant tomogram, a model of another method or format, or a voxel size that
     differs from the model's by more than 1% (unless `rescale`, which resamples the tomogram to the
     model's voxel size and maps the picks back). `model` = (network, meta) skips loading `model_path`.
+    precision: the network's arithmetic ('auto', 'fp32', 'bf16'; see `settings.resolve_precision`).
     """
     import contextlib
     from .settings import resolve_device
@@ -248,7 +255,7 @@ def pick(tomo_path, model_path, device='auto', t_seg=None, t_lm=None, t_dist=Non
                                t_dist if t_dist is not None else thr.get('t_dist'),
                                kernel or thr.get('kernel'), iterations or thr.get('iterations'))
         prob = _temp_array((len(diameters),) + tuple(data.shape), work_dir, stack)
-        probability_map(data, model_predictor(net, device), len(diameters), patch, pad, batch_size,
+        probability_map(data, model_predictor(net, device, precision), len(diameters), patch, pad, batch_size,
                         stats['mean'], stats['std'], padding, out=prob)
         zyx, cls, scores = find_peaks(prob, diameters, device=device, **p)
     name = tomo_name or os.path.splitext(os.path.basename(os.fspath(tomo_path)))[0]

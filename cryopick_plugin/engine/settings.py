@@ -47,3 +47,47 @@ def resolve_device(requested=None):
         from .errors import InputError
         raise InputError('device', f"'{requested}' requested but no CUDA device is available")
     return requested
+
+
+PRECISION_VAR = 'CRYOPICK_PRECISION'
+PRECISIONS = ('auto', 'fp32', 'bf16')
+
+
+def resolve_precision(requested=None, device='cpu'):
+    """'fp32' or 'bf16' for the networks' convolutions, from the request, $CRYOPICK_PRECISION or 'auto'.
+
+    'auto' picks bf16 where the hardware computes it natively (CPUs with AVX-512 BF16 / AMX through oneDNN,
+    CUDA devices with bf16 support) and fp32 elsewhere. Weights, optimiser state, losses and the outputs
+    stay fp32; only the convolutions and matrix products run in bf16 (autocast). On this CPU PyTorch has
+    no oneDNN fp32 path for 3D convolutions (it falls back to im2col + GEMM), so bf16 trains the 3D-ResUNet
+    about ten times faster; on a CPU without native bf16 it would be slower than fp32, hence the check.
+    """
+    requested = (requested or os.environ.get(PRECISION_VAR) or 'auto').strip().lower()
+    if requested not in PRECISIONS:
+        from .errors import InputError
+        raise InputError('precision', f"unknown precision {requested!r} (choose from {', '.join(PRECISIONS)})")
+    if requested != 'auto':
+        return requested
+    import torch
+    if str(device).startswith('cuda'):
+        return 'bf16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'fp32'
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return 'bf16' if native else 'fp32'
+
+
+def autocast(device, precision):
+    """Context manager running the network's forward pass at `precision` ('fp32' = no autocast)."""
+    import torch
+    kind = 'cuda' if str(device).startswith('cuda') else 'cpu'
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=precision == 'bf16')
+
+
+def memory_format(ndim, precision):
+    """Channels-last layout for bf16 (oneDNN's fast path for 2D and 3D convolutions), else contiguous."""
+    import torch
+    if precision != 'bf16':
+        return torch.contiguous_format
+    return torch.channels_last_3d if ndim == 5 else torch.channels_last if ndim == 4 else torch.contiguous_format

@@ -41,13 +41,6 @@ class SimulatedSubtomograms:
     defocus_um: np.ndarray = None
 
 
-def wedge_mask_3d(box, tilt_range):
-    """Boolean (box, box, box) Fourier mask (unshifted grid) of the sampled region, tilt axis Y."""
-    k = np.abs(np.fft.fftfreq(box))
-    kz, kx = k.reshape(-1, 1, 1), k.reshape(1, 1, -1)
-    return np.broadcast_to(kz <= kx * np.tan(np.deg2rad(tilt_range)) + 1e-9, (box,) * 3)
-
-
 def simulate_subtomograms(classes=('4v4r', '3j9i', '4v94', '4cr2', '1qvr'), n_per_class=200, box=32, snr=0.1,
                           tilt_range=60.0, voxel_size=10.0, defocus_um=4.0, seed=0, templates_dir=None,
                           synthetic=False, keep_clean=False, chunk=64):
@@ -95,7 +88,7 @@ def simulate_subtomograms(classes=('4v4r', '3j9i', '4v94', '4cr2', '1qvr'), n_pe
     freq = np.sqrt(np.square(np.fft.fftfreq(box, d=vox)).reshape(-1, 1, 1)
                    + np.square(np.fft.fftfreq(box, d=vox)).reshape(1, -1, 1)
                    + np.square(np.fft.rfftfreq(box, d=vox)).reshape(1, 1, -1))
-    wedge = wedge_mask_3d(box, tilt_range)[:, :, :half].astype(np.float32)
+    wedge = geometry.wedge_mask((box,) * 3, tilt_range)[:, :, :half].astype(np.float32)
     stack = np.empty((n, box, box, box), np.float32)
     clean = np.empty_like(stack) if keep_clean else None
     centre = (box // 2,) * 3

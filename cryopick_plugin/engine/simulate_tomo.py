@@ -146,15 +146,6 @@ def radial_weight(n, cutoff=0.35, falloff=0.035):
     return w
 
 
-def wedge_mask(shape, tilt_range):
-    """Boolean Fourier mask (unshifted grid) of the region a ±tilt_range series about Y samples."""
-    nz, ny, nx = shape
-    kz = np.abs(np.fft.fftfreq(nz)).reshape(-1, 1, 1)
-    kx = np.abs(np.fft.fftfreq(nx)).reshape(1, 1, -1)
-    inside = kz <= kx * np.tan(np.deg2rad(tilt_range)) + 1e-9
-    return np.broadcast_to(inside, shape)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Phantom
 

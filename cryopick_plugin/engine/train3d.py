@@ -314,9 +314,9 @@ def validation_set(val_tomos, train_tomos, max_side=(96, 160, 160), holdout=0.2)
     return result
 
 
-def _val_maps(model, vset, patch, pad, n_classes, device, batch_size):
+def _val_maps(model, vset, patch, pad, n_classes, device, batch_size, precision='auto'):
     maps = []
-    predictor = model_predictor(model, device)
+    predictor = model_predictor(model, device, precision)
     for t, lo, hi, _, _ in vset:
         crop = np.asarray(t.data[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)
         maps.append(probability_map(crop, predictor, n_classes, patch, pad, batch_size, t.mean, t.std))
@@ -375,7 +375,7 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
           device='auto', seed=0, alpha=3.0, val_every=2, patience=5, log=None, diameters=None,
           label_kind='tball', patch=None, pad=None, widths=None, norm='bn', bg_fraction=0.1, ce_weight=0.5,
           p_affine=0.2, match_radius=None, tune=True, thresholds=None, max_steps_per_epoch=None,
-          class_balance=True, hard_fraction=0.0):
+          class_balance=True, hard_fraction=0.0, precision='auto'):
     """Train a 3D-ResUNet and write the best model to `out_model`; return the model's meta dict.
 
     train_items / val_items: lists of (tomogram path, label-map path, coordinate DataFrame with
@@ -385,11 +385,13 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
     `log` receives one dict per epoch. max_steps_per_epoch caps the batches of an epoch (the epoch's
     shuffled samples are cut, so each epoch sees a different random subset). hard_fraction: share of the
     background patches centred on unlabelled blobs (`find_hard_negatives`; 0 = all random, the reference).
+    precision: 'auto', 'fp32' or 'bf16' arithmetic for the convolutions (`settings.resolve_precision`;
+    weights, optimiser and loss stay fp32).
     A learning curve is written beside the model as <out_model>.history.csv and .history.json.
     """
     import torch
     from .labels import estimate_diameters
-    from .settings import resolve_device
+    from .settings import autocast, memory_format, resolve_device, resolve_precision
     log = log or _default_log
     if preset not in PRESETS:
         raise InputError('--preset', f"unknown preset {preset!r} ({', '.join(PRESETS)})")
@@ -404,6 +406,8 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
     if not train_items:
         raise InputError('--train', "no training tomogram given")
     device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    layout = memory_format(5, precision)
 
     tomos = [load_item(it, 'train') for it in train_items]
     val_tomos = [load_item(it, 'val') for it in (val_items or [])]
@@ -459,7 +463,7 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
             n_hard += len(t.hard)
         log({'hard_negatives': n_hard})
 
-    model = build(preset, n_classes=n_classes, widths=widths, norm=norm).to(device)
+    model = build(preset, n_classes=n_classes, widths=widths, norm=norm).to(device).to(memory_format=layout)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     n_samples = len(epoch_samples(tomos, patch, np.random.default_rng(0), bg_fraction))
     steps = max(1, math.ceil(n_samples / batch_size))
@@ -487,7 +491,7 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
             'patch': patch, 'pad_infer': pad, 'thresholds': dict(base_thr), 'preset': preset,
             'match_radius': match_radius, 'alpha': alpha, 'class_balance': bool(class_balance), 'lr': lr,
             'batch_size': batch_size, 'seed': seed, 'bg_fraction': bg_fraction, 'hard_fraction': hard_fraction,
-            'hard_negatives': n_hard,
+            'hard_negatives': n_hard, 'precision': precision,
             'train_tomograms': [t.name for t in tomos], 'val_tomograms': [v[0].name for v in vset],
             'cryopick_version': package_version(), 'model_format_version': model_io.FORMAT_VERSION}
     history, best, best_state, since_best = [], None, None, 0
@@ -508,9 +512,11 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
                 x, y = augment(x, y, rng, p_affine)
                 xs.append(x)
                 ys.append(y)
-            x = torch.from_numpy(np.stack(xs)[:, None]).to(device)
+            x = torch.from_numpy(np.stack(xs)[:, None]).to(device).to(memory_format=layout)
             y = torch.from_numpy(np.stack(ys).astype(np.int64)).to(device)
-            loss = seg_loss(model(x), y, n_classes, ce_weight)
+            with autocast(device, precision):
+                logits = model(x)
+            loss = seg_loss(logits.float(), y, n_classes, ce_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -523,10 +529,13 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
         if epoch % val_every == 0 or epoch == epochs:
             model.eval()
             with torch.no_grad():
-                vl = [float(seg_loss(model(torch.from_numpy(x[None, None]).to(device)),
-                                     torch.from_numpy(y[None].astype(np.int64)).to(device), n_classes, ce_weight))
-                      for x, y in val_patches]
-            maps = _val_maps(model, vset, patch, pad, n_classes, device, max(batch_size, 2))
+                vl = []
+                for x, y in val_patches:
+                    with autocast(device, precision):
+                        logits = model(torch.from_numpy(x[None, None]).to(device).to(memory_format=layout))
+                    vl.append(float(seg_loss(logits.float(), torch.from_numpy(y[None].astype(np.int64)).to(device),
+                                             n_classes, ce_weight)))
+            maps = _val_maps(model, vset, patch, pad, n_classes, device, max(batch_size, 2), precision)
             s = _val_scores(maps, vset, diameters, base_thr, match_radius, alpha, device)
             record.update({'val_loss': float(np.mean(vl)) if vl else float('nan'), 'val_precision': s['precision'],
                            'val_recall': s['recall'], 'val_f1': s['f1'], 'val_score': s['score']})
@@ -549,7 +558,7 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
     meta.update({'epochs_run': epoch, 'best_epoch': best[1], 'best_val': _summary(best[2]),
                  'train_seconds': round(time.time() - t_start, 1)})
     if tune:
-        maps = _val_maps(model, vset, patch, pad, n_classes, device, max(batch_size, 2))
+        maps = _val_maps(model, vset, patch, pad, n_classes, device, max(batch_size, 2), precision)
         thr, s = tune_thresholds(maps, vset, diameters, base_thr, match_radius, alpha, device)
         meta['thresholds'] = thr
         meta['tuned_val'] = {k: round(float(v), 4) for k, v in s.items()}

@@ -111,6 +111,14 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
         line.addParam('kMax', params.IntParam, default=20, label='to', help='Largest number of clusters tried.')
         form.addParam('maxIter', params.IntParam, allowsNull=True, default=None, label='Maximum iterations',
                       help='Empty: the preset\'s default. Stops earlier when the labels are stable.')
+        form.addParam('wedgeTilt', params.FloatParam, allowsNull=True, default=None,
+                      label='Missing wedge: largest tilt (°)', expertLevel=params.LEVEL_ADVANCED,
+                      help='The largest tilt angle of the acquisition (60 for a ±60° series; tilt axis Y). Each '
+                           'iteration trains on randomly rotated copies of the subtomograms; with this set, '
+                           'the rotated copies get the missing wedge back where the microscope leaves it, so '
+                           'that the features do not depend on how a particle lies relative to the wedge '
+                           '(which can split one molecule into "top" and "side" clusters). Empty or 0: off, '
+                           'as in the published method.')
         form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,
                       help='Seed of the random number generators (weights, sampling), so a run can be repeated.')
         self._defineComputeParams(form, gpu=True)
@@ -129,6 +137,8 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                 '--k-min', self.kMin.get(), '--k-max', self.kMax.get(), '--seed', self.seed.get()]
         if self.maxIter.get():
             args += ['--max-iter', self.maxIter.get()]
+        if self.wedgeTilt.get():
+            args += ['--wedge-tilt', self.wedgeTilt.get()]
         self._runCryopick('disca', args, gpu=True)
 
     def createOutputStep(self):
@@ -149,6 +159,8 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
         subtomos = self.inputSubtomograms.get()
         if self.kMin.get() < 1 or self.kMax.get() < self.kMin.get():
             errors.append('The K range must satisfy 1 ≤ from ≤ to.')
+        if self.wedgeTilt.get() is not None and not 0 <= self.wedgeTilt.get() < 90:
+            errors.append(f'The largest tilt must be between 0 and 90°, not {self.wedgeTilt.get():g}.')
         if subtomos is not None:
             n = subtomos.getSize()
             if n < 10 * max(2, self.kMin.get()):

@@ -188,6 +188,33 @@ def test_random_rotations_fill_corners_with_noise():
     assert not np.allclose(out, stack)
 
 
+def test_random_rotations_can_put_the_acquisition_wedge_back():
+    from cryopick_plugin.engine.geometry import wedge_mask
+    from cryopick_plugin.engine.simulate_subtomo import simulate_subtomograms
+    # real-looking subtomograms: their wedge about Y (±50°) is where the microscope left it
+    sim = simulate_subtomograms(classes=['two_lobe', 'rod'], n_per_class=3, box=24, snr=1.0, tilt_range=50.0, seed=1,
+                                synthetic=True)
+    stack = sim.stack
+    wedge = wedge_mask(stack.shape[1:], 50.0)
+
+    def missing_power(v):
+        f = np.abs(np.fft.fftn(v)) ** 2
+        return float(f[~wedge].sum() / f.sum())
+
+    assert max(missing_power(v) for v in stack) < 1e-6
+    plain = disca.random_rotations(stack, np.random.default_rng(0))
+    rewedged = disca.random_rotations(stack, np.random.default_rng(0), tilt_range=50.0)
+    # a plain rotation turns the wedge away from Z, so power appears where no real subtomogram has any
+    assert min(missing_power(v) for v in plain) > 0.05
+    assert max(missing_power(v) for v in rewedged) < 1e-6
+    # the same rotation otherwise, and each copy keeps its subtomogram's mean and spread
+    assert all(np.corrcoef(p.ravel(), r.ravel())[0, 1] > 0.6 for p, r in zip(plain, rewedged))
+    np.testing.assert_allclose(rewedged.mean(axis=(1, 2, 3)), stack.mean(axis=(1, 2, 3)), atol=1e-4)
+    np.testing.assert_allclose(rewedged.std(axis=(1, 2, 3)), stack.std(axis=(1, 2, 3)), rtol=1e-3)
+    with pytest.raises(InputError, match='between 0 and 90'):
+        disca.random_rotations(stack, np.random.default_rng(0), tilt_range=95.0)
+
+
 # ------------------------------------------------------------------------------------- clustering
 
 @pytest.fixture(scope='module')
@@ -325,6 +352,9 @@ def test_commands_reject_bad_input(tmp_path, capsys):
     assert main(['disca', str(small), '--out', str(tmp_path / 'run2'), '--k-min', '2']) == 2
     assert 'too few' in capsys.readouterr().err
     assert not (tmp_path / 'run2' / 'labels.star').exists()
+    assert main(['disca', str(small), '--out', str(tmp_path / 'run3'), '--wedge-tilt', '95']) == 2
+    assert '--wedge-tilt' in capsys.readouterr().err
+    assert not (tmp_path / 'run3').exists()
 
 
 def test_bic_dimension_grows_with_the_data():

@@ -122,7 +122,9 @@ class TestProtocols3D(BaseTest):
         subtomos = ext.outputSubtomograms
         n = subtomos.getSize()
         self.assertGreaterEqual(n, 20)
-        disca = self.newProtocol(CryopickDisca, inputSubtomograms=subtomos, kMin=2, kMax=3, maxIter=2)
+        # the rotated training copies get the ±60° wedge back (the simulated acquisition's)
+        disca = self.newProtocol(CryopickDisca, inputSubtomograms=subtomos, kMin=2, kMax=3, maxIter=2,
+                                 wedgeTilt=60.0)
         self.launchProtocol(disca)
         classes = disca.outputClasses
         sizes = [c.getSize() for c in classes.iterItems()]

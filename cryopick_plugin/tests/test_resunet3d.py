@@ -91,3 +91,28 @@ def test_model_file_round_trip_and_foreign_models(tmp_path):
     model_io.save_model(tmp_path / 'bad.pt', 'deepetpicker', bad_arch, net.state_dict(), meta)
     with pytest.raises(InputError, match='architecture'):
         pick3d.load_picker(tmp_path / 'bad.pt')
+
+
+def test_precision_setting_resolves_and_bf16_inference_agrees_with_fp32(monkeypatch):
+    from cryopick_plugin.engine import settings
+    monkeypatch.delenv(settings.PRECISION_VAR, raising=False)
+    assert settings.resolve_precision('fp32') == 'fp32'
+    assert settings.resolve_precision('BF16') == 'bf16'
+    assert settings.resolve_precision(None) in ('fp32', 'bf16')   # 'auto': depends on the CPU
+    monkeypatch.setenv(settings.PRECISION_VAR, 'fp32')
+    assert settings.resolve_precision(None) == 'fp32'
+    with pytest.raises(InputError, match='fp16'):
+        settings.resolve_precision('fp16')
+
+    torch.manual_seed(0)
+    net = resunet3d.ResUNet3D(n_classes=2, widths=(4, 8, 12)).eval()
+    x = torch.randn(2, 1, 20, 24, 28).numpy()
+    p32 = pick3d.model_predictor(net, 'cpu', 'fp32')(x)
+    p16 = pick3d.model_predictor(net, 'cpu', 'bf16')(x)
+    assert p16.dtype == p32.dtype == 'float32' and p16.shape == p32.shape == (2, 2, 20, 24, 28)
+    # bf16 keeps 8 bits of mantissa: probabilities agree to a few hundredths, not exactly
+    diff = abs(p16 - p32)
+    assert 0 < diff.max() < 0.05 and diff.mean() < 0.01
+    # the layout change for bf16 is undone for fp32 (same module object)
+    p32_again = pick3d.model_predictor(net, 'cpu', 'fp32')(x)
+    assert abs(p32_again - p32).max() < 1e-5
