@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cryopick_plugin.engine import labels, mrc, pick3d, star, train3d  # noqa: E402
 from cryopick_plugin.engine.resunet3d import PRESETS, build  # noqa: E402
 from cryopick_plugin.engine.simulate_tomo import simulate_tomogram  # noqa: E402
+from cryopick_plugin.engine.settings import resolve_precision  # noqa: E402
 
 CLASSES = ('4v4r', '1bxn')
 
@@ -163,6 +164,31 @@ def _mpnms_per_class(args, prob_classes, meta, truth_df, t_map):
     return out
 
 
+def _forward_flops(net, patch):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(torch.randn(1, 1, patch, patch, patch))
+    return int(counter.get_total_flops())
+
+
+def _gemm_gflops(precision, n=2048, repeat=5):
+    """The machine's matrix-product rate at this precision with torch's threads: best of `repeat`."""
+    import torch
+    dtype = torch.bfloat16 if precision == 'bf16' else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeat))
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def bench_throughput(args):
     import torch
     torch.manual_seed(0)
@@ -181,11 +207,19 @@ def bench_throughput(args):
             pick3d.IN_MEMORY_BYTES = 0   # force the memory-mapped probability map
         rss0 = _peak_rss_mb()
         t0, c0 = time.perf_counter(), time.process_time()
-        df = pick3d.pick(tomo, model, device='cpu', batch_size=args.batch_size, work_dir=tmp)
+        df = pick3d.pick(tomo, model, device='cpu', batch_size=args.batch_size, work_dir=tmp,
+                         precision=args.precision)
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    precision = resolve_precision(args.precision, 'cpu')
+    tile_flops = _forward_flops(net, cfg['patch'])
+    gemm = {p: _gemm_gflops(p) for p in ('fp32', 'bf16')}
     n_vox = int(np.prod(args.shape))
     n_tiles = len(list(pick3d.tiles(tuple(args.shape), cfg['patch'], cfg['pad'])))
-    return {'shape_zyx': list(args.shape), 'patch': cfg['patch'], 'pad': cfg['pad'], 'tiles': n_tiles,
+    achieved = n_tiles * tile_flops / dt / 1e9
+    return {'precision': precision, 'forward_gflop_per_tile': round(tile_flops / 1e9, 2),
+            'achieved_gflops': round(achieved, 1), 'gemm_gflops': {k: round(v, 1) for k, v in gemm.items()},
+            'fraction_of_gemm_rate': round(achieved / gemm[precision], 3),
+            'shape_zyx': list(args.shape), 'patch': cfg['patch'], 'pad': cfg['pad'], 'tiles': n_tiles,
             'seconds': round(dt, 2), 'cpu_seconds': round(dc, 2), 'voxels_per_s': round(n_vox / dt),
             'voxels_per_cpu_s': round(n_vox / dc), 'picks': len(df),
             'threads': torch.get_num_threads(), 'peak_rss_mb_before': round(rss0),
@@ -247,6 +281,7 @@ def main(argv=None):
     b.add_argument('--shape', type=int, nargs=3, default=[64, 160, 160])
     b.add_argument('--batch-size', type=int, default=1)
     b.add_argument('--memmap', action='store_true', help='force the memory-mapped probability map')
+    b.add_argument('--precision', default='auto', choices=('auto', 'fp32', 'bf16'))
     c = sub.add_parser('train')
     c.add_argument('--shape', type=int, nargs=3, default=[96, 256, 256])
     c.add_argument('--epochs', type=int, default=15)
