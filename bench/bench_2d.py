@@ -140,6 +140,16 @@ def main():
         'test_at_tuned': at_threshold(te, [r.centres for r in test], thr, radius),
         'train_at_own': at_threshold(tr, [r.centres for r in train], own, radius),
         'test_at_fixed_0.5': at_threshold(te, [r.centres for r in test], dcp.DEFAULT_THRESHOLD, radius)}
+    calib = model.meta.get('threshold_calibration') or {}
+    if 'robust_value' in calib:
+        robust = float(np.clip(calib['robust_value'], dcp.CALIBRATION_MIN, dcp.DEFAULT_THRESHOLD))
+        out['deepcryopicker'].update(
+            calibration=calib, robust_threshold=robust,
+            test_at_robust=at_threshold(te, [r.centres for r in test], robust, radius),
+            train_at_robust=at_threshold(tr, [r.centres for r in train], robust, radius))
+    out['deepcryopicker']['test_f1_by_threshold'] = {
+        f'{t:g}': round(at_threshold(te, [r.centres for r in test], t, radius)['f1'], 4)
+        for t in (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)}
     print('DeepCryoPicker', json.dumps(out['deepcryopicker'], indent=1))
     print('times', json.dumps(out['times_s_per_micrograph'], indent=1))
     if args.json:

@@ -133,7 +133,12 @@ def run_dcp(args, sims, d, radius, train, test):
     t_tr, t_te = [truths[i] for i in train], [truths[i] for i in test]
     own = float(model.meta['threshold'])
     thr = best_threshold(tr, t_tr, radius)
-    return {'per_class': int(info.get('per_class', 0)), 'epochs': int(model.meta['training']['epochs']),
+    calib = model.meta.get('threshold_calibration') or {}
+    robust = {}
+    if 'robust_value' in calib:
+        r = float(np.clip(calib['robust_value'], dcp.CALIBRATION_MIN, dcp.DEFAULT_THRESHOLD))
+        robust = {'calibration': calib, 'robust_threshold': r, 'test_at_robust': at_threshold(te, t_te, r, radius)}
+    return {**robust, 'per_class': int(info.get('per_class', 0)), 'epochs': int(model.meta['training']['epochs']),
             'training_set': {k: v for k, v in info.items() if k != 'raw_counts'},
             'train_seconds': round(train_seconds, 1), 'seconds_per_micrograph': round(float(np.mean(seconds)), 3),
             'own_threshold': own, 'own_threshold_source': model.meta.get('threshold_source'),
@@ -218,6 +223,8 @@ def run_condition(args, snr, work_dir):
     out['deepcryopicker'] = run_dcp(args, sims, d, radius, train, test)
     print('  DeepCryoPicker test F1 own %.3f tuned %.3f' % (out['deepcryopicker']['test_at_own']['f1'],
                                                              out['deepcryopicker']['test_at_tuned']['f1']), flush=True)
+    if args.skip_cryosegnet:
+        return out
     out['cryosegnet'] = run_csn(args, sims, d, radius, train, test, work_dir)
     print('  CryoSegNet test F1 own %.3f tuned score %.3f tuned segmentation %.3f' % (
         out['cryosegnet']['test_at_own']['f1'], out['cryosegnet']['test_at_tuned_score']['f1'],
@@ -227,18 +234,23 @@ def run_condition(args, snr, work_dir):
 
 def rows(cond):
     """(method, threshold kind, threshold, metrics, seconds per micrograph) for the table."""
-    lg, dc, cn = cond['log'], cond['deepcryopicker'], cond['cryosegnet']
-    return [('LoG', 'tuned (train)', lg['tuned_threshold'], lg['test_at_tuned'], lg['seconds_per_micrograph']),
-            ('DeepCryoPicker', 'own (calibrated)', dc['own_threshold'], dc['test_at_own'],
-             dc['seconds_per_micrograph']),
-            ('DeepCryoPicker', 'tuned (train)', dc['tuned_threshold'], dc['test_at_tuned'],
-             dc['seconds_per_micrograph']),
-            ('CryoSegNet U-Net', 'own (held-out)', cn['own_threshold'], cn['test_at_own'],
-             cn['seconds_per_micrograph']),
-            ('CryoSegNet U-Net', f"tuned score (seg {cn['low_segmentation_threshold']:g})",
-             cn['tuned_score_threshold'], cn['test_at_tuned_score'], cn['seconds_per_micrograph']),
-            ('CryoSegNet U-Net', 'tuned segmentation', cn['tuned_segmentation_threshold'],
-             cn['test_at_tuned_segmentation'], cn['seconds_per_micrograph'])]
+    lg, dc, cn = cond['log'], cond['deepcryopicker'], cond.get('cryosegnet')
+    out = [('LoG', 'tuned (train)', lg['tuned_threshold'], lg['test_at_tuned'], lg['seconds_per_micrograph']),
+           ('DeepCryoPicker', 'own (calibrated)', dc['own_threshold'], dc['test_at_own'],
+            dc['seconds_per_micrograph'])]
+    if 'test_at_robust' in dc:
+        out.append(('DeepCryoPicker', 'robust background', dc['robust_threshold'], dc['test_at_robust'],
+                    dc['seconds_per_micrograph']))
+    out.append(('DeepCryoPicker', 'tuned (train)', dc['tuned_threshold'], dc['test_at_tuned'],
+                dc['seconds_per_micrograph']))
+    if cn is None:
+        return out
+    return out + [('CryoSegNet U-Net', 'own (held-out)', cn['own_threshold'], cn['test_at_own'],
+                   cn['seconds_per_micrograph']),
+                  ('CryoSegNet U-Net', f"tuned score (seg {cn['low_segmentation_threshold']:g})",
+                   cn['tuned_score_threshold'], cn['test_at_tuned_score'], cn['seconds_per_micrograph']),
+                  ('CryoSegNet U-Net', 'tuned segmentation', cn['tuned_segmentation_threshold'],
+                   cn['test_at_tuned_segmentation'], cn['seconds_per_micrograph'])]
 
 
 def print_table(results):
@@ -277,6 +289,7 @@ def main():
     ap.add_argument('--csn-lr', type=float, default=1e-3)
     ap.add_argument('--csn-low', type=float, default=0.3)
     ap.add_argument('--threads', type=int, default=1)
+    ap.add_argument('--skip-cryosegnet', action='store_true', help='LoG and DeepCryoPicker only')
     ap.add_argument('--json', default=os.path.join(HERE, 'results', 'bench_2d_sim.json'))
     args = ap.parse_args()
     if not 0 < args.n_train < args.count:

@@ -308,7 +308,7 @@ def train_deepcryopicker(images, diameter_px, preset='cpu', clustering='ibc', sh
 
 
 def calibrate_threshold(model, works, diameters, clustering='ibc', shape='irregular', seed=0,
-                        background_quantile=CALIBRATION_QUANTILE, n_background=300):
+                        background_quantile=CALIBRATION_QUANTILE, n_background=300, rule='quantile'):
     """Score threshold from the training micrographs themselves, no labels needed.
 
     The classifier's 1 − P(background) is not a calibrated probability: on crowded micrographs
@@ -319,7 +319,8 @@ def calibrate_threshold(model, works, diameters, clustering='ibc', shape='irregu
     The threshold is the `background_quantile` of the smoothed score map there (a chosen false-positive
     rate on empty ice), clipped to [CALIBRATION_MIN, DEFAULT_THRESHOLD] so that a classifier that is
     silent on the background does not drop to zero and one that is noisy never goes above the fixed
-    default. Returns (threshold, details dict with 'source').
+    default. rule 'robust' reads the quantile from the lower side of the distribution instead
+    (`robust_background_threshold`). Returns (threshold, details dict with 'source', both values).
     """
     from scipy import ndimage as ndi
     rng = np.random.default_rng(seed + 7)
@@ -340,9 +341,34 @@ def calibrate_threshold(model, works, diameters, clustering='ibc', shape='irregu
         return DEFAULT_THRESHOLD, {'source': 'fixed default (too few background positions to calibrate)',
                                    'background_positions': int(len(values))}
     raw = float(np.quantile(values, background_quantile))
-    thr = float(np.clip(raw, CALIBRATION_MIN, DEFAULT_THRESHOLD))
-    return thr, {'source': f'background quantile {background_quantile:g} of the training micrographs',
-                 'background_positions': int(len(values)), 'quantile_value': round(raw, 4)}
+    robust = robust_background_threshold(values, background_quantile)
+    if rule == 'robust':
+        thr = float(np.clip(robust, CALIBRATION_MIN, DEFAULT_THRESHOLD))
+        source = (f'background quantile {background_quantile:g} of a normal fitted to the lower half of the '
+                  f'background scores (logit scale) of the training micrographs')
+    else:
+        thr = float(np.clip(raw, CALIBRATION_MIN, DEFAULT_THRESHOLD))
+        source = f'background quantile {background_quantile:g} of the training micrographs'
+    return thr, {'source': source, 'rule': rule, 'background_positions': int(len(values)),
+                 'quantile_value': round(raw, 4), 'robust_value': round(robust, 4)}
+
+
+def robust_background_threshold(values, quantile=CALIBRATION_QUANTILE):
+    """The `quantile` of the background score distribution, estimated from its lower side only.
+
+    "Background" positions (≥ one diameter from every clustering candidate) still hold the particles that
+    the clustering missed — on crowded micrographs a large share — and those inflate the upper tail that a
+    plain quantile reads. A normal is fitted, on the logit scale, to the 5th and 25th percentiles, which
+    the hidden particles (high scores) barely move; its `quantile` is returned (score scale).
+    """
+    from scipy.stats import norm
+    v = np.clip(np.asarray(values, float), 1e-4, 1 - 1e-4)
+    z = np.log(v / (1 - v))
+    lo, mid = np.quantile(z, [0.05, 0.25])
+    sigma = max((mid - lo) / (norm.ppf(0.25) - norm.ppf(0.05)), 1e-6)
+    mu = mid - norm.ppf(0.25) * sigma
+    t = mu + norm.ppf(quantile) * sigma
+    return float(1.0 / (1.0 + np.exp(-t)))
 
 
 def save_deepcryopicker(model, path):

@@ -177,6 +177,21 @@ def test_bad_options_raise_input_error():
         dcp.prepare(np.zeros((8, 8)), 1, polarity='grey')
 
 
+def test_robust_background_threshold_ignores_hidden_particles():
+    rng = np.random.default_rng(0)
+    logistic = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
+    background = logistic(rng.normal(-3.0, 1.0, 3000))
+    true_q95 = float(logistic(-3.0 + 1.6449))
+    # clean background: both estimates near the true 95th percentile
+    assert abs(np.quantile(background, 0.95) - true_q95) < 0.03
+    assert abs(dcp.robust_background_threshold(background) - true_q95) < 0.03
+    # 30 % of the "background" positions sit on particles the clustering missed (high scores)
+    mixed = np.concatenate([background, logistic(rng.normal(0.5, 1.0, 1300))])
+    assert np.quantile(mixed, 0.95) > 0.6                          # the plain quantile follows the particles
+    assert abs(dcp.robust_background_threshold(mixed) - true_q95) < 0.1
+    assert dcp.robust_background_threshold(mixed, 0.99) > dcp.robust_background_threshold(mixed, 0.95)
+
+
 # -------------------------------------------------------------------------------------------- pipeline
 
 def test_pipeline_on_a_simulated_micrograph_and_model_round_trip(tmp_path):
