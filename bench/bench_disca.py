@@ -170,6 +170,9 @@ def run_condition(name, args):
                            contingency={f'cluster {c}': np.bincount(truth[result.labels == c],
                                                                     minlength=len(TEMPLATES)).tolist()
                                         for c in range(result.k)})
+    # labels, truth and simulated orientations, to look at how a class is split
+    np.savez_compressed(os.path.join(args.out, f'{name}_labels.npz'), labels=result.labels, truth=truth,
+                        eulers=np.asarray(sim.eulers), class_names=np.asarray(sim.class_names))
     if args.analysis:
         model_path = os.path.join(args.out, f'{name}_model.pt')
         disca.save_disca_model(model_path, result)
