@@ -172,6 +172,7 @@ def run_condition(name, args):
                                         for c in range(result.k)})
     # labels, truth and simulated orientations, to look at how a class is split
     np.savez_compressed(os.path.join(args.out, f'{name}_labels.npz'), labels=result.labels, truth=truth,
+                        iteration_labels=np.stack(result.iteration_labels),
                         eulers=np.asarray(sim.eulers), class_names=np.asarray(sim.class_names))
     if args.analysis:
         model_path = os.path.join(args.out, f'{name}_model.pt')
