@@ -31,7 +31,7 @@ def simulate_inputs(folder, count, shape, snr, seed, templates_dir=None, per_cla
 
 
 def run_demo(project_name='cryopick_demo', count=2, shape=(64, 128, 128), snr=0.05, seed=0,
-             templates_dir=None, overwrite=False, epochs=6, out=sys.stdout):
+             templates_dir=None, overwrite=False, epochs=20, out=sys.stdout):
     from tomo.protocols import ProtImportTomograms
     from cryopick_plugin.protocols import CryopickImportCoordinates3D
 
@@ -125,7 +125,7 @@ def add_args(parser):
     parser.add_argument('--snr', type=float, default=0.05, help='projection SNR of the tilt series')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--templates', default=None, help='folder of density maps (default: the shared data)')
-    parser.add_argument('--epochs', type=int, default=6,
+    parser.add_argument('--epochs', type=int, default=20,
                         help='training epochs of the 3D picker (0: only simulate and import; default %(default)s)')
 
 
