@@ -148,7 +148,7 @@ def run_condition(name, args):
               'seed': args.seed, 'simulation_s': time.time() - t0, 'simulator': 'simulate_subtomograms',
               'simulated_voxel_size': meta['voxel_size'], 'binning': meta['binning'],
               'defocus_um': meta['defocus_um'], 'threads': args.threads, 'date': time.strftime('%Y-%m-%d %H:%M'),
-              'disca_options': {k: disca.TRAINING[args.preset].get(k) for k in ('init', 'min_iter', 'lr')}}
+              'disca_options': {k: disca.TRAINING[args.preset].get(k) for k in ('init', 'min_iter', 'lr', 'gmm_init')}}
     options = {'wedge_tilt': float(tilt)} if args.wedge else {}
     record['disca_options'].update(options)
     k_range = (args.k_min, args.k_max)

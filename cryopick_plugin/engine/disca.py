@@ -26,7 +26,9 @@ than on the features of the untrained network — the reference can afford many 
 of a poor start, a CPU run cannot, and a random network's features merge whole classes whose labels the
 training then entrenches — and it does not accept convergence before iteration `min_iter` (4), because
 labels are trivially stable while the network has barely moved. The 'paper' preset keeps the reference's
-start. Further: rotations are uniform on SO(3) (scipy) instead of the SVD of a random matrix; each
+start. Both presets seed each Gaussian mixture with k-means++ instead of the reference's random
+responsibilities (option `gmm_init`; 'random' reproduces the reference), which can leave EM on the saddle
+where all components coincide (see `_gmm`). Further: rotations are uniform on SO(3) (scipy) instead of the SVD of a random matrix; each
 subtomogram is normalised to zero mean and unit variance; the 'cpu' preset bins subtomograms to 24³ and
 uses a quarter of the width; candidate K is a range capped by the data size.
 """
@@ -62,12 +64,12 @@ TRAINING = {
     'paper': {'lr': 1e-5, 'batch_size': 64, 'pca_dim': 16, 'reg_covar': 1e-5, 'n_init': 5,
               'gmm_max_iter': 100, 'label_smoothing': 0.2, 'head_epochs': 10, 'head_lr': 1e-4,
               'stable_fraction': 0.999, 'min_per_cluster': 10, 'init': 'network', 'min_iter': 1,
-              'wedge_tilt': None},
+              'wedge_tilt': None, 'gmm_init': 'k-means++'},
     # Fewer, shorter iterations on a CPU: a larger learning rate gets the features moving within them.
     'cpu': {'lr': 5e-4, 'batch_size': 16, 'pca_dim': 16, 'reg_covar': 1e-5, 'n_init': 3,
             'gmm_max_iter': 100, 'label_smoothing': 0.2, 'head_epochs': 10, 'head_lr': 1e-3,
             'stable_fraction': 0.999, 'min_per_cluster': 10, 'init': 'spectral', 'min_iter': 4,
-            'wedge_tilt': None},
+            'wedge_tilt': None, 'gmm_init': 'k-means++'},
 }
 DEFAULT_MAX_ITER = {'paper': 20, 'cpu': 10}
 
@@ -151,9 +153,19 @@ def _compact(labels):
     return compact.astype(int), ids
 
 
+GMM_INITS = ('k-means++', 'kmeans', 'random')
+
+
 def _gmm(k, options, seed, tol, init_from=None):
+    # The reference starts EM from random responsibilities ('random'): every component then begins at
+    # the global mean with the global covariance — a saddle point that EM leaves slowly, so with tol 1e-4
+    # a fit often stops there after two steps, with components stacked on one another. Such a fit costs
+    # parameters without gaining likelihood and BIC rejects its K: two clusters 8 σ apart came out as
+    # K = 1, and the spectral start at SNR 0.03 as K = 4 instead of 5 (bench/README.md §2). k-means++
+    # seeding puts the components on separate points from the start.
     kwargs = dict(n_components=k, covariance_type='full', tol=tol, reg_covar=options['reg_covar'],
-                  max_iter=options['gmm_max_iter'], random_state=seed, init_params='random')
+                  max_iter=options['gmm_max_iter'], random_state=seed,
+                  init_params=options.get('gmm_init', 'k-means++'))
     if init_from is not None:
         weights, means, precisions = init_from
         # Started from the current solution; extra random restarts would only compete with it.
@@ -438,6 +450,9 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
     arch = yopo.make_arch(preset if arch is None else arch)
     opts = dict(TRAINING.get(preset_name, TRAINING['cpu']))
     opts.update(options or {})
+    if opts.get('gmm_init', 'k-means++') not in GMM_INITS:
+        raise InputError('gmm_init', f"unknown mixture initialisation {opts['gmm_init']!r} "
+                                     f"({', '.join(GMM_INITS)})")
     max_iter = int(max_iter or DEFAULT_MAX_ITER.get(preset_name, 12))
     if max_iter < 1:
         raise InputError('max_iter', 'must be at least 1')

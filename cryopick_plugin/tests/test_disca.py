@@ -178,6 +178,22 @@ def test_candidate_ks_capped_or_refused():
         disca.candidate_ks(15, (2, 20))
 
 
+def test_mixtures_separate_clusters_where_random_starts_stall():
+    rng = np.random.default_rng(0)
+    truth = np.repeat([0, 1], 500)
+    x = rng.normal(0, 1, (1000, 2)) + np.where(truth[:, None] == 1, [8.0, 0.0], [0.0, 0.0])
+    for preset in ('cpu', 'paper'):
+        labels, gmm, _, bics = disca.fit_mixtures(x, [1, 2, 3, 4], dict(disca.TRAINING[preset]), 0)
+        assert gmm.n_components == 2 and min(bics, key=bics.get) == 2
+        assert disca.clustering_scores(truth, labels)['homogeneity'] == 1.0
+    # The reference's random responsibilities put every component at the global mean; EM stops on that
+    # saddle and BIC then sees no gain in a second component, even 8 σ apart.
+    labels, gmm, _, _ = disca.fit_mixtures(x, [1, 2, 3, 4], dict(disca.TRAINING['paper'], gmm_init='random'), 0)
+    assert labels.max() == 0
+    with pytest.raises(InputError, match='gmm_init'):
+        disca.disca_cluster(np.zeros((30, 24, 24, 24), np.float32), options={'gmm_init': 'spectral'})
+
+
 def test_random_rotations_fill_corners_with_noise():
     rng = np.random.default_rng(0)
     stack = rng.normal(2.0, 0.5, size=(4, 21, 21, 21)).astype(np.float32)
