@@ -83,6 +83,8 @@ def main():
     ap.add_argument('--per-class', type=int, default=None)
     ap.add_argument('--epochs', type=int, default=None)
     ap.add_argument('--clustering', default='ibc')
+    ap.add_argument('--self-training', type=int, default=None,
+                    help="rounds of retraining on DeepCryoPicker's own confident picks (default: the engine's)")
     ap.add_argument('--json')
     args = ap.parse_args()
     radius = betagal.DIAMETER / 2
@@ -117,7 +119,9 @@ def main():
     t = time.time()
     model, info = dcp.train_deepcryopicker([images[r.name] for r in train], betagal.DIAMETER, 'cpu',
                                            clustering=args.clustering, per_class=args.per_class,
-                                           epochs=args.epochs, seed=0, log=print)
+                                           epochs=args.epochs, seed=0, log=print,
+                                           **({} if args.self_training is None
+                                              else {'self_training': args.self_training}))
     out['times_s_per_micrograph']['dcp_train_total'] = time.time() - t
     out['dcp_training'] = {k: v for k, v in info.items() if k != 'raw_counts'}
     stage_times = []

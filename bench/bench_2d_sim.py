@@ -119,7 +119,9 @@ def run_dcp(args, sims, d, radius, train, test):
     t = time.perf_counter()
     model, info = dcp.train_deepcryopicker([sims[i].image for i in train], d, 'cpu', per_class=args.dcp_per_class,
                                            epochs=args.dcp_epochs, seed=0, device='cpu',
-                                           log=lambda m: print('  dcp:', m, flush=True))
+                                           log=lambda m: print('  dcp:', m, flush=True),
+                                           **({} if args.dcp_self_training is None
+                                              else {'self_training': args.dcp_self_training}))
     train_seconds = time.perf_counter() - t
     picks, seconds = [], []
     for s in sims:
@@ -282,6 +284,8 @@ def main():
     ap.add_argument('--log-bin', type=int, default=2)
     ap.add_argument('--dcp-per-class', type=int, default=None, help='default: the cpu preset (600)')
     ap.add_argument('--dcp-epochs', type=int, default=None, help='default: the cpu preset (12)')
+    ap.add_argument('--dcp-self-training', type=int, default=None,
+                    help="DeepCryoPicker's rounds of retraining on its own picks (default: the engine's)")
     ap.add_argument('--csn-epochs', type=int, default=50)
     ap.add_argument('--csn-input-size', type=int, default=768)
     ap.add_argument('--csn-crop', type=int, default=256)

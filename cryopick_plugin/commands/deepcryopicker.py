@@ -49,6 +49,9 @@ def add_args(parser):
     parser.add_argument('--per-class', type=int, default=None, help='training samples per class (preset)')
     parser.add_argument('--epochs', type=int, default=None, help='training epochs (preset)')
     parser.add_argument('--max-train', type=int, default=20, help='train on at most this many micrographs (20)')
+    parser.add_argument('--self-training', type=int, default=dcp.SELF_TRAINING_ROUNDS, metavar='N',
+                        help='rounds of retraining on the classifier\'s own confident picks of the training '
+                             f'micrographs ({dcp.SELF_TRAINING_ROUNDS}; 0 = the published method)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N')
 
@@ -61,6 +64,8 @@ def main(args):
         raise InputError('--train-only', "nothing to do with --model (the model is already trained)")
     if args.diameter is not None and not args.diameter > 0:
         raise InputError('--diameter', f"must be positive, got {args.diameter:g}")
+    if args.self_training < 0:
+        raise InputError('--self-training', f"must be 0 or more rounds, got {args.self_training}")
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise InputError('--threshold', f"must be within [0, 1], got {args.threshold:g}")
     os.makedirs(args.out, exist_ok=True)
@@ -77,7 +82,7 @@ def main(args):
         model, info = dcp.train_deepcryopicker(
             images, diameter, args.preset, args.clustering, args.shape, args.polarity,
             per_class=args.per_class, epochs=args.epochs, seed=args.seed, device=args.device,
-            out=path, log=log.info)
+            out=path, log=log.info, self_training=args.self_training)
         del images
         log.info('model trained in %.1f s → %s', time.time() - t0, path)
         if args.train_only:

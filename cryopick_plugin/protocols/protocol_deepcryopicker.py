@@ -51,8 +51,17 @@ class CryopickDeepCryoPicker(CryopickPicking2DBase):
         form.addParam('threshold', params.FloatParam, allowsNull=True, default=None, label='Score threshold',
                       help='Minimum classifier score of a pick. Empty: the model\'s own threshold, chosen at '
                            'training as the score that 5% of empty-ice positions (one diameter away from '
-                           'every clustering candidate) reach on the training micrographs, within '
-                           '0.05–0.5. Lower it for crowded micrographs, raise it for clean ones.')
+                           'every clustering candidate and every confident pick) reach on the training '
+                           'micrographs, within 0.05–0.5. Lower it for crowded micrographs, raise it for '
+                           'clean ones.')
+        form.addParam('selfTraining', params.IntParam, default=1, label='Self-training rounds',
+                      expertLevel=params.LEVEL_ADVANCED,
+                      help='After the first training, the classifier picks its own training micrographs and a '
+                           'new one is trained on its confident picks (score ≥ 0.5), with background drawn '
+                           'away from every pick. The clustering finds only some of the particles of a '
+                           'crowded micrograph; this teaches the classifier the rest (β-gal and simulated '
+                           'micrographs: higher F1 at every noise level, training time doubled). 0 = the '
+                           'published method.')
         form.addParam('maxTrain', params.IntParam, default=20, label='Train on at most (micrographs)',
                       expertLevel=params.LEVEL_ADVANCED,
                       help='The automatic training set is built from the first micrographs, up to this many.')
@@ -82,6 +91,7 @@ class CryopickDeepCryoPicker(CryopickPicking2DBase):
         names = [n for chunk in self._micChunks() for n in chunk]
         self._runCryopick('deepcryopicker', self._micPaths(names) + self._common() +
                           ['--train-only', '--max-train', self.maxTrain.get(),
+                           '--self-training', self.selfTraining.get(),
                            '--out', os.path.dirname(self._modelPath())], gpu=True)
 
     def pickStep(self, names):
@@ -103,11 +113,17 @@ class CryopickDeepCryoPicker(CryopickPicking2DBase):
         model = self.inputModel.get()
         if model is not None and model.getMethod() != 'deepcryopicker':
             errors.append(f'The model is a {model.getMethod()} model, not a DeepCryoPicker one.')
+        if model is None and self.selfTraining.get() is not None and self.selfTraining.get() < 0:
+            errors.append(f'Self-training rounds must be 0 or more, not {self.selfTraining.get()}.')
         return errors
 
     def _methods(self):
-        return ['Particles were picked fully automatically with DeepCryoPicker [AlHelali2020DeepCryoPicker] '
-                '(cryopick implementation).']
+        text = ('Particles were picked fully automatically with DeepCryoPicker [AlHelali2020DeepCryoPicker] '
+                '(cryopick implementation)')
+        if self.inputModel.get() is None and self.selfTraining.get():
+            text += (f', with {self.selfTraining.get()} round(s) of retraining on the classifier\'s own '
+                     f'confident picks')
+        return [text + '.']
 
     def _citations(self):
         return ['AlHelali2020DeepCryoPicker']
