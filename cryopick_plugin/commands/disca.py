@@ -57,9 +57,9 @@ def add_args(parser):
                         help='EM iterations at most (default: 10 for cpu, 20 for paper)')
     parser.add_argument('--wedge-tilt', type=float, default=None, metavar='DEG',
                         help='largest tilt angle of the acquisition (e.g. 60 for a ±60° series, tilt axis Y): '
-                             'the rotated training copies get this missing wedge back, so the features do '
-                             'not depend on how a particle lies relative to the wedge (default: off, as the '
-                             'reference)')
+                             'the rotated training copies get this missing wedge back, and at the end clusters '
+                             'that turn into each other when their members are rotated (one molecule split '
+                             'by its orientation to the wedge) are merged (default: off, as the reference)')
     parser.add_argument('--seed', type=int, default=0, help='random seed (0)')
     parser.add_argument('--device', default=None, help="'auto', 'cpu' or 'cuda' (default $CRYOPICK_DEVICE or auto)")
 

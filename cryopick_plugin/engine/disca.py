@@ -28,7 +28,10 @@ training then entrenches — and it does not accept convergence before iteration
 labels are trivially stable while the network has barely moved. The 'paper' preset keeps the reference's
 start. Both presets seed each Gaussian mixture with k-means++ instead of the reference's random
 responsibilities (option `gmm_init`; 'random' reproduces the reference), which can leave EM on the saddle
-where all components coincide (see `_gmm`). Further: rotations are uniform on SO(3) (scipy) instead of the SVD of a random matrix; each
+where all components coincide (see `_gmm`). With the acquisition's tilt range (option `wedge_tilt`) the
+rotated training copies get the missing wedge back, and the kept clusters go through an orientation check
+(`orientation_transfer`, `orientation_groups`): clusters whose members, rotated, cross into each other are
+one molecule split by its orientation to the wedge and are merged. Further: rotations are uniform on SO(3) (scipy) instead of the SVD of a random matrix; each
 subtomogram is normalised to zero mean and unit variance; the 'cpu' preset bins subtomograms to 24³ and
 uses a quarter of the width; candidate K is a range capped by the data size.
 """
@@ -265,7 +268,7 @@ def candidate_ks(n, k_range, min_per_cluster=10):
 
 # ------------------------------------------------------------------------------------- augmentation
 
-def random_rotations(stack, rng, order=1, tilt_range=None):
+def random_rotations(stack, rng, order=1, tilt_range=None, matrices=None):
     """Each subtomogram rotated by its own uniformly random 3D rotation; corners filled with noise.
 
     Voxels that the rotation brings in from outside the box get Gaussian noise with the mean and standard
@@ -279,6 +282,9 @@ def random_rotations(stack, rng, order=1, tilt_range=None):
     the wedge put back where the microscope leaves it, the rotated copy looks like a real subtomogram of
     the same molecule in another orientation, so the training (same label for both) teaches invariance to
     the particle-versus-wedge orientation as well.
+
+    matrices (optional, (n, 3, 3)): these rotations instead of random ones (identities give copies that
+    went through the same interpolation, noise and wedge, for comparison).
     """
     n, b = len(stack), stack.shape[-1]
     wedge = None
@@ -286,7 +292,7 @@ def random_rotations(stack, rng, order=1, tilt_range=None):
         if not 0 < float(tilt_range) < 90:
             raise InputError('wedge tilt range', f"must be between 0 and 90 degrees, got {tilt_range:g}")
         wedge = geometry.wedge_mask((b, b, b), float(tilt_range))[:, :, :b // 2 + 1]
-    matrices = Rotation.random(n, random_state=rng).as_matrix()
+    matrices = Rotation.random(n, random_state=rng).as_matrix() if matrices is None else np.asarray(matrices)
     grid = np.indices((b, b, b)) - (b - 1) / 2.0
     corners = np.sqrt((grid ** 2).sum(axis=0)) > (b - 1) / 2.0
     out = np.empty_like(stack)
@@ -552,18 +558,112 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
                 break
 
     say(f"kept iteration {best['iteration']}: K={best['k']} DDBI={best['ddbi']:.4f}")
+    merge_info = None
+    if opts.get('wedge_tilt') and opts.get('orientation_merge', True) and best['k'] > 1:
+        best, merge_info = _merge_orientations(best, data, arch, opts, rng, device, say)
     meta = {'input_box': int(np.asarray(stack).shape[-1]), 'network_box': int(data.shape[-1]),
             'k': best['k'], 'best_iteration': best['iteration'], 'ddbi': best['ddbi'], 'n_train': n,
             'seed': seed, 'preset': preset_name, 'pca_dim': pca_dim, 'k_candidates': ks,
             'iterations': len(history), 'normalisation': 'per-subtomogram zero mean, unit variance',
             'prediction': 'network features -> PCA -> Gaussian mixture posterior'}
+    if merge_info is not None:
+        meta['orientation_merge'] = merge_info
     return DiscaResult(labels=best['labels'], probabilities=best['probabilities'], k=best['k'],
                        best_iteration=best['iteration'], history=history, features=best['features'],
                        features_pca=best['x'], embeddings=embeddings, iteration_labels=iteration_labels,
                        model_state=best['state'], arch=arch, options=opts, meta=meta)
 
 
+# ------------------------------------------------------------------------- orientation-split clusters
+
+ORIENTATION_MIN_SHARE = 0.1
+
+
+def orientation_transfer(data, net, state, labels, tilt_range, rng, device='cpu', batch_size=64, copies=2):
+    """Where rotated copies of each cluster's members are assigned, against unrotated controls.
+
+    Every member gets `copies` uniformly random rotations with the acquisition's missing wedge put back
+    (`random_rotations(tilt_range=)`), i.e. it is shown as the same molecule in other orientations; the
+    kept network, PCA and mixture assign the copies. transfer[a, b] = share of cluster a's copies assigned
+    to b. control[a, b] = the same for copies rotated by the identity (same interpolation, corner noise and
+    wedge), the share that changes cluster for no change of orientation. Returns (transfer, control), K×K.
+    """
+    k = int(labels.max()) + 1
+    n = len(data)
+
+    def assign(copies_stack):
+        feats = yopo.extract_features(net, copies_stack, device, batch_size)
+        x = (feats.astype(np.float64) - state['pca.mean'].numpy()) @ state['pca.components'].numpy().T
+        return _posterior(x, state).argmax(axis=1)
+
+    def shares(assigned, members):
+        table = np.zeros((k, k))
+        np.add.at(table, (members, assigned), 1.0)
+        return table / np.maximum(table.sum(axis=1, keepdims=True), 1.0)
+
+    moved = [assign(random_rotations(data, rng, tilt_range=tilt_range)) for _ in range(int(copies))]
+    transfer = shares(np.concatenate(moved), np.tile(labels, int(copies)))
+    identity = np.broadcast_to(np.eye(3), (n, 3, 3))
+    control = shares(assign(random_rotations(data, rng, tilt_range=tilt_range, matrices=identity)), labels)
+    return transfer, control
+
+
+def orientation_groups(transfer, control, min_share=ORIENTATION_MIN_SHARE):
+    """Clusters to merge: a and b are one molecule seen in different orientations when turning the
+    members of each sends at least `min_share` more of them into the other than the unrotated control
+    does — in both directions (different molecules stay put however they are turned; the views of one
+    molecule cross over both ways). Returns a list of groups (sorted lists of cluster indices), one per
+    resulting cluster, ordered by their smallest member."""
+    k = len(transfer)
+    gain = np.asarray(transfer) - np.asarray(control)
+    parent = list(range(k))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a in range(k):
+        for b in range(a + 1, k):
+            if gain[a, b] >= min_share and gain[b, a] >= min_share:
+                parent[root(b)] = root(a)
+    groups = {}
+    for i in range(k):
+        groups.setdefault(root(i), []).append(i)
+    return sorted((sorted(g) for g in groups.values()), key=lambda g: g[0])
+
+
 # ------------------------------------------------------------------------------------ save / predict
+
+def _merge_orientations(best, data, arch, opts, rng, device, say):
+    """Merge the kept clusters that `orientation_groups` finds to be one molecule in different
+    orientations; returns (updated best, details for the model's meta)."""
+    net = yopo.build_features(arch)
+    net.load_state_dict({key[4:]: v for key, v in best['state'].items() if key.startswith('net.')})
+    net.to(device)
+    with _DeterministicTorch(device):
+        transfer, control = orientation_transfer(data, net, best['state'], best['labels'], opts['wedge_tilt'],
+                                                 rng, device, max(opts['batch_size'], 64))
+    groups = orientation_groups(transfer, control, opts.get('orientation_min_share', ORIENTATION_MIN_SHARE))
+    info = {'tilt_range': float(opts['wedge_tilt']), 'transfer': np.round(transfer, 4).tolist(),
+            'control': np.round(control, 4).tolist(), 'groups': groups, 'k_before': int(best['k'])}
+    if len(groups) == best['k']:
+        say("orientation check: no two clusters are one molecule in different orientations")
+        return best, info
+    new_of_old = np.empty(best['k'], dtype=np.int64)
+    for j, g in enumerate(groups):
+        new_of_old[g] = j
+    state = dict(best['state'])
+    label_of = state['gmm.label_of_component'].numpy()
+    state['gmm.label_of_component'] = torch.from_numpy(
+        np.where(label_of >= 0, new_of_old[np.maximum(label_of, 0)], -1).astype(np.int64))
+    labels = new_of_old[best['labels']]
+    say(f"orientation check: merged {[g for g in groups if len(g) > 1]} (one molecule in different "
+        f"orientations) → K={len(groups)}")
+    best = dict(best, labels=labels, k=len(groups), state=state, probabilities=_posterior(best['x'], state))
+    return best, info
+
 
 def save_disca_model(path, result, meta=None):
     """Write the kept network + PCA + mixture of a DiscaResult as a cryopick model file; return the path."""

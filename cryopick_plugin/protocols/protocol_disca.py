@@ -113,12 +113,14 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                       help='Empty: the preset\'s default. Stops earlier when the labels are stable.')
         form.addParam('wedgeTilt', params.FloatParam, allowsNull=True, default=None,
                       label='Missing wedge: largest tilt (°)', expertLevel=params.LEVEL_ADVANCED,
-                      help='The largest tilt angle of the acquisition (60 for a ±60° series; tilt axis Y). Each '
-                           'iteration trains on randomly rotated copies of the subtomograms; with this set, '
-                           'the rotated copies get the missing wedge back where the microscope leaves it, so '
-                           'that the features do not depend on how a particle lies relative to the wedge '
-                           '(which can split one molecule into "top" and "side" clusters). Empty or 0: off, '
-                           'as in the published method.')
+                      help='The largest tilt angle of the acquisition (60 for a ±60° series; tilt axis Y). At '
+                           'high SNR the missing wedge can split one molecule into "top" and "side" view '
+                           'clusters. With this set, (1) the randomly rotated training copies get the wedge '
+                           'back where the microscope leaves it, and (2) after clustering, the members of '
+                           'each cluster are shown rotated (wedge put back) to the final model: two clusters '
+                           'whose rotated members cross into each other, both ways, clearly more than '
+                           'unrotated copies do are one molecule and are merged. The check is recorded in '
+                           'the model. Empty or 0: off, as in the published method.')
         form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,
                       help='Seed of the random number generators (weights, sampling), so a run can be repeated.')
         self._defineComputeParams(form, gpu=True)

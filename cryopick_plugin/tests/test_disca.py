@@ -384,3 +384,43 @@ def test_bic_dimension_grows_with_the_data():
     for n in (300, 1000, 5000):
         d = bic_dim(n)
         assert params(d) * SAMPLES_PER_PARAMETER <= n < params(d + 1) * SAMPLES_PER_PARAMETER
+
+
+# ------------------------------------------------------------------------- orientation-split clusters
+
+def test_orientation_groups_need_a_crossing_in_both_directions_beyond_the_control():
+    control = np.diag([0.95, 0.9, 0.95, 0.97]) + 0.02
+    transfer = control.copy()
+    transfer[0, 1], transfer[1, 0] = 0.55, 0.30   # 0 and 1: one molecule's end-on and side-on views
+    transfer[2, 3] = 0.40                          # 2 → 3 only: not the same molecule
+    assert disca.orientation_groups(transfer, control) == [[0, 1], [2], [3]]
+    assert disca.orientation_groups(control, control) == [[0], [1], [2], [3]]
+    transfer[3, 2] = 0.2                           # now both ways: a chain 0-1, 2-3
+    assert disca.orientation_groups(transfer, control) == [[0, 1], [2, 3]]
+    # a crossing that the unrotated control shows as well is noise, not orientation
+    assert disca.orientation_groups(transfer, transfer) == [[0], [1], [2], [3]]
+
+
+def test_orientation_check_joins_a_molecule_split_by_the_wedge_and_keeps_others_apart():
+    from cryopick_plugin.engine.simulate_subtomo import simulate_subtomograms
+    sim = simulate_subtomograms(classes=['two_lobe', 'rod'], n_per_class=40, box=24, snr=2.0, tilt_range=60.0,
+                                seed=3, synthetic=True)
+    result = disca.disca_cluster(sim.stack, preset='cpu', k_range=(2, 4), max_iter=4, seed=0, device='cpu',
+                                 arch=TINY, options=dict(TINY_OPTIONS, wedge_tilt=60.0))
+    info = result.meta['orientation_merge']
+    transfer, control = np.array(info['transfer']), np.array(info['control'])
+    assert transfer.shape == control.shape == (info['k_before'],) * 2
+    np.testing.assert_allclose(transfer.sum(axis=1), 1.0)
+    np.testing.assert_allclose(control.sum(axis=1), 1.0)
+    assert np.diag(control).min() > 0.6     # unrotated copies mostly keep their cluster
+    assert result.k == len(info['groups']) == result.probabilities.shape[1]
+    assert np.array_equal(result.probabilities.argmax(axis=1), result.labels)
+    # Here the clustering split one molecule by its orientation to the wedge (K 3: 31 + 9 and 40); the
+    # check joins the two halves and keeps the other molecule apart.
+    scores = disca.clustering_scores(sim.labels, result.labels)
+    assert result.k == 2 and scores['homogeneity'] == 1.0 and scores['completeness'] == 1.0
+    assert info['k_before'] >= result.k
+    # without the tilt range there is nothing to check against
+    plain = disca.disca_cluster(sim.stack, preset='cpu', k_range=(2, 4), max_iter=2, seed=0, device='cpu',
+                                arch=TINY, options=TINY_OPTIONS)
+    assert 'orientation_merge' not in plain.meta
