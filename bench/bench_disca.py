@@ -170,6 +170,8 @@ def run_condition(name, args):
                            contingency={f'cluster {c}': np.bincount(truth[result.labels == c],
                                                                     minlength=len(TEMPLATES)).tolist()
                                         for c in range(result.k)})
+    if 'orientation_merge' in result.meta:
+        record['disca']['orientation_merge'] = result.meta['orientation_merge']
     # labels, truth and simulated orientations, to look at how a class is split
     np.savez_compressed(os.path.join(args.out, f'{name}_labels.npz'), labels=result.labels, truth=truth,
                         iteration_labels=np.stack(result.iteration_labels),
