@@ -149,7 +149,9 @@ def run_condition(name, args):
               'simulated_voxel_size': meta['voxel_size'], 'binning': meta['binning'],
               'defocus_um': meta['defocus_um'], 'threads': args.threads, 'date': time.strftime('%Y-%m-%d %H:%M'),
               'disca_options': {k: disca.TRAINING[args.preset].get(k) for k in ('init', 'min_iter', 'lr', 'gmm_init')}}
-    options = {'wedge_tilt': float(tilt)} if args.wedge else {}
+    options = {'wedge_tilt': float(tilt)} if args.wedge or args.orientation_check else {}
+    if args.orientation_check and not args.wedge:
+        options['wedge_training'] = False   # the check alone: training as without the tilt range
     record['disca_options'].update(options)
     k_range = (args.k_min, args.k_max)
     if kind == 'time':
@@ -206,6 +208,9 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default='auto')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (the machine is shared)')
+    parser.add_argument('--orientation-check', action='store_true',
+                        help="give DISCA the condition's tilt range for the orientation check only (training "
+                             "copies without the wedge, as by default)")
     parser.add_argument('--wedge', action='store_true',
                         help="re-impose the condition's missing wedge on the rotated training copies")
     parser.add_argument('--analysis', action='store_true',

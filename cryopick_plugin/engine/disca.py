@@ -29,9 +29,10 @@ labels are trivially stable while the network has barely moved. The 'paper' pres
 start. Both presets seed each Gaussian mixture with k-means++ instead of the reference's random
 responsibilities (option `gmm_init`; 'random' reproduces the reference), which can leave EM on the saddle
 where all components coincide (see `_gmm`). With the acquisition's tilt range (option `wedge_tilt`) the
-rotated training copies get the missing wedge back, and the kept clusters go through an orientation check
-(`orientation_transfer`, `orientation_groups`): clusters whose members, rotated, cross into each other are
-one molecule split by its orientation to the wedge and are merged. Further: rotations are uniform on SO(3) (scipy) instead of the SVD of a random matrix; each
+rotated training copies get the missing wedge back (`wedge_training`), and the kept clusters go through an
+orientation check (`orientation_merge`; `orientation_transfer`, `orientation_groups`): clusters whose
+members, rotated, cross into each other are one molecule split by its orientation to the wedge and are
+merged. Further: rotations are uniform on SO(3) (scipy) instead of the SVD of a random matrix; each
 subtomogram is normalised to zero mean and unit variance; the 'cpu' preset bins subtomograms to 24³ and
 uses a quarter of the width; candidate K is a range capped by the data size.
 """
@@ -67,12 +68,12 @@ TRAINING = {
     'paper': {'lr': 1e-5, 'batch_size': 64, 'pca_dim': 16, 'reg_covar': 1e-5, 'n_init': 5,
               'gmm_max_iter': 100, 'label_smoothing': 0.2, 'head_epochs': 10, 'head_lr': 1e-4,
               'stable_fraction': 0.999, 'min_per_cluster': 10, 'init': 'network', 'min_iter': 1,
-              'wedge_tilt': None, 'gmm_init': 'k-means++'},
+              'wedge_tilt': None, 'wedge_training': True, 'orientation_merge': True, 'gmm_init': 'k-means++'},
     # Fewer, shorter iterations on a CPU: a larger learning rate gets the features moving within them.
     'cpu': {'lr': 5e-4, 'batch_size': 16, 'pca_dim': 16, 'reg_covar': 1e-5, 'n_init': 3,
             'gmm_max_iter': 100, 'label_smoothing': 0.2, 'head_epochs': 10, 'head_lr': 1e-3,
             'stable_fraction': 0.999, 'min_per_cluster': 10, 'init': 'spectral', 'min_iter': 4,
-            'wedge_tilt': None, 'gmm_init': 'k-means++'},
+            'wedge_tilt': None, 'wedge_training': True, 'orientation_merge': True, 'gmm_init': 'k-means++'},
 }
 DEFAULT_MAX_ITER = {'paper': 20, 'cpu': 10}
 
@@ -542,7 +543,9 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
                 for group in opt.param_groups:
                     group['lr'] = lr
                 augmented = np.concatenate([data, random_rotations(data, rng,
-                                                                   tilt_range=opts.get('wedge_tilt'))])
+                                                                   tilt_range=opts.get('wedge_tilt')
+                                                                   if opts.get('wedge_training', True)
+                                                                   else None)])
                 entry['loss'] = _train_epoch(net, head, opt, augmented, np.tile(targets, (2, 1)), opts,
                                              generator, device)
                 entry['lr'], entry['smoothing'] = lr, smoothing
