@@ -59,7 +59,8 @@ def add_args(parser):
                         help='largest tilt angle of the acquisition (e.g. 60 for a ±60° series, tilt axis Y): '
                              'the rotated training copies get this missing wedge back, and at the end clusters '
                              'that turn into each other when their members are rotated (one molecule split '
-                             'by its orientation to the wedge) are merged (default: off, as the reference)')
+                             'by its orientation to the wedge) are merged; at good SNR only — on noisy data (SNR 0.01) it merged '
+                             'distinct molecules (default: off, as the reference)')
     parser.add_argument('--seed', type=int, default=0, help='random seed (0)')
     parser.add_argument('--device', default=None, help="'auto', 'cpu' or 'cuda' (default $CRYOPICK_DEVICE or auto)")
 

@@ -120,7 +120,9 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                            'each cluster are shown rotated (wedge put back) to the final model: two clusters '
                            'whose rotated members cross into each other, both ways, clearly more than '
                            'unrotated copies do are one molecule and are merged. The check is recorded in '
-                           'the model. Empty or 0: off, as in the published method.')
+                           'the model. Use it at good SNR only: on noisy data (simulated SNR 0.01) the '
+                           'rotated copies scatter and it merged distinct molecules into one cluster. '
+                           'Empty or 0: off, as in the published method.')
         form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,
                       help='Seed of the random number generators (weights, sampling), so a run can be repeated.')
         self._defineComputeParams(form, gpu=True)
