@@ -52,6 +52,10 @@ def add_args(parser):
     parser.add_argument('--self-training', type=int, default=dcp.SELF_TRAINING_ROUNDS, metavar='N',
                         help='rounds of retraining on the classifier\'s own confident picks of the training '
                              f'micrographs ({dcp.SELF_TRAINING_ROUNDS}; 0 = the published method)')
+    parser.add_argument('--score-rotations', type=int, choices=(1, 4), default=dcp.SCORE_ROTATIONS,
+                        help='average the classifier\'s scores over the four 90° turns of each micrograph (4; '
+                             '4× the scoring time) or score it as it is (1, the default); stored in a trained '
+                             'model, so picking with it scores the same way')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N')
 
@@ -82,7 +86,7 @@ def main(args):
         model, info = dcp.train_deepcryopicker(
             images, diameter, args.preset, args.clustering, args.shape, args.polarity,
             per_class=args.per_class, epochs=args.epochs, seed=args.seed, device=args.device,
-            out=path, log=log.info, self_training=args.self_training)
+            out=path, log=log.info, self_training=args.self_training, score_rotations=args.score_rotations)
         del images
         log.info('model trained in %.1f s → %s', time.time() - t0, path)
         if args.train_only:

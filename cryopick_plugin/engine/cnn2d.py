@@ -193,6 +193,13 @@ def total_stride(arch):
     return stride
 
 
+def grid_step(arch, stride):
+    """The step of `dense_score_map`'s grid for a wanted `stride`: the largest divisor of the network's
+    total stride not above it."""
+    total = total_stride(arch)
+    return max(s for s in range(1, total + 1) if total % s == 0 and s <= max(1, int(stride)))
+
+
 def dense_score_map(net, arch, image, stride, device='cpu'):
     """Fully convolutional equivalent of `score_map` (see module doc): probabilities (ny, nx, classes) for
     window centres at (i·step, j·step), step the largest divisor of the network stride not above `stride`.
@@ -203,7 +210,7 @@ def dense_score_map(net, arch, image, stride, device='cpu'):
     import torch.nn.functional as F
     window = int(arch['window'])
     total = total_stride(arch)
-    step = max(s for s in range(1, total + 1) if total % s == 0 and s <= max(1, int(stride)))
+    step = grid_step(arch, stride)
     n_shift = total // step
     image = np.asarray(image, np.float32)
     H, W = image.shape
