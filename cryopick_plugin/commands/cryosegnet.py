@@ -21,6 +21,7 @@ import time
 
 from ..engine import cryosegnet, star
 from ..engine.errors import InputError
+from ..engine.micrograph_io import EDGE_MARGIN
 from ..engine.settings import SAM_CHECKPOINT_VAR
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ def add_args(parser):
                              'validation micrographs; 0.5 when it had none)')
     parser.add_argument('--diameter', type=float, default=None,
                         help='particle diameter in pixels (default: the training diameter)')
+    parser.add_argument('--edge-margin', type=float, default=EDGE_MARGIN,
+                        help="picks closer than this many particle diameters to the micrograph's edge are "
+                             "dropped (default 0.5: the particle is cut by the edge; 0 keeps every pick)")
     parser.add_argument('--save-maps', action='store_true', help='also write the probability maps (MRC)')
     parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N')
 
@@ -57,6 +61,8 @@ def main(args):
             raise InputError(path, "file not found")
     if args.points_per_side < 1:
         raise InputError('--points-per-side', "must be at least 1")
+    if not 0 <= args.edge_margin < 10:
+        raise InputError('--edge-margin', f"must be 0 or more diameters (below 10), got {args.edge_margin:g}")
     model = cryosegnet.load_cryosegnet(args.model, args.device)
     checkpoint = None if args.no_sam else (args.sam_checkpoint or os.environ.get(SAM_CHECKPOINT_VAR) or None)
     sam = None
@@ -75,7 +81,7 @@ def main(args):
             image, model, diameter_px=args.diameter, sam_model=sam, threshold=threshold,
             points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
             stability_score_thresh=args.stability_thresh, iou_filter=args.iou, size_factor=args.size_factor,
-            source=path)
+            source=path, edge_margin=args.edge_margin)
         stem = os.path.splitext(os.path.basename(path))[0]
         table = star.coordinates_frame(star.xyz_array(picks), os.path.basename(path),
                                        scores=picks[star.SCORE].to_numpy(), micrograph=True)

@@ -23,7 +23,7 @@ import time
 
 from ..engine import cnn2d, deepcryopicker as dcp, ibc, star
 from ..engine.errors import InputError
-from ..engine.micrograph_io import read_micrograph
+from ..engine.micrograph_io import EDGE_MARGIN, read_micrograph
 
 log = logging.getLogger(__name__)
 MODEL_NAME = 'deepcryopicker_model.pt'
@@ -56,6 +56,9 @@ def add_args(parser):
                         help='average the classifier\'s scores over the four 90° turns of each micrograph (4; '
                              '4× the scoring time) or score it as it is (1, the default); stored in a trained '
                              'model, so picking with it scores the same way')
+    parser.add_argument('--edge-margin', type=float, default=EDGE_MARGIN,
+                        help="picks closer than this many particle diameters to the micrograph's edge are "
+                             "dropped (default 0.5: the particle is cut by the edge; 0 keeps every pick)")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N')
 
@@ -70,6 +73,8 @@ def main(args):
         raise InputError('--diameter', f"must be positive, got {args.diameter:g}")
     if args.self_training < 0:
         raise InputError('--self-training', f"must be 0 or more rounds, got {args.self_training}")
+    if not 0 <= args.edge_margin < 10:
+        raise InputError('--edge-margin', f"must be 0 or more diameters (below 10), got {args.edge_margin:g}")
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise InputError('--threshold', f"must be within [0, 1], got {args.threshold:g}")
     os.makedirs(args.out, exist_ok=True)
@@ -95,7 +100,7 @@ def main(args):
     for path in args.micrographs:
         image, _ = read_micrograph(path)
         picks, _, diag = dcp.deepcryopicker_pick(image, args.diameter, model=model, seed=args.seed,
-                                                 threshold=args.threshold)
+                                                 threshold=args.threshold, edge_margin=args.edge_margin)
         table = star.coordinates_frame(star.xyz_array(picks), os.path.basename(path),
                                        classes=picks[star.CLASS].to_numpy(),
                                        scores=picks[star.SCORE].to_numpy(), micrograph=True)

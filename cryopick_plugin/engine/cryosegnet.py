@@ -35,7 +35,8 @@ Picking without SAM (`picks_from_map`)
     Threshold the map, take the maxima of the distance transform of the foreground (touching particles
     give one maximum each), keep maxima whose inscribed circle radius lies in [0.3 r, 1.5 r] (too thin:
     noise; too wide: contamination or carbon). This is our U-Net-only path, not CryoSegNet's published
-    post-processing, which is `sam_picking.picks_with_sam`.
+    post-processing, which is `sam_picking.picks_with_sam`. On both paths picks closer than half a
+    diameter to the micrograph's edge are dropped (a cut particle; `edge_margin`).
 """
 import logging
 import math
@@ -48,6 +49,7 @@ import pandas as pd
 from . import attention_unet, star
 from .errors import InputError
 from .model_io import load_model, save_model
+from .micrograph_io import EDGE_MARGIN, away_from_edge
 
 log = logging.getLogger(__name__)
 
@@ -445,14 +447,15 @@ def picks_frame(xy, scores, diameters):
                          star.DIAMETER: np.broadcast_to(np.asarray(diameters, dtype=float), (len(xy),)).copy()})
 
 
-def picks_from_map(prob, diameter_px, threshold=0.5, min_radius=0.3, max_radius=1.5):
+def picks_from_map(prob, diameter_px, threshold=0.5, min_radius=0.3, max_radius=1.5, edge_margin=EDGE_MARGIN):
     """U-Net-only picking (no SAM): centres of particles in a probability map.
 
     Foreground = prob ≥ threshold; one pick per maximum of its distance transform, maxima at least 0.4
     diameters apart; a maximum is kept when its inscribed-circle radius is within [min_radius, max_radius]
     times the particle radius. Works on a copy scaled so the diameter is about 24 pixels (fast on 4k²
-    maps). Returns a DataFrame with rlnCoordinateX/Y (pixels of `prob`), rlnAutopickFigureOfMerit (the
-    map smoothed over a third of the radius, at the pick) and rlnDiameter.
+    maps). Picks closer than `edge_margin` diameters to the map's edge are dropped (a cut particle;
+    `micrograph_io.away_from_edge`). Returns a DataFrame with rlnCoordinateX/Y (pixels of `prob`),
+    rlnAutopickFigureOfMerit (the map smoothed over a third of the radius, at the pick) and rlnDiameter.
     """
     import cv2
     from scipy import ndimage
@@ -479,13 +482,16 @@ def picks_from_map(prob, diameter_px, threshold=0.5, min_radius=0.3, max_radius=
     peaks = peaks[keep]
     xy = np.stack([(peaks[:, 1] + 0.5) / sx - 0.5, (peaks[:, 0] + 0.5) / sy - 0.5], axis=1)
     scores = smooth[peaks[:, 0], peaks[:, 1]]
+    inside = away_from_edge(xy, prob.shape, edge_margin * d)
+    xy, scores = xy[inside], scores[inside]
     order = np.argsort(-scores, kind='stable')
     return picks_frame(xy[order], scores[order], d)
 
 
 def cryosegnet_pick(image, model_path, diameter_px=None, sam_checkpoint=None, sam_type=None, threshold=None,
                     points_per_side=32, pred_iou_thresh=0.88, stability_score_thresh=0.95, iou_filter=0.94,
-                    size_factor=0.2, device='auto', sam_model=None, preprocess=None, source='micrograph'):
+                    size_factor=0.2, device='auto', sam_model=None, preprocess=None, source='micrograph',
+                    edge_margin=EDGE_MARGIN):
     """Pick one micrograph: U-Net map, then SAM post-processing (when a SAM model/checkpoint is given) or
     the U-Net-only path.
 
@@ -493,6 +499,7 @@ def cryosegnet_pick(image, model_path, diameter_px=None, sam_checkpoint=None, sa
     diameter_px  particle diameter in pixels of this micrograph (default: the training diameter).
     sam_checkpoint / sam_type   Segment Anything checkpoint (vit_b/vit_l/vit_h, inferred when None);
                  `sam_model` may instead be an already built Sam (loaded once for many micrographs).
+    edge_margin  picks closer than this many diameters to the micrograph's edge are dropped (0 keeps them)
     Returns (DataFrame with rlnCoordinateX (column), rlnCoordinateY (row of the array as read),
     rlnAutopickFigureOfMerit, rlnDiameter; sorted by score), diagnostics dict: 'prob' (the map),
     'path' ('sam' or 'unet'), 'seconds' per stage, 'n_masks' (SAM masks before filtering).
@@ -514,11 +521,12 @@ def cryosegnet_pick(image, model_path, diameter_px=None, sam_checkpoint=None, sa
                                         pred_iou_thresh=pred_iou_thresh,
                                         stability_score_thresh=stability_score_thresh,
                                         iou_filter=iou_filter, size_factor=size_factor, return_count=True)
+        picks = picks[away_from_edge(picks[[star.X, star.Y]].to_numpy(float), image.shape, edge_margin * d)]
         diag.update(path='sam', n_masks=n_masks)
     else:
         if threshold is None:
             threshold = float(model.meta.get('threshold', 0.5))
-        picks = picks_from_map(prob, d, threshold=threshold)
+        picks = picks_from_map(prob, d, threshold=threshold, edge_margin=edge_margin)
         diag.update(path='unet', n_masks=None, threshold=threshold)
     diag['seconds']['postprocess'] = time.time() - t1
     return picks.reset_index(drop=True), diag

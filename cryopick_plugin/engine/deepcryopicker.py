@@ -28,9 +28,10 @@ Pipeline (`deepcryopicker_pick`):
    candidate and every confident pick, read from a normal fitted to the lower side of those scores)
    rather than fixed at 0.5.
    High-score connected regions larger than `max_region` particles (carbon edges, aggregates, ice;
-   judged at a score of 0.5 or the threshold if higher) are removed; local maxima above the threshold go
-   through NMS
-   (`nms_2d`, 0.6·diameter) and are mapped back to pixels of the input micrograph.
+   judged at a score of 0.5 or the threshold if higher) are removed with half a diameter around them;
+   local maxima above the threshold go through NMS (`nms_2d`, 0.6·diameter) and are mapped back to
+   pixels of the input micrograph. Maxima closer than half a diameter to the micrograph's edge (a cut
+   particle, half reflection padding) are dropped.
 
 Coordinates are x = column, y = row of the input array (no flip), origin at the first pixel.
 """
@@ -42,7 +43,7 @@ import pandas as pd
 
 from . import cnn2d, ibc, preprocess2d, star
 from .errors import InputError
-from .micrograph_io import downsample
+from .micrograph_io import EDGE_MARGIN, away_from_edge, downsample
 
 METHOD = 'deepcryopicker'
 SCALE_STEP = 0.125
@@ -57,6 +58,8 @@ CALIBRATION_MIN = 0.05
 CALIBRATION_RULE = 'robust'
 # Rounds of retraining on the classifier's own confident picks (`self_training_set`); 0 = the paper.
 SELF_TRAINING_ROUNDS = 1
+# Margin, in particle diameters, removed around a large high-score region with it (`picks_from_scores`).
+RIM_MARGIN = 0.5
 # Turns of the micrograph whose scores are averaged (`score_image`): 4 or 1. Four turns ranked β-gal's
 # particles a little better (test F1 +0.015 with one self-training round, +0.003 with two) but narrow the
 # score distribution, so that on sparse micrographs with a weak classifier background maxima clear the
@@ -293,7 +296,9 @@ def self_training_set(model, works, diameters, window, per_class, clustering='ib
         xy, sc, cl, _ = picks_from_scores(score, classes, stride, d, CALIBRATION_MIN)
         regions, _, _ = find_candidates(work, d, clustering, shape, seed)
         cand = np.array([[r['x'], r['y']] for r in regions]).reshape(-1, 2)
-        confident = sc >= min_score
+        # Particles cut by the edge make poor positives (half of their window is reflection padding), but
+        # they are no background either: they stay among the positions the background keeps away from.
+        confident = (sc >= min_score) & away_from_edge(xy, work.shape, EDGE_MARGIN * d)
         known.append(xy[confident])
         pos_p.append(_patches(work, xy[confident], window))
         pos_l.append(cl[confident])
@@ -530,8 +535,12 @@ def score_image(model, work, diameter_work, stride=None, rotations=None):
     return np.ascontiguousarray(score, np.float32), np.ascontiguousarray(classes, int), step
 
 
-def picks_from_scores(score, classes, stride, diameter_work, threshold, max_region=4.0, nms_factor=0.6):
-    """Positions (working pixels), scores and classes from a score map (see module doc, step 6)."""
+def picks_from_scores(score, classes, stride, diameter_work, threshold, max_region=4.0, nms_factor=0.6,
+                      shape=None, edge_margin=EDGE_MARGIN):
+    """Positions (working pixels), scores and classes from a score map (see module doc, step 6).
+
+    shape: the working image's (rows, columns); with it, maxima closer than `edge_margin` diameters to its
+    edge are dropped (`micrograph_io.away_from_edge`)."""
     from scipy import ndimage as ndi
     from skimage.feature import peak_local_max
     smooth = ndi.gaussian_filter(score, 1.0)
@@ -545,10 +554,17 @@ def picks_from_scores(score, classes, stride, diameter_work, threshold, max_regi
         areas = np.bincount(lab.ravel())[1:] * cell
         big = np.flatnonzero(areas > max_region * ibc.disk_area(diameter_work)) + 1
         if len(big):
-            smooth = np.where(np.isin(lab, big), 0, smooth)
+            # Half a diameter around each region goes too: its rim, where the score falls through 0.5,
+            # would otherwise be left as a ring of maxima just under 0.5 — a row of false picks along
+            # every carbon edge and around every contamination blob at a calibrated threshold below 0.5
+            # (simulated micrographs: F1 at the own threshold 0.52 → 0.64 at SNR 0.1; bench/README §4b).
+            near = ndi.distance_transform_edt(~np.isin(lab, big)) <= RIM_MARGIN * diameter_work / stride
+            smooth = np.where(near, 0, smooth)
             removed = len(big)
     peaks = peak_local_max(smooth, min_distance=max(1, int(0.3 * diameter_work / stride)),
                            threshold_abs=threshold, exclude_border=False)
+    if shape is not None and edge_margin:
+        peaks = peaks[away_from_edge(peaks[:, ::-1] * stride, shape, edge_margin * diameter_work)]
     xy = peaks[:, ::-1].astype(float) * stride
     sc = smooth[peaks[:, 0], peaks[:, 1]] if len(peaks) else np.zeros(0)
     cl = classes[peaks[:, 0], peaks[:, 1]] if len(peaks) else np.zeros(0, int)
@@ -558,13 +574,15 @@ def picks_from_scores(score, classes, stride, diameter_work, threshold, max_regi
 
 def deepcryopicker_pick(image, diameter_px=None, preset='cpu', model=None, seed=0, device='auto', log=None,
                         threshold=None, clustering='ibc', shape='irregular', polarity='dark',
-                        max_region=4.0, **train_options):
+                        max_region=4.0, edge_margin=EDGE_MARGIN, **train_options):
     """Pick one micrograph; train on it first when no model is given.
 
     image        2D float array (as read by micrograph_io.read_micrograph)
     diameter_px  particle diameter in pixels of `image` (None: the model's training diameter, else estimated)
     model        DeepCryoPickerModel, a model file path, or None (train on this micrograph)
     threshold    particle score threshold (default: the model's, calibrated at training)
+    edge_margin  picks closer than this many diameters to the micrograph's edge are dropped (0.5: the
+                 particle is cut by the edge; 0 keeps them)
     Returns (DataFrame rlnCoordinateX (column), rlnCoordinateY (row), rlnAutopickFigureOfMerit,
     rlnClassNumber — in pixels of `image`; model; diagnostics dict with 'score' map, 'stride', 'scale',
     'candidates' (x, y, good) in input pixels, 'training' sizes, 'times' per stage, 'removed_regions').
@@ -604,7 +622,8 @@ def deepcryopicker_pick(image, diameter_px=None, preset='cpu', model=None, seed=
     score, classes, stride = score_image(model, work, d_work)
     times['score'] = time.time() - t
     thr = float(meta.get('threshold', DEFAULT_THRESHOLD) if threshold is None else threshold)
-    xy, sc, cl, removed = picks_from_scores(score, classes, stride, d_work, thr, max_region)
+    xy, sc, cl, removed = picks_from_scores(score, classes, stride, d_work, thr, max_region, shape=work.shape,
+                                            edge_margin=edge_margin)
     xy = _to_input_frame(xy, work.shape, image.shape)
     inside = np.all((xy >= -0.5) & (xy <= np.array(image.shape[::-1]) - 0.5), axis=1)
     xy, sc, cl = xy[inside], sc[inside], cl[inside]

@@ -8,12 +8,18 @@ engine's output files as Scipion objects. Per-tomogram steps are keyed by tsId s
 import json
 import os
 import shlex
+import threading
 
 from pyworkflow.protocol import params
 from pwem.protocols import EMProtocol
 
 from .. import Plugin, convert
 from ..engine import star
+
+# Scipion runs the steps of a parallel protocol as threads of one process, and the mapper of a set's SQLite
+# file is shared between them: two steps iterating one input set at the same moment crashed the protocol
+# process (a segmentation fault, seen with three DoG steps). Input sets are read under this lock, once.
+_SET_READ_LOCK = threading.Lock()
 
 
 class CryopickProtocol(EMProtocol):
@@ -64,6 +70,18 @@ class CryopickProtocol(EMProtocol):
     @staticmethod
     def _absFile(obj):
         return os.path.abspath(obj.getFileName())
+
+    def _tomogramFile(self, tsId, tomograms=None):
+        """Absolute file of tomogram `tsId` of the set that the callable `tomograms` returns (default:
+        the inputTomograms), safe to call from steps running side by side: the set is got and read
+        once, under a lock, and its tsId → file map kept for the other steps."""
+        with _SET_READ_LOCK:
+            tomograms = self.inputTomograms.get() if tomograms is None else tomograms()
+            cache = self.__dict__.setdefault('_tomogramFilesCache', {})
+            key = os.path.abspath(tomograms.getFileName())
+            if key not in cache:
+                cache[key] = {ts: self._absFile(t) for ts, t in convert.tomograms_by_name(tomograms).items()}
+            return cache[key][tsId]
 
     # ------------------------------------------------------------------ coordinates ↔ STAR
     def _writeCoordinatesStar(self, coords, tomograms, path, tsId=None):

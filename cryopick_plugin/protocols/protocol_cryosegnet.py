@@ -149,6 +149,7 @@ class CryopickCryoSegNet(CryopickPicking2DBase):
                            'too, U-Net-only picking.')
         form.addParam('samType', params.EnumParam, choices=SAM_TYPES, default=0, label='SAM model type',
                       help='auto: read it from the checkpoint.')
+        self._defineEdgeParam(form)
         form.addParam('threshold', params.FloatParam, allowsNull=True, default=None,
                       label='U-Net threshold', help='Probability threshold of the U-Net-only path. Empty: the model\'s own, chosen '
                            'during training on the held-out micrographs (0.5 when it had none).')
@@ -181,7 +182,7 @@ class CryopickCryoSegNet(CryopickPicking2DBase):
         args = self._micPaths(names) + ['--model', os.path.abspath(self.inputModel.get().getPath()),
                                         '--out', self._picksDir(), '--diameter', self._diameterPx(),
                                         '--points-per-side', self.pointsPerSide.get(), '--iou', self.iouFilter.get(),
-                                        '--size-factor', self.sizeFactor.get(), '--save-maps']
+                                        '--size-factor', self.sizeFactor.get(), '--save-maps'] + self._edgeArgs()
         sam = self._sam()
         if sam:
             args += ['--sam-checkpoint', os.path.abspath(sam)]

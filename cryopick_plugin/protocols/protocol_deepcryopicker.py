@@ -54,6 +54,7 @@ class CryopickDeepCryoPicker(CryopickPicking2DBase):
                            'every clustering candidate and every confident pick) reach on the training '
                            'micrographs, within 0.05–0.5. Lower it for crowded micrographs, raise it for '
                            'clean ones.')
+        self._defineEdgeParam(form)
         form.addParam('selfTraining', params.IntParam, default=1, label='Self-training rounds',
                       expertLevel=params.LEVEL_ADVANCED,
                       help='After the first training, the classifier picks its own training micrographs and a '
@@ -95,7 +96,8 @@ class CryopickDeepCryoPicker(CryopickPicking2DBase):
                            '--out', os.path.dirname(self._modelPath())], gpu=True)
 
     def pickStep(self, names):
-        args = self._micPaths(names) + self._common() + ['--model', self._modelPath(), '--out', self._picksDir()]
+        args = self._micPaths(names) + self._common() + self._edgeArgs() + ['--model', self._modelPath(),
+                                                                              '--out', self._picksDir()]
         if self.threshold.get() is not None:
             args += ['--threshold', self.threshold.get()]
         self._runCryopick('deepcryopicker', args, gpu=True)

@@ -48,8 +48,7 @@ class CryopickDogPick(CryopickProtocol, ProtTomoPicking):
         self._insertFunctionStep(self.createOutputStep, tsIds, prerequisites=steps, needsGPU=False)
 
     def pickStep(self, tsId):
-        tomo = convert.tomograms_by_name(self.inputTomograms.get())[tsId]
-        args = [self._absFile(tomo), '--diameter', self.diameter.get(),
+        args = [self._tomogramFile(tsId), '--diameter', self.diameter.get(),
                 '--polarity', POLARITIES[self.polarity.get()], '--max-picks', self.maxPicks.get(),
                 '--tomo-name', tsId, '--out', self._tsPath(tsId, '_dog.star')]
         if self.threshold.get() is not None:

@@ -65,8 +65,7 @@ class CryopickExtractSubtomograms(CryopickProtocol, ProtTomoBase):
             star.write_coordinates(self._tsPath(tsId, '_coords.star'), df[df[star.TOMO] == tsId])
 
     def extractStep(self, tsId):
-        tomo = convert.tomograms_by_name(self._tomograms())[tsId]
-        args = [self._absFile(tomo), self._tsPath(tsId, '_coords.star'), '--box', self._box(),
+        args = [self._tomogramFile(tsId, self._tomograms), self._tsPath(tsId, '_coords.star'), '--box', self._box(),
                 '--binning', self.binning.get(), '--prefix', tsId, '--out', self._tsPath(tsId, '')]
         if not self.normalise.get():
             args.append('--no-normalise')

@@ -60,8 +60,7 @@ class CryopickPick3D(CryopickProtocol, ProtTomoPicking):
         self._insertFunctionStep(self.createOutputStep, tsIds, prerequisites=pick_steps, needsGPU=False)
 
     def pickStep(self, tsId):
-        tomo = convert.tomograms_by_name(self.inputTomograms.get())[tsId]
-        args = [self._absFile(tomo), '--model', os.path.abspath(self.inputModel.get().getPath()),
+        args = [self._tomogramFile(tsId), '--model', os.path.abspath(self.inputModel.get().getPath()),
                 '--out', self._tsPath(tsId, '_picks.star'), '--batch-size', self.batchSize.get(),
                 '--work-dir', os.path.abspath(self._getTmpPath())]
         for flag, value in (('--t-seg', self.tSeg.get()), ('--t-lm', self.tLm.get()),

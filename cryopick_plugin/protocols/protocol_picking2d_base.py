@@ -9,7 +9,7 @@ from pwem.protocols import ProtParticlePicking
 from .. import convert
 from ..constants import OUT_COORDS2D
 from ..engine import star
-from .protocol_base import CryopickProtocol
+from .protocol_base import _SET_READ_LOCK, CryopickProtocol
 
 
 class CryopickPicking2DBase(CryopickProtocol, ProtParticlePicking):
@@ -27,6 +27,17 @@ class CryopickPicking2DBase(CryopickProtocol, ProtParticlePicking):
         form.addParam('boxSize', params.IntParam, allowsNull=True, default=None, label='Box size (px)',
                       help='Box recorded with the coordinates for extraction. Empty: 1.5 × the diameter, even.')
 
+    @staticmethod
+    def _defineEdgeParam(form):
+        form.addParam('edgeMargin', params.FloatParam, default=0.5, expertLevel=params.LEVEL_ADVANCED,
+                      label='Skip picks near the edge (diameters)',
+                      help='Picks whose centre is closer than this many particle diameters to the micrograph\'s '
+                           'edge are dropped. 0.5: the particle is cut by the edge (it cannot be extracted '
+                           'whole, and the picker sees half of it as padding); 0 keeps every pick.')
+
+    def _edgeArgs(self):
+        return ['--edge-margin', self.edgeMargin.get()]
+
     # ------------------------------------------------------------------ helpers
     def _diameterPx(self):
         return self.diameter.get() / self.inputMicrographs.get().getSamplingRate()
@@ -39,8 +50,13 @@ class CryopickPicking2DBase(CryopickProtocol, ProtParticlePicking):
         return [names[i:i + self.CHUNK] for i in range(0, len(names), self.CHUNK)]
 
     def _micPaths(self, names):
-        mics = convert.micrographs_by_name(self.inputMicrographs.get())
-        return [os.path.abspath(mics[n].getFileName()) for n in names]
+        # Steps running side by side must not read the set's SQLite at the same time (protocol_base).
+        with _SET_READ_LOCK:
+            cache = self.__dict__.setdefault('_micrographFilesCache', {})
+            if not cache:
+                cache.update({n: os.path.abspath(m.getFileName())
+                              for n, m in convert.micrographs_by_name(self.inputMicrographs.get()).items()})
+            return [cache[n] for n in names]
 
     def _picksDir(self):
         return os.path.abspath(self._getExtraPath('picks'))
@@ -92,6 +108,9 @@ class CryopickPicking2DBase(CryopickProtocol, ProtParticlePicking):
                           f'({dims[0]}×{dims[1]} px).')
         if not self.diameter.get() or self.diameter.get() <= 0:
             errors.append('The particle diameter must be positive.')
+        margin = self.edgeMargin.get() if self.hasAttribute('edgeMargin') else None
+        if margin is not None and not 0 <= margin < 10:
+            errors.append(f'Skip picks near the edge: {margin:g} diameters is not within 0–10.')
         return errors
 
     def _summary(self):

@@ -69,8 +69,7 @@ class CryopickWeakLabels(CryopickProtocol, ProtTomoBase):
             star.write_coordinates(self._tsPath(tsId, '_centres.star'), rows)
 
     def labelStep(self, tsId):
-        tomo = convert.tomograms_by_name(self.inputTomograms.get())[tsId]
-        args = [self._absFile(tomo), self._tsPath(tsId, '_centres.star'),
+        args = [self._tomogramFile(tsId), self._tsPath(tsId, '_centres.star'),
                 '--diameter', self.diameter.get(), '--shape', LABEL_SHAPES[self.labelShape.get()],
                 '--out', self._tsPath(tsId, '_labels.mrc')]
         if self.classDiameters.get():

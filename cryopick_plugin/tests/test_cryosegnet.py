@@ -145,6 +145,17 @@ def test_non_square_micrograph_keeps_aspect(trained):
     assert f1_score(star.xyz_array(picks), centres, DIAMETER / 2) >= 0.8
 
 
+def test_unet_picks_of_particles_cut_by_the_edge_are_dropped():
+    yy, xx = np.mgrid[:96, :96]
+    prob = np.zeros((96, 96), np.float32)
+    for x, y in ((48, 48), (3, 40), (70, 94)):     # inside; 3 px from the left edge; 1.5 px from the bottom
+        prob[np.hypot(xx - x, yy - y) <= DIAMETER / 2] = 1.0
+    kept = star.xyz_array(cs.picks_from_map(prob, DIAMETER))
+    assert len(kept) == 1 and np.allclose(kept[0], [48, 48], atol=1)
+    every = star.xyz_array(cs.picks_from_map(prob, DIAMETER, edge_margin=0))
+    assert len(every) == 3
+
+
 def test_orientation_rows_as_read(trained):
     """Particles only in the top rows of the array give picks with small row (y) values: no flip."""
     path, _ = trained

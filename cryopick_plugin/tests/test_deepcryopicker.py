@@ -192,6 +192,40 @@ def test_rotation_averaged_scores_turn_with_the_micrograph():
         dcp.score_image(model, img, 24, rotations=2)
 
 
+def test_large_regions_go_with_their_rim_and_edge_maxima_are_dropped():
+    score = np.zeros((60, 80), np.float32)
+    score[10:34, 10:34] = 0.45            # the rim of a carbon-like region: just under 0.5 ...
+    score[12:32, 12:32] = 0.9             # ... around its high-score core, far larger than a particle
+    score[44:47, 50:53] = 0.9             # one particle-sized blob
+    score[30:33, 0:2] = 0.9               # another, cut by the left edge
+    classes = np.ones(score.shape, int)
+    kw = dict(stride=1, diameter_work=6, threshold=0.05)
+    xy, sc, _, removed = dcp.picks_from_scores(score, classes, shape=score.shape, **kw)
+    assert removed == 1
+    assert np.allclose(xy, [[51, 45]]) and sc[0] > 0.5
+    # without the margin the rim is left as a ring of maxima just under 0.5: false picks along every edge
+    rim = dcp.RIM_MARGIN
+    try:
+        dcp.RIM_MARGIN = 0.0
+        xy0, sc0, _, _ = dcp.picks_from_scores(score, classes, shape=score.shape, **kw)
+    finally:
+        dcp.RIM_MARGIN = rim
+    on_rim = (xy0[:, 0] >= 9) & (xy0[:, 0] <= 34) & (xy0[:, 1] >= 9) & (xy0[:, 1] <= 34)
+    assert on_rim.sum() >= 2 and np.all(sc0[on_rim] < 0.5)
+    # the blob at the edge: kept with no edge margin (or no shape), dropped by default
+    for margin, shape in ((0, score.shape), (0.5, None)):
+        xy1, _, _, _ = dcp.picks_from_scores(score, classes, shape=shape, edge_margin=margin, **kw)
+        assert len(xy1) == 2 and np.any(xy1[:, 0] < 2)
+
+
+def test_away_from_edge():
+    from cryopick_plugin.engine.micrograph_io import away_from_edge
+    xy = np.array([[0, 50], [4.5, 50], [5, 50], [50, 94.5], [50, 95], [50, 50]], float)
+    # pixel centres: the first pixel's centre is 0.5 from the edge; the image is 100 rows × 200 columns
+    assert away_from_edge(xy, (100, 200), 5).tolist() == [False, True, True, True, False, True]
+    assert away_from_edge(xy, (100, 200), 0).all() and len(away_from_edge(np.zeros((0, 2)), (9, 9), 1)) == 0
+
+
 def test_bad_options_raise_input_error():
     with pytest.raises(InputError):
         cnn2d.arch_for('huge', 2)
