@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cryopick_plugin.engine import betagal, deepcryopicker as dcp, preprocess2d  # noqa: E402
 from cryopick_plugin.engine.evaluate import match_points  # noqa: E402
-from cryopick_plugin.engine.micrograph_io import downsample, read_micrograph, to_original_coordinates  # noqa: E402
+from cryopick_plugin.engine.micrograph_io import (EDGE_MARGIN, away_from_edge, downsample,  # noqa: E402
+                                                  read_micrograph, to_original_coordinates)
 
 
 def prf(pred, truth, radius):
@@ -59,8 +60,9 @@ def best_threshold(picks, truths, radius):
     return float(best)
 
 
-def log_picks(image, diameter, bin_factor=4):
-    """LoG blobs (skimage.blob_log) on the inverted, downsampled image; returns (xy, scores)."""
+def log_picks(image, diameter, bin_factor=4, edge_margin=0.0):
+    """LoG blobs (skimage.blob_log) on the inverted, downsampled image; returns (xy, scores). With
+    `edge_margin` (diameters), blobs closer than that to the edge are dropped, as cryopick's pickers do."""
     from skimage.feature import blob_log
     small = downsample(image, bin_factor)
     small = -(small - small.mean()) / small.std()
@@ -74,7 +76,8 @@ def log_picks(image, diameter, bin_factor=4):
     resp = -ndi.gaussian_laplace(small, sigma) * sigma ** 2
     ys, xs = blobs[:, 0].astype(int), blobs[:, 1].astype(int)
     xy = to_original_coordinates(np.stack([xs, ys], 1), small.shape, image.shape)
-    return xy, resp[ys, xs]
+    keep = away_from_edge(xy, image.shape, edge_margin * diameter)
+    return xy[keep], resp[ys, xs][keep]
 
 
 def main():
@@ -114,6 +117,13 @@ def main():
                   'test_at_tuned': at_threshold(log_te, [r.centres for r in test], thr, radius),
                   'train_at_tuned': at_threshold(log_tr, [r.centres for r in train], thr, radius)}
     print('LoG', json.dumps(out['log'], indent=1), flush=True)
+    # the same with cryopick's edge margin (blobs of particles cut by the edge dropped)
+    log_tr = [log_picks(images[r.name], betagal.DIAMETER, edge_margin=EDGE_MARGIN) for r in train]
+    log_te = [log_picks(images[r.name], betagal.DIAMETER, edge_margin=EDGE_MARGIN) for r in test]
+    thr = best_threshold(log_tr, [r.centres for r in train], radius)
+    out['log_edge'] = {'edge_margin': EDGE_MARGIN, 'tuned_threshold': thr,
+                       'test_at_tuned': at_threshold(log_te, [r.centres for r in test], thr, radius)}
+    print('LoG with the edge margin', json.dumps(out['log_edge'], indent=1), flush=True)
 
     # DeepCryoPicker: train without labels on the training split, pick everything
     t = time.time()

@@ -52,6 +52,7 @@ import bench_2d  # noqa: E402
 from bench_2d import at_threshold, best_threshold, log_picks  # noqa: E402
 from cryopick_plugin.engine import cryosegnet as cs, deepcryopicker as dcp, star  # noqa: E402
 from cryopick_plugin.engine.evaluate import match_points  # noqa: E402
+from cryopick_plugin.engine.micrograph_io import EDGE_MARGIN, away_from_edge  # noqa: E402
 from cryopick_plugin.engine.simulate_micrograph import simulate_micrograph  # noqa: E402
 
 # Segmentation thresholds swept for CryoSegNet's tuned figure: wider than the 0.3-0.8 of its own
@@ -109,10 +110,16 @@ def run_log(args, sims, d, radius, train, test):
     truths = [truth_xy(s) for s in sims]
     tr, te = [picks[i] for i in train], [picks[i] for i in test]
     thr = best_threshold(tr, [truths[i] for i in train], radius)
+    # the same blobs with cryopick's edge margin (blobs of particles cut by the edge dropped)
+    keep = [away_from_edge(xy, s.image.shape, EDGE_MARGIN * d) for (xy, _), s in zip(picks, sims)]
+    edged = [(xy[k], sc[k]) for (xy, sc), k in zip(picks, keep)]
+    thr_e = best_threshold([edged[i] for i in train], [truths[i] for i in train], radius)
     return {'bin_factor': args.log_bin, 'seconds_per_micrograph': round(seconds, 3),
             'tuned_threshold': thr,
             'test_at_tuned': at_threshold(te, [truths[i] for i in test], thr, radius),
-            'train_at_tuned': at_threshold(tr, [truths[i] for i in train], thr, radius)}
+            'train_at_tuned': at_threshold(tr, [truths[i] for i in train], thr, radius),
+            'edge_margin': EDGE_MARGIN, 'tuned_threshold_edge': thr_e,
+            'test_at_tuned_edge': at_threshold([edged[i] for i in test], [truths[i] for i in test], thr_e, radius)}
 
 
 def run_dcp(args, sims, d, radius, train, test):
@@ -237,9 +244,12 @@ def run_condition(args, snr, work_dir):
 def rows(cond):
     """(method, threshold kind, threshold, metrics, seconds per micrograph) for the table."""
     lg, dc, cn = cond['log'], cond['deepcryopicker'], cond.get('cryosegnet')
-    out = [('LoG', 'tuned (train)', lg['tuned_threshold'], lg['test_at_tuned'], lg['seconds_per_micrograph']),
-           ('DeepCryoPicker', 'own (calibrated)', dc['own_threshold'], dc['test_at_own'],
-            dc['seconds_per_micrograph'])]
+    out = [('LoG', 'tuned (train)', lg['tuned_threshold'], lg['test_at_tuned'], lg['seconds_per_micrograph'])]
+    if 'test_at_tuned_edge' in lg:
+        out.append(('LoG', 'tuned, edge margin', lg['tuned_threshold_edge'], lg['test_at_tuned_edge'],
+                    lg['seconds_per_micrograph']))
+    out += [('DeepCryoPicker', 'own (calibrated)', dc['own_threshold'], dc['test_at_own'],
+             dc['seconds_per_micrograph'])]
     if 'test_at_robust' in dc:
         out.append(('DeepCryoPicker', 'robust background', dc['robust_threshold'], dc['test_at_robust'],
                     dc['seconds_per_micrograph']))

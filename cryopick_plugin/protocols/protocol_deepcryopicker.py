@@ -55,14 +55,16 @@ class CryopickDeepCryoPicker(CryopickPicking2DBase):
                            'micrographs, within 0.05–0.5. Lower it for crowded micrographs, raise it for '
                            'clean ones.')
         self._defineEdgeParam(form)
-        form.addParam('selfTraining', params.IntParam, default=1, label='Self-training rounds',
+        form.addParam('selfTraining', params.IntParam, default=3, label='Self-training rounds',
                       expertLevel=params.LEVEL_ADVANCED,
                       help='After the first training, the classifier picks its own training micrographs and a '
                            'new one is trained on its confident picks (score ≥ 0.5), with background drawn '
-                           'away from every pick. The clustering finds only some of the particles of a '
-                           'crowded micrograph; this teaches the classifier the rest (β-gal and simulated '
-                           'micrographs: higher F1 at every noise level, training time doubled). 0 = the '
-                           'published method.')
+                           'away from every pick; each round repeats that with the newest classifier. The '
+                           'clustering finds only some of the particles of a crowded micrograph; this teaches '
+                           'the classifier the rest (β-gal: F1 0.71 / 0.76 / 0.78 after 1 / 2 / 3 rounds; '
+                           'simulated micrographs: higher F1 at low SNR, a little lower at high SNR). Each '
+                           'round costs one more training. A round that finds too few confident picks ends '
+                           'the self-training with the classifier it has. 0 = the published method.')
         form.addParam('maxTrain', params.IntParam, default=20, label='Train on at most (micrographs)',
                       expertLevel=params.LEVEL_ADVANCED,
                       help='The automatic training set is built from the first micrographs, up to this many.')
