@@ -127,6 +127,7 @@ def run_dcp(args, sims, d, radius, train, test):
     model, info = dcp.train_deepcryopicker([sims[i].image for i in train], d, 'cpu', per_class=args.dcp_per_class,
                                            epochs=args.dcp_epochs, seed=0, device='cpu',
                                            log=lambda m: print('  dcp:', m, flush=True),
+                                           clustering=args.dcp_clustering,
                                            **({} if args.dcp_self_training is None
                                               else {'self_training': args.dcp_self_training}))
     train_seconds = time.perf_counter() - t
@@ -229,9 +230,11 @@ def run_condition(args, snr, work_dir):
     print(f'SNR {snr}: {sum(out["particles"])} particles, diameter {d} px', flush=True)
     out['log'] = run_log(args, sims, d, radius, train, test)
     print('  LoG test F1 %.3f' % out['log']['test_at_tuned']['f1'], flush=True)
-    out['deepcryopicker'] = run_dcp(args, sims, d, radius, train, test)
-    print('  DeepCryoPicker test F1 own %.3f tuned %.3f' % (out['deepcryopicker']['test_at_own']['f1'],
-                                                             out['deepcryopicker']['test_at_tuned']['f1']), flush=True)
+    if not args.skip_deepcryopicker:
+        out['deepcryopicker'] = run_dcp(args, sims, d, radius, train, test)
+        print('  DeepCryoPicker test F1 own %.3f tuned %.3f' % (out['deepcryopicker']['test_at_own']['f1'],
+                                                                 out['deepcryopicker']['test_at_tuned']['f1']),
+              flush=True)
     if args.skip_cryosegnet:
         return out
     out['cryosegnet'] = run_csn(args, sims, d, radius, train, test, work_dir)
@@ -243,18 +246,19 @@ def run_condition(args, snr, work_dir):
 
 def rows(cond):
     """(method, threshold kind, threshold, metrics, seconds per micrograph) for the table."""
-    lg, dc, cn = cond['log'], cond['deepcryopicker'], cond.get('cryosegnet')
+    lg, dc, cn = cond['log'], cond.get('deepcryopicker'), cond.get('cryosegnet')
     out = [('LoG', 'tuned (train)', lg['tuned_threshold'], lg['test_at_tuned'], lg['seconds_per_micrograph'])]
     if 'test_at_tuned_edge' in lg:
         out.append(('LoG', 'tuned, edge margin', lg['tuned_threshold_edge'], lg['test_at_tuned_edge'],
                     lg['seconds_per_micrograph']))
-    out += [('DeepCryoPicker', 'own (calibrated)', dc['own_threshold'], dc['test_at_own'],
-             dc['seconds_per_micrograph'])]
-    if 'test_at_robust' in dc:
-        out.append(('DeepCryoPicker', 'robust background', dc['robust_threshold'], dc['test_at_robust'],
+    if dc is not None:
+        out += [('DeepCryoPicker', 'own (calibrated)', dc['own_threshold'], dc['test_at_own'],
+                 dc['seconds_per_micrograph'])]
+        if 'test_at_robust' in dc:
+            out.append(('DeepCryoPicker', 'robust background', dc['robust_threshold'], dc['test_at_robust'],
+                        dc['seconds_per_micrograph']))
+        out.append(('DeepCryoPicker', 'tuned (train)', dc['tuned_threshold'], dc['test_at_tuned'],
                     dc['seconds_per_micrograph']))
-    out.append(('DeepCryoPicker', 'tuned (train)', dc['tuned_threshold'], dc['test_at_tuned'],
-                dc['seconds_per_micrograph']))
     if cn is None:
         return out
     return out + [('CryoSegNet U-Net', 'own (held-out)', cn['own_threshold'], cn['test_at_own'],
@@ -296,6 +300,7 @@ def main():
     ap.add_argument('--dcp-epochs', type=int, default=None, help='default: the cpu preset (12)')
     ap.add_argument('--dcp-self-training', type=int, default=None,
                     help="DeepCryoPicker's rounds of retraining on its own picks (default: the engine's)")
+    ap.add_argument('--dcp-clustering', default='ibc', help="DeepCryoPicker's pixel clustering (ibc)")
     ap.add_argument('--csn-epochs', type=int, default=50)
     ap.add_argument('--csn-input-size', type=int, default=768)
     ap.add_argument('--csn-crop', type=int, default=256)
@@ -304,6 +309,7 @@ def main():
     ap.add_argument('--csn-low', type=float, default=0.3)
     ap.add_argument('--threads', type=int, default=1)
     ap.add_argument('--skip-cryosegnet', action='store_true', help='LoG and DeepCryoPicker only')
+    ap.add_argument('--skip-deepcryopicker', action='store_true', help='LoG and CryoSegNet only')
     ap.add_argument('--json', default=os.path.join(HERE, 'results', 'bench_2d_sim.json'))
     args = ap.parse_args()
     if not 0 < args.n_train < args.count:

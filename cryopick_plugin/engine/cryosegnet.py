@@ -23,6 +23,9 @@ Training targets
     coverage (what resizing a full-size binary mask would give, without building it).
 
 Loss, augmentation, checkpoints
+    A new network's output bias starts at the logit of the particles' share of the training pixels (the
+    prior initialisation of RetinaNet), not at 0.5: from 0.5 the first steps only learn that most pixels
+    are background, a plateau that noisy micrographs did not leave within a CPU-sized run.
     (BCE-with-logits + soft Dice) / 2 as in CryoSegNet; random flips and 90° rotations (micrographs have no
     preferred orientation, so these are label-preserving; the reference trained on ≈5,000 micrographs from
     22 data sets and used none, but fine-tuning on a handful of micrographs over-fits without them); Adam;
@@ -285,6 +288,14 @@ def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epoch
     net = attention_unet.build(arch).to(device)
     if init_state is not None:
         net.load_state_dict(init_state)
+    else:
+        # Start the output at the particles' share of the training pixels instead of 0.5 (the prior
+        # initialisation of RetinaNet): from 0.5 the first hundreds of steps only learn that most pixels
+        # are background, and on noisy micrographs (simulated SNR 0.03) a 50-epoch run never got past
+        # that plateau (validation Dice 0 throughout); started at the prior it learnt them (test F1 0.52).
+        prior = float(np.clip(np.mean([ys[i].mean() for i in train_idx]), 1e-3, 0.5))
+        with torch.no_grad():
+            net.head.bias.fill_(math.log(prior / (1.0 - prior)))
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     val_x, val_y = [xs[i] for i in val_idx], [ys[i] for i in val_idx]
 

@@ -135,6 +135,22 @@ def test_training_learns_disks_and_picks_them(trained):
     assert f1_score(star.xyz_array(picks), centres, DIAMETER / 2) >= 0.8
 
 
+def test_new_network_starts_at_the_particle_prior(tmp_path):
+    rng = np.random.default_rng(5)
+    data = [synthetic_micrograph(rng) for _ in range(2)]
+    path = str(tmp_path / 'untrained.pt')
+    cs.train_cryosegnet([d[0] for d in data], [d[1] for d in data], DIAMETER, path, preset=TINY, epochs=0,
+                        input_size=128, device='cpu', seed=0, log=lambda msg: None)
+    model = cs.load_cryosegnet(path, 'cpu')
+    train = [i for i, name in enumerate(['micrograph 1', 'micrograph 2']) if name in model.meta['train_micrographs']]
+    share = np.mean([cs.disk_target(data[i][1], DIAMETER, data[i][0].shape, 128).mean() for i in train])
+    assert 0.05 < share < 0.3
+    # sigmoid(bias) is the share of particle pixels, so the untrained map sits near it, not at 0.5
+    assert torch.sigmoid(model.net.head.bias).item() == pytest.approx(share, rel=1e-4)
+    prob = cs.predict_map(data[0][0], model)
+    assert abs(float(prob.mean()) - share) < 0.15 and prob.max() < 0.5
+
+
 def test_non_square_micrograph_keeps_aspect(trained):
     path, _ = trained
     # 64 rows × 128 columns fits the 128 input at scale 1: particles keep the size the model learnt
