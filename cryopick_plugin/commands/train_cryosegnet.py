@@ -40,14 +40,19 @@ def add_args(parser):
     parser.add_argument('--preset', choices=sorted(cryosegnet.attention_unet.PRESETS), default='cpu',
                         help='network size (default cpu)')
     parser.add_argument('--epochs', type=int, default=50, help='training epochs (default 50; the paper used 200)')
-    parser.add_argument('--batch-size', type=int, default=2, help='images (or crops) per step (default 2)')
-    parser.add_argument('--lr', type=float, default=1e-4, help='Adam learning rate (default 1e-4)')
+    parser.add_argument('--batch-size', type=int, default=None,
+                        help='images (or crops) per step (default 4 for a new cpu-size network, else 2)')
+    parser.add_argument('--lr', type=float, default=None,
+                        help='Adam learning rate (default 1e-3 for a new cpu-size network; 1e-4, the paper\'s, '
+                             'for the paper size and for fine-tuning)')
     parser.add_argument('--val-fraction', type=float, default=0.2,
                         help='fraction of micrographs held out for validation (default 0.2)')
     parser.add_argument('--input-size', type=int, default=None,
                         help='network input side, a multiple of 32 (default 512 for cpu, 1024 for paper)')
     parser.add_argument('--crop-size', type=int, default=None,
-                        help='train on random crops of this side of the network input (default: whole input)')
+                        help='train on random crops of this side of the network input (default 256 for a new '
+                             'cpu-size network, else the whole input); an epoch draws at least '
+                             f'{cryosegnet.MIN_CROPS_PER_EPOCH} of them')
     parser.add_argument('--init', default=None, help='fine-tune from this cryosegnet model')
     parser.add_argument('--no-preprocess', action='store_true',
                         help='micrographs are already denoised (e.g. CryoSegNet JPGs): skip the chain')

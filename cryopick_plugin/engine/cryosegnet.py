@@ -58,6 +58,23 @@ log = logging.getLogger(__name__)
 
 METHOD = 'cryosegnet'
 DEFAULT_INPUT_SIZE = {'paper': 1024, 'cpu': 512}
+# Training settings when the caller gives none (`training_defaults`). A new cpu-size network learns from a
+# few micrographs on random 256² crops at lr 1e-3 (bench/README §4: the figures there use exactly these);
+# the paper's 1e-4 on whole 1024² inputs is for its ≈5 000 micrographs, and for fine-tuning a trained model.
+TRAINING_DEFAULTS = {'cpu': {'lr': 1e-3, 'batch_size': 4, 'crop_size': 256},
+                     'paper': {'lr': 1e-4, 'batch_size': 2, 'crop_size': None},
+                     'fine-tune': {'lr': 1e-4, 'batch_size': 2, 'crop_size': None}}
+# An epoch draws at least this many crops (cycling through the training micrographs with new random crops,
+# flips and turns), so that a handful of micrographs still gets enough optimisation steps per epoch: three
+# 768² simulated micrographs gave 7 steps per epoch, and 50 epochs left a noisy set unlearnt.
+MIN_CROPS_PER_EPOCH = 64
+
+
+def training_defaults(preset, fine_tuning=False):
+    """lr, batch size and crop size (None: whole input) for a preset name, or for fine-tuning."""
+    if fine_tuning:
+        return dict(TRAINING_DEFAULTS['fine-tune'])
+    return dict(TRAINING_DEFAULTS['paper' if preset == 'paper' else 'cpu'])
 DEFAULT_CHAIN = {'blur': True, 'nlmeans': True, 'wiener': True, 'clahe': True, 'guided': True}
 COLUMNS = [star.X, star.Y, star.SCORE, star.DIAMETER]
 
@@ -199,9 +216,10 @@ def _evaluate(net, xs, ys, device, threshold=0.5):
     return float(np.mean(losses)), float(np.mean(dices))
 
 
-def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epochs=50, batch_size=2,
-                     lr=1e-4, val_fraction=0.2, init_model=None, device='auto', seed=0, log=None,
-                     input_size=None, crop_size=None, preprocess=False, pixel_size=None, names=None):
+def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epochs=50, batch_size=None,
+                     lr=None, val_fraction=0.2, init_model=None, device='auto', seed=0, log=None,
+                     input_size=None, crop_size=None, preprocess=False, pixel_size=None, names=None,
+                     min_crops_per_epoch=MIN_CROPS_PER_EPOCH):
     """Train (or fine-tune) the attention U-Net on micrographs and particle centres.
 
     images        list of (y, x) arrays; raw when `preprocess` is True or a dict of chain switches (the
@@ -216,6 +234,9 @@ def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epoch
                   the initial model's.
     crop_size     train on random crop_size² windows of the network frame (multiple of 32) instead of the
                   whole square: cheaper steps and more of them per epoch (input_size // crop_size squared).
+    lr, batch_size, crop_size   None: `training_defaults` (cpu preset 1e-3, 4, 256; paper preset and
+                  fine-tuning 1e-4, 2, whole input).
+    min_crops_per_epoch   an epoch draws at least this many crops (MIN_CROPS_PER_EPOCH).
     val_fraction  fraction of the micrographs held out for validation (at least one when two or more are
                   given; with one micrograph it validates on the training micrograph and says so in meta).
     init_model    fine-tune from this model file: its architecture, weights, input size and chain.
@@ -246,6 +267,11 @@ def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epoch
     mult = 2 ** int(arch.get('levels', 5))
     if input_size % mult:
         raise InputError('input_size', f"{input_size} is not a multiple of {mult}")
+    defaults = training_defaults(preset if isinstance(preset, str) else 'cpu', fine_tuning=bool(init_model))
+    lr = float(defaults['lr'] if lr is None else lr)
+    batch_size = int(defaults['batch_size'] if batch_size is None else batch_size)
+    if crop_size is None and defaults['crop_size'] and defaults['crop_size'] < input_size:
+        crop_size = defaults['crop_size']
     crop = int(crop_size or input_size)
     if crop % mult or crop > input_size:
         raise InputError('crop_size', f"{crop} must be a multiple of {mult} and at most the input size {input_size}")
@@ -307,7 +333,7 @@ def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epoch
     history.append({'epoch': 0, 'train_loss': None, 'val_loss': val_loss, 'val_dice': val_dice, 'seconds': 0.0})
     say(f'epoch 0: val loss {val_loss:.4f}, val Dice {val_dice:.4f}')
     best = {'epoch': 0, 'val_dice': val_dice, 'val_loss': val_loss, 'state': snapshot()}
-    crops_per_image = (input_size // crop) ** 2
+    crops_per_image = max((input_size // crop) ** 2, -(-int(min_crops_per_epoch) // max(1, len(train_idx))))
 
     for epoch in range(1, epochs + 1):
         t_epoch = time.time()
@@ -348,6 +374,7 @@ def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epoch
         'frame': 'aspect ratio kept, longer side = input_size, padded bottom/right with the mean',
         'threshold': 0.5, 'iou_filter': 0.94, 'size_factor': 0.2,
         'epochs': epochs, 'batch_size': batch_size, 'lr': lr, 'crop_size': crop, 'seed': seed,
+        'crops_per_epoch': int(crops_per_image * len(train_idx)),
         'augmentation': 'random flips and 90° rotations',
         'train_micrographs': [names[i] for i in train_idx], 'val_micrographs': [names[i] for i in val_idx],
         'val_is_train': val_is_train, 'best_epoch': best['epoch'], 'best_val_dice': best['val_dice'],

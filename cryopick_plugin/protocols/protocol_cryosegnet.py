@@ -44,10 +44,14 @@ class CryopickTrainCryoSegNet(CryopickProtocol, ProtParticlePicking):
                            '(GPU).')
         form.addParam('epochs', params.IntParam, default=50, label='Epochs (the paper used 200)',
                       help='Passes over the training micrographs; the epoch with the best validation Dice is kept.')
-        form.addParam('batchSize', params.IntParam, default=2, label='Batch size',
-                      help='Micrographs (or crops) per optimisation step. Lower it if the GPU runs out of memory.')
-        form.addParam('learningRate', params.FloatParam, default=1e-4, label='Learning rate',
-                      help='Adam learning rate (CryoSegNet: 1e-4).')
+        form.addParam('batchSize', params.IntParam, allowsNull=True, default=None, label='Batch size',
+                      help='Micrographs (or 256² crops) per optimisation step. Empty: 4 for a new cpu-size '
+                           'network (random 256² crops), 2 otherwise (whole micrographs). Lower it if the GPU '
+                           'runs out of memory.')
+        form.addParam('learningRate', params.FloatParam, allowsNull=True, default=None, label='Learning rate',
+                      help='Adam learning rate. Empty: 1e-3 for a new cpu-size network (learns from a few '
+                           'micrographs), 1e-4 — CryoSegNet\'s, for its ≈5 000 micrographs — for the paper size '
+                           'and for fine-tuning.')
         form.addParam('valFraction', params.FloatParam, default=0.2, label='Validation fraction',
                       help='Fraction of the micrographs held out to choose the best epoch (validation Dice).')
         form.addParam('preprocess', params.BooleanParam, default=True, label='Denoise (CryoSegNet chain)',
@@ -82,8 +86,11 @@ class CryopickTrainCryoSegNet(CryopickProtocol, ProtParticlePicking):
         args += ['--coords', os.path.abspath(self._getExtraPath('train_coords.star')),
                  '--diameter', self.diameter.get() / sr, '--out', self._modelPath(),
                  '--preset', PRESETS[self.preset.get()], '--epochs', self.epochs.get(),
-                 '--batch-size', self.batchSize.get(), '--lr', self.learningRate.get(),
                  '--val-fraction', self.valFraction.get(), '--pixel-size', sr, '--seed', self.seed.get()]
+        if self.batchSize.get() is not None:
+            args += ['--batch-size', self.batchSize.get()]
+        if self.learningRate.get() is not None:
+            args += ['--lr', self.learningRate.get()]
         if self.initModel.get() is not None:
             args += ['--init', os.path.abspath(self.initModel.get().getPath())]
         if not self.preprocess.get():

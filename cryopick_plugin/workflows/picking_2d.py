@@ -229,7 +229,8 @@ def build_parser():
     pick.add_argument('--train-on-truth', action='store_true', help='with --simulate: train CryoSegNet on the truth')
     pick.add_argument('--cryosegnet-model', help='a trained CryoSegNet model (.pt) instead of training one')
     pick.add_argument('--epochs', type=int, default=50, help='CryoSegNet training epochs (default %(default)s)')
-    pick.add_argument('--lr', type=float, default=1e-4, help='CryoSegNet learning rate (default %(default)s)')
+    pick.add_argument('--lr', type=float, default=None,
+                      help='CryoSegNet learning rate (default: the protocol\'s, 1e-3 for a new cpu-size network)')
     pick.add_argument('--val-fraction', type=float, default=0.2, help='micrographs held out in CryoSegNet training')
     pick.add_argument('--no-preprocess', action='store_true', help='skip CryoSegNet\'s denoising chain')
     pick.add_argument('--threshold', type=float, help='CryoSegNet U-Net threshold (default: the model\'s)')
