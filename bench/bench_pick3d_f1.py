@@ -142,7 +142,8 @@ def score_picks(picks, truth, diam, factor):
 
 def run_condition(args, snr):
     tag = f"snr{snr:g}_{'x'.join(map(str, args.shape))}" + (f'_{args.tag}' if args.tag else '')
-    result_path = os.path.join(args.out, f"pick3d_f1_{tag}{'_retuned' if args.retune else ''}.json")
+    result_path = os.path.join(args.out, f"pick3d_f1_{tag}{'_retuned' if args.retune else ''}"
+                                         f"{'_flips' if args.flip_average else ''}.json")
     if os.path.exists(result_path):
         print(f'{tag}: result exists ({result_path}), skipped')
         return json.load(open(result_path))
@@ -156,6 +157,16 @@ def run_condition(args, snr):
     meta_path = model + '.bench.json'
     if os.path.exists(meta_path):
         train_rec = json.load(open(meta_path))
+    elif args.from_checkpoint:
+        # a training stopped before its end leaves its best checkpoint so far (saved atomically at each
+        # validation that improved); evaluate that one, with thresholds tuned on the validation tomogram
+        if not os.path.exists(model):
+            raise SystemExit(f'{model}: no checkpoint to evaluate')
+        meta = json.load(open(model + '.json'))['meta']
+        train_rec = {'interrupted': True, 'precision': meta.get('precision'), 'batch_size': meta.get('batch_size'),
+                     'lr': meta.get('lr'), 'epochs_planned': args.epochs, 'best_epoch': meta.get('best_epoch'),
+                     'steps_per_epoch': args.steps_per_epoch, 'thresholds': meta.get('thresholds'),
+                     'best_val': meta.get('best_val')}
     else:
         with Clock() as c_train:
             meta = train3d.train(items[:2], items[2:3], model, preset='cpu', epochs=args.epochs, device='cpu',
@@ -177,16 +188,16 @@ def run_condition(args, snr):
     val_tomo, _, val_truth = items[2]
     if args.retune:
         # thresholds chosen again on the validation tomogram with the current peak finder
-        retuned = os.path.join(work, 'deepet_cpu_retuned.pt')
+        retuned = os.path.join(work, 'deepet_cpu_retuned_flips.pt' if args.flip_average else 'deepet_cpu_retuned.pt')
         with Clock() as c_tune:
-            meta = train3d.retune(model, items[2:3], retuned)
+            meta = train3d.retune(model, items[2:3], retuned, flip_average=args.flip_average)
         train_rec = dict(train_rec, retuned={'thresholds': meta['thresholds'], 'tuned_val': meta['tuned_val'],
                                              **c_tune.as_dict()})
         model = retuned
         print(f'{tag}: retuned', train_rec['retuned'], flush=True)
     with Clock() as c_pick:
         picks = pick3d.pick(test_tomo, model, device='cpu', tomo_name=f'sim{SEEDS[3]}', work_dir=work,
-                            precision=args.precision)
+                            precision=args.precision, flip_average=args.flip_average)
     star.write_coordinates(os.path.join(work, 'test_picks.star'), picks) if len(picks) else None
 
     d_dog = float(np.median(list(diam.values())))
@@ -254,8 +265,15 @@ def main(argv=None):
     p.add_argument('--retune', action='store_true',
                    help='choose t_seg / t_lm of the trained model again on the validation tomogram with the '
                         'current peak finder before picking (result file *_retuned.json)')
+    p.add_argument('--from-checkpoint', action='store_true',
+                   help='no training: evaluate the best checkpoint an interrupted training of this condition left '
+                        '(thresholds tuned on the validation tomogram; implies --retune)')
+    p.add_argument('--flip-average', action='store_true',
+                   help='average the maps over the eight mirror images of every tile, for the threshold tuning '
+                        '(implies --retune) and the test picks (result file *_flips.json)')
     p.add_argument('--out', default=os.path.join(ROOT, 'bench', 'results'))
     args = p.parse_args(argv)
+    args.retune = args.retune or args.from_checkpoint or args.flip_average
     import torch
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -68,21 +68,36 @@ def read_window(volume, start, size, mean=0.0, std=1.0, padding='zero'):
     return block
 
 
-def model_predictor(model, device='cpu', precision='auto'):
+# Mirror images used by test-time averaging: every combination of flips of z, y and x. Each one keeps a
+# tomogram's statistics (the missing wedge is symmetric in kx and kz, the tilt axis lies along y), so the
+# network sees inputs like its training patches; averaging them lowers the variance of the map.
+FLIPS = [(), (4,), (3,), (2,), (3, 4), (2, 4), (2, 3), (2, 3, 4)]
+
+
+def model_predictor(model, device='cpu', precision='auto', flip_average=False):
     """Callable (B, 1, P, P, P) float32 numpy → (B, n_classes, P, P, P) foreground probabilities.
 
     precision: 'auto' / 'fp32' / 'bf16' (`settings.resolve_precision`); the probabilities come back fp32.
+    flip_average: average the probabilities over the eight mirror images of each tile (8× the cost). A tile's
+    kept centre maps onto itself under these flips, so overlap-tile stitching is unchanged.
     """
     import torch
     from .settings import autocast, memory_format, resolve_precision
     precision = resolve_precision(precision, device)
     layout = memory_format(5, precision)
     model = model.to(device).eval().to(memory_format=layout)
+    flips = FLIPS if flip_average else [()]
 
     def predict(batch):
         with torch.no_grad(), autocast(device, precision):
-            x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).to(memory_format=layout)
-            return model.foreground(x).float().cpu().numpy()
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+            total = None
+            for dims in flips:
+                xi = torch.flip(x, dims) if dims else x
+                p = model.foreground(xi.contiguous(memory_format=layout)).float()
+                p = torch.flip(p, dims) if dims else p
+                total = p if total is None else total + p
+            return (total / len(flips)).cpu().numpy()
     return predict
 
 
@@ -215,7 +230,7 @@ def rescaled(volume, factor, out):
 
 def pick(tomo_path, model_path, device='auto', t_seg=None, t_lm=None, t_dist=None, pad=None, batch_size=2,
          tomo_name=None, rescale=False, kernel=None, iterations=None, padding='zero', work_dir=None,
-         model=None, precision='auto'):
+         model=None, precision='auto', flip_average=False):
     """Pick one tomogram with a DeepETPicker model; return a RELION coordinate table.
 
     Columns: rlnTomoName (`tomo_name`, default the file name without extension), rlnCoordinateX/Y/Z (voxels
@@ -224,6 +239,7 @@ def pick(tomo_path, model_path, device='auto', t_seg=None, t_lm=None, t_dist=Non
     differs from the model's by more than 1% (unless `rescale`, which resamples the tomogram to the
     model's voxel size and maps the picks back). `model` = (network, meta) skips loading `model_path`.
     precision: the network's arithmetic ('auto', 'fp32', 'bf16'; see `settings.resolve_precision`).
+    flip_average: average the map over the eight mirror images of every tile (`model_predictor`; 8× slower).
     """
     import contextlib
     from .settings import resolve_device
@@ -255,7 +271,7 @@ def pick(tomo_path, model_path, device='auto', t_seg=None, t_lm=None, t_dist=Non
                                t_dist if t_dist is not None else thr.get('t_dist'),
                                kernel or thr.get('kernel'), iterations or thr.get('iterations'))
         prob = _temp_array((len(diameters),) + tuple(data.shape), work_dir, stack)
-        probability_map(data, model_predictor(net, device, precision), len(diameters), patch, pad, batch_size,
+        probability_map(data, model_predictor(net, device, precision, flip_average), len(diameters), patch, pad, batch_size,
                         stats['mean'], stats['std'], padding, out=prob)
         zyx, cls, scores = find_peaks(prob, diameters, device=device, **p)
     name = tomo_name or os.path.splitext(os.path.basename(os.fspath(tomo_path)))[0]

@@ -135,6 +135,26 @@ def test_tiled_picking_equals_single_pass(padding):
     assert sorted(map(tuple, a[0])) == sorted(map(tuple, centres))
 
 
+def test_flip_averaging_is_the_mean_over_the_eight_flipped_predictions():
+    torch.manual_seed(0)
+    net = resunet3d.ResUNet3D(n_classes=2, widths=(4, 8)).eval()
+    x = np.random.default_rng(0).normal(size=(2, 1, 16, 16, 16)).astype(np.float32)
+    plain = pick3d.model_predictor(net, precision='fp32')(x)
+    mirrored = pick3d.model_predictor(net, precision='fp32', flip_average=True)(x)
+    with torch.no_grad():
+        expected = np.mean([np.flip(net.foreground(torch.from_numpy(np.ascontiguousarray(np.flip(x, d))))
+                                    .numpy(), d) for d in pick3d.FLIPS], axis=0)
+    assert mirrored.shape == plain.shape == (2, 2, 16, 16, 16)
+    assert np.allclose(mirrored, expected, atol=1e-5)
+    assert not np.allclose(mirrored, plain, atol=1e-3)  # a random network is not mirror-symmetric
+    # a mirror-symmetric input gets a mirror-symmetric map, which a single pass does not guarantee
+    sym = x[:1] + np.flip(x[:1], (2, 3, 4))
+    for d in pick3d.FLIPS[1:]:
+        sym = sym + np.flip(sym, d)
+    m = pick3d.model_predictor(net, precision='fp32', flip_average=True)(np.ascontiguousarray(sym))
+    assert np.allclose(m, np.flip(m, (2, 3, 4)), atol=1e-5)
+
+
 def _tiny_model(path, voxel=10.0, n_classes=1):
     torch.manual_seed(0)
     net = resunet3d.ResUNet3D(n_classes=n_classes, widths=(4, 8))
@@ -192,6 +212,11 @@ def test_pick3d_command_writes_one_star_for_several_tomograms(tmp_path):
     assert set(star.read_coordinates(out)[star.TOMO]) == {'ts_a'}
     assert set(df[star.CLASS]) <= {1, 2}
     assert df[star.SCORE].between(0, 1).all()
+    flipped = tmp_path / 'flipped.star'
+    assert _run([tmp_path / 'TS_1.mrc', '--model', tmp_path / 'm.pt', '--out', flipped, '--flip-average',
+                 '--t-seg', 0.0, '--t-lm', 0.0, '--pad', 2, '--device', 'cpu']) == 0
+    averaged = star.read_coordinates(flipped)
+    assert len(averaged) > 0 and averaged[star.SCORE].between(0, 1).all()
     with pytest.raises(InputError):
         _run([tmp_path / 'TS_1.mrc', '--model', tmp_path / 'm.pt', '--out', out, '--pad', 8])
     model_io.save_model(tmp_path / 'x.pt', 'cryosegnet', {}, {}, {})
