@@ -166,6 +166,7 @@ def run_csn(args, sims, d, radius, train, test, work_dir):
                                   preset='cpu', epochs=args.csn_epochs, batch_size=args.csn_batch, lr=args.csn_lr,
                                   val_fraction=1 / len(train), input_size=args.csn_input_size,
                                   crop_size=args.csn_crop, device='cpu', seed=0, preprocess=True,
+                                  lr_schedule=args.csn_schedule,
                                   pixel_size=args.pixel_size, names=[sims[i].name for i in train],
                                   log=lambda m: print('  csn:', m, flush=True))
     train_seconds = time.perf_counter() - t
@@ -307,6 +308,7 @@ def main():
     ap.add_argument('--csn-batch', type=int, default=4)
     ap.add_argument('--csn-lr', type=float, default=1e-3)
     ap.add_argument('--csn-low', type=float, default=0.3)
+    ap.add_argument('--csn-schedule', default='constant', help="CryoSegNet's learning-rate schedule (constant, cosine)")
     ap.add_argument('--threads', type=int, default=1)
     ap.add_argument('--skip-cryosegnet', action='store_true', help='LoG and DeepCryoPicker only')
     ap.add_argument('--skip-deepcryopicker', action='store_true', help='LoG and CryoSegNet only')

@@ -63,6 +63,7 @@ def main():
     parser.add_argument('--lr', type=float, default=1e-3)
     parser.add_argument('--n-train', type=int, default=6)
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--schedule', default='constant', help='learning-rate schedule (constant, cosine)')
     args = parser.parse_args()
     import cv2
     from cryopick_plugin.engine.betagal import load_betagal
@@ -81,6 +82,7 @@ def main():
                                   preset='cpu', epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                   val_fraction=1 / args.n_train, input_size=args.input_size,
                                   crop_size=args.crop_size, device='cpu', seed=args.seed, preprocess=False,
+                                  lr_schedule=args.schedule,
                                   pixel_size=1.77, names=[os.path.basename(str(records[i][0])) for i in train],
                                   log=lambda msg: print(msg, flush=True))
     train_seconds = time.time() - t0

@@ -49,6 +49,9 @@ def add_args(parser):
                         help='fraction of micrographs held out for validation (default 0.2)')
     parser.add_argument('--input-size', type=int, default=None,
                         help='network input side, a multiple of 32 (default 512 for cpu, 1024 for paper)')
+    parser.add_argument('--lr-schedule', choices=cryosegnet.LR_SCHEDULES, default=cryosegnet.LR_SCHEDULES[0],
+                        help='constant: CryoSegNet\'s (default); cosine: the rate decays to 1%% of --lr over '
+                             'the run, so the last epochs settle (same test F1 in the benchmarks)')
     parser.add_argument('--crop-size', type=int, default=None,
                         help='train on random crops of this side of the network input (default 256 for a new '
                              'cpu-size network, else the whole input); an epoch draws at least '
@@ -121,7 +124,7 @@ def main(args):
         images, coords, args.diameter, args.out, preset=args.preset, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction, init_model=args.init,
         device=args.device, seed=args.seed, input_size=args.input_size, crop_size=args.crop_size,
-        preprocess=not args.no_preprocess, pixel_size=pixel,
+        preprocess=not args.no_preprocess, pixel_size=pixel, lr_schedule=args.lr_schedule,
         names=[os.path.basename(p) for p in args.micrographs])
     best = max(history, key=lambda row: row['val_dice'])
     log.info('%d micrographs, %d particles: best validation Dice %.3f (epoch %d) → %s', len(images),

@@ -14,6 +14,8 @@ from .protocol_model_import import model_object
 from .protocol_picking2d_base import CryopickPicking2DBase
 
 PRESETS = ['cpu', 'paper']
+# Must match engine.cryosegnet.LR_SCHEDULES (protocols stay free of the engine's torch imports).
+LR_SCHEDULES = ['constant', 'cosine']
 SAM_TYPES = ['auto', 'vit_b', 'vit_l', 'vit_h']
 
 
@@ -52,6 +54,12 @@ class CryopickTrainCryoSegNet(CryopickProtocol, ProtParticlePicking):
                       help='Adam learning rate. Empty: 1e-3 for a new cpu-size network (learns from a few '
                            'micrographs), 1e-4 — CryoSegNet\'s, for its ≈5 000 micrographs — for the paper size '
                            'and for fine-tuning.')
+        form.addParam('lrSchedule', params.EnumParam, choices=LR_SCHEDULES, default=0,
+                      label='Learning-rate schedule', display=params.EnumParam.DISPLAY_HLIST,
+                      expertLevel=params.LEVEL_ADVANCED,
+                      help='constant: CryoSegNet\'s. cosine: the rate decays to 1% of the learning rate over '
+                           'the run, so the last epochs settle instead of swinging from one epoch to the next on '
+                           'noisy micrographs (the picks were as good either way in the benchmarks).')
         form.addParam('valFraction', params.FloatParam, default=0.2, label='Validation fraction',
                       help='Fraction of the micrographs held out to choose the best epoch (validation Dice).')
         form.addParam('preprocess', params.BooleanParam, default=True, label='Denoise (CryoSegNet chain)',
@@ -86,7 +94,8 @@ class CryopickTrainCryoSegNet(CryopickProtocol, ProtParticlePicking):
         args += ['--coords', os.path.abspath(self._getExtraPath('train_coords.star')),
                  '--diameter', self.diameter.get() / sr, '--out', self._modelPath(),
                  '--preset', PRESETS[self.preset.get()], '--epochs', self.epochs.get(),
-                 '--val-fraction', self.valFraction.get(), '--pixel-size', sr, '--seed', self.seed.get()]
+                 '--val-fraction', self.valFraction.get(), '--pixel-size', sr, '--seed', self.seed.get(),
+                 '--lr-schedule', LR_SCHEDULES[self.lrSchedule.get()]]
         if self.batchSize.get() is not None:
             args += ['--batch-size', self.batchSize.get()]
         if self.learningRate.get() is not None:
