@@ -308,7 +308,7 @@ def main():
     ap.add_argument('--csn-batch', type=int, default=4)
     ap.add_argument('--csn-lr', type=float, default=1e-3)
     ap.add_argument('--csn-low', type=float, default=0.3)
-    ap.add_argument('--csn-schedule', default='constant', help="CryoSegNet's learning-rate schedule (constant, cosine)")
+    ap.add_argument('--csn-schedule', default='cosine', help="CryoSegNet's learning-rate schedule (cosine, constant)")
     ap.add_argument('--threads', type=int, default=1)
     ap.add_argument('--skip-cryosegnet', action='store_true', help='LoG and DeepCryoPicker only')
     ap.add_argument('--skip-deepcryopicker', action='store_true', help='LoG and CryoSegNet only')

@@ -63,7 +63,7 @@ def main():
     parser.add_argument('--lr', type=float, default=1e-3)
     parser.add_argument('--n-train', type=int, default=6)
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--schedule', default='constant', help='learning-rate schedule (constant, cosine)')
+    parser.add_argument('--schedule', default='cosine', help='learning-rate schedule (cosine, constant)')
     args = parser.parse_args()
     import cv2
     from cryopick_plugin.engine.betagal import load_betagal

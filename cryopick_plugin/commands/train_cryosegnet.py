@@ -50,8 +50,8 @@ def add_args(parser):
     parser.add_argument('--input-size', type=int, default=None,
                         help='network input side, a multiple of 32 (default 512 for cpu, 1024 for paper)')
     parser.add_argument('--lr-schedule', choices=cryosegnet.LR_SCHEDULES, default=cryosegnet.LR_SCHEDULES[0],
-                        help='constant: CryoSegNet\'s (default); cosine: the rate decays to 1%% of --lr over '
-                             'the run, so the last epochs settle (same test F1 in the benchmarks)')
+                        help='cosine (default): the rate decays to 1%% of --lr over the run, so the last epochs '
+                             'settle; constant: CryoSegNet\'s (same test F1 on average in the benchmarks)')
     parser.add_argument('--crop-size', type=int, default=None,
                         help='train on random crops of this side of the network input (default 256 for a new '
                              'cpu-size network, else the whole input); an epoch draws at least '

@@ -15,7 +15,7 @@ from .protocol_picking2d_base import CryopickPicking2DBase
 
 PRESETS = ['cpu', 'paper']
 # Must match engine.cryosegnet.LR_SCHEDULES (protocols stay free of the engine's torch imports).
-LR_SCHEDULES = ['constant', 'cosine']
+LR_SCHEDULES = ['cosine', 'constant']
 SAM_TYPES = ['auto', 'vit_b', 'vit_l', 'vit_h']
 
 
@@ -57,9 +57,9 @@ class CryopickTrainCryoSegNet(CryopickProtocol, ProtParticlePicking):
         form.addParam('lrSchedule', params.EnumParam, choices=LR_SCHEDULES, default=0,
                       label='Learning-rate schedule', display=params.EnumParam.DISPLAY_HLIST,
                       expertLevel=params.LEVEL_ADVANCED,
-                      help='constant: CryoSegNet\'s. cosine: the rate decays to 1% of the learning rate over '
-                           'the run, so the last epochs settle instead of swinging from one epoch to the next on '
-                           'noisy micrographs (the picks were as good either way in the benchmarks).')
+                      help='cosine: the rate decays to 1% of the learning rate over the run, so the last epochs '
+                           'settle instead of swinging from one epoch to the next on noisy micrographs. '
+                           'constant: CryoSegNet\'s. The picks were as good either way in the benchmarks.')
         form.addParam('valFraction', params.FloatParam, default=0.2, label='Validation fraction',
                       help='Fraction of the micrographs held out to choose the best epoch (validation Dice).')
         form.addParam('preprocess', params.BooleanParam, default=True, label='Denoise (CryoSegNet chain)',
