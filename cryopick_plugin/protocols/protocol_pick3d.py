@@ -48,6 +48,11 @@ class CryopickPick3D(CryopickProtocol, ProtTomoPicking):
                       label='Rescale to the model\'s voxel size',
                       help='A model only works at the voxel size it was trained at. Yes: resample tomograms '
                            'of another voxel size to it and map the picks back. No: refuse them.')
+        form.addParam('flipAverage', params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
+                      label='Average over mirror images',
+                      help='Yes: the network sees every tile in its eight mirror images and the maps are '
+                           'averaged — 8× the network time for a slightly cleaner map (+0.01 F1 on simulated '
+                           'tomograms). The model\'s thresholds were chosen on single-pass maps.')
         form.addParam('batchSize', params.IntParam, default=2, expertLevel=params.LEVEL_ADVANCED,
                       label='Tiles per batch', help='Lower it if the GPU runs out of memory.')
         self._defineComputeParams(form, gpu=True)
@@ -69,6 +74,8 @@ class CryopickPick3D(CryopickProtocol, ProtTomoPicking):
                 args += [flag, value]
         if self.rescale.get():
             args.append('--rescale')
+        if self.flipAverage.get():
+            args.append('--flip-average')
         self._runCryopick('pick3d', args, gpu=True)
 
     def createOutputStep(self, tsIds):

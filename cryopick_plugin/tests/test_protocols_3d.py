@@ -172,6 +172,13 @@ class TestProtocols3D(BaseTest):
         self.assertTrue(set(picks.getUniqueValues('_tomoId')) <= {'tomo_000', 'tomo_001'})
         for coord in picks.iterItems():
             self.assertIn(coord.getGroupId(), (1, 2))
+        flipped = self.newProtocol(CryopickPick3D, inputTomograms=self.protTomos.Tomograms, inputModel=model,
+                                   tLm=0.05, flipAverage=True)
+        self.launchProtocol(flipped)
+        self.assertTrue(flipped.isFinished())
+        with open(flipped.getLogPaths()[0]) as fh:   # the option reached the command
+            self.assertIn('--flip-average', fh.read())
+        self.assertAlmostEqual(flipped.output3DCoordinates.getSamplingRate(), 10.0)
         imported = self.newProtocol(CryopickImportModel, modelFile=model.getPath(), method=0)
         self.launchProtocol(imported)
         self.assertEqual(imported.outputModel.getMethod(), 'deepetpicker')
