@@ -108,9 +108,12 @@ def simulate_set(out, shape, snr, n_distractor, n_beads, n_vesicles):
     return items, diam, info
 
 
+LABEL_FACTOR = 0.5   # --label-factor
+
+
 def label_diameter(d):
-    """About half the particle diameter, odd, at least 3 voxels."""
-    return max(3, int(round(d / 2.0)) | 1)
+    """About LABEL_FACTOR (half) of the particle diameter, odd, at least 3 voxels."""
+    return max(3, int(round(d * LABEL_FACTOR)) | 1)
 
 
 def score_picks(picks, truth, diam, factor):
@@ -268,12 +271,17 @@ def main(argv=None):
     p.add_argument('--from-checkpoint', action='store_true',
                    help='no training: evaluate the best checkpoint an interrupted training of this condition left '
                         '(thresholds tuned on the validation tomogram; implies --retune)')
+    p.add_argument('--label-factor', type=float, default=0.5,
+                   help='weak-label diameter as a fraction of the particle diameter (use a new --tag: the '
+                        'label maps of a condition folder are reused)')
     p.add_argument('--flip-average', action='store_true',
                    help='average the maps over the eight mirror images of every tile, for the threshold tuning '
                         '(implies --retune) and the test picks (result file *_flips.json)')
     p.add_argument('--out', default=os.path.join(ROOT, 'bench', 'results'))
     args = p.parse_args(argv)
     args.retune = args.retune or args.from_checkpoint or args.flip_average
+    global LABEL_FACTOR
+    LABEL_FACTOR = args.label_factor
     import torch
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
