@@ -177,9 +177,9 @@ def run_condition(args, snr):
                                  max_steps_per_epoch=args.steps_per_epoch,
                                  class_balance=not args.no_class_balance, bg_fraction=args.bg_fraction,
                                  hard_fraction=args.hard_fraction, batch_size=args.batch_size, lr=args.lr,
-                                 precision=args.precision)
+                                 precision=args.precision, widths=args.widths, patch=args.patch)
         train_rec = {'precision': meta.get('precision'), 'batch_size': meta.get('batch_size'), 'lr': meta.get('lr'),
-                     'epochs_run': meta['epochs_run'], 'best_epoch': meta['best_epoch'],
+                     'widths': args.widths, 'patch': meta.get('patch'), 'epochs_run': meta['epochs_run'], 'best_epoch': meta['best_epoch'],
                      'steps_per_epoch': args.steps_per_epoch, 'thresholds': meta['thresholds'],
                      'best_val': meta['best_val'], 'tuned_val': meta.get('tuned_val'),
                      **c_train.as_dict()}
@@ -262,6 +262,9 @@ def main(argv=None):
     p.add_argument('--hard-fraction', type=float, default=0.0, help='share of them on hard negatives')
     p.add_argument('--batch-size', type=int, default=None, help='patches per step (default: the cpu preset, 1)')
     p.add_argument('--lr', type=float, default=None, help='peak learning rate (default: the cpu preset)')
+    p.add_argument('--widths', type=int, nargs=4, default=None,
+                   help="the network's four channel widths (default: the cpu preset, 8 16 24 36)")
+    p.add_argument('--patch', type=int, default=None, help='training patch side (default: the cpu preset, 48)')
     p.add_argument('--precision', default='auto', choices=('auto', 'fp32', 'bf16'),
                    help='network arithmetic (auto: bf16 where the CPU has it natively)')
     p.add_argument('--tag', default='', help='suffix of the condition name (e.g. a longer training of the same SNR)')
