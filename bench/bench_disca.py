@@ -137,6 +137,15 @@ def rotation_distances(sim, model_path, per_class=10, copies=6, seed=0, device='
     return out
 
 
+def _merged_labels(result):
+    """The kept iteration's labels after the orientation check's merges (before any split)."""
+    groups = result.meta['orientation_merge']['groups']
+    new_of_old = np.empty(sum(len(g) for g in groups), dtype=int)
+    for j, g in enumerate(groups):
+        new_of_old[g] = j
+    return new_of_old[result.iteration_labels[result.best_iteration]]
+
+
 def run_condition(name, args):
     snr, tilt, n_cond, kind = CONDITIONS[name]
     n_per_class = n_cond or args.n_per_class
@@ -150,6 +159,7 @@ def run_condition(name, args):
               'defocus_um': meta['defocus_um'], 'threads': args.threads, 'date': time.strftime('%Y-%m-%d %H:%M'),
               'disca_options': {k: disca.TRAINING[args.preset].get(k) for k in ('init', 'min_iter', 'lr', 'gmm_init')}}
     options = {'wedge_tilt': float(tilt)} if args.wedge or args.orientation_check else {}
+    options['split_check'] = args.split_check
     if args.orientation_check and not args.wedge:
         options['wedge_training'] = False   # the check alone: training as without the tilt range
     record['disca_options'].update(options)
@@ -172,8 +182,14 @@ def run_condition(name, args):
                            contingency={f'cluster {c}': np.bincount(truth[result.labels == c],
                                                                     minlength=len(TEMPLATES)).tolist()
                                         for c in range(result.k)})
-    if 'orientation_merge' in result.meta:
-        record['disca']['orientation_merge'] = result.meta['orientation_merge']
+    for key in ('orientation_merge', 'split_check'):
+        if key in result.meta:
+            record['disca'][key] = result.meta[key]
+    if result.meta.get('split_check') is not None:
+        # the kept iteration before any split, to show what the split check changed
+        record['disca']['before_split_check'] = disca.clustering_scores(
+            truth, result.iteration_labels[result.best_iteration] if 'orientation_merge' not in result.meta
+            else _merged_labels(result))
     # labels, truth and simulated orientations, to look at how a class is split
     np.savez_compressed(os.path.join(args.out, f'{name}_labels.npz'), labels=result.labels, truth=truth,
                         iteration_labels=np.stack(result.iteration_labels),
@@ -213,6 +229,8 @@ def main(argv=None):
                              "copies without the wedge, as by default)")
     parser.add_argument('--wedge', action='store_true',
                         help="re-impose the condition's missing wedge on the rotated training copies")
+    parser.add_argument('--no-split-check', dest='split_check', action='store_false',
+                        help="DISCA without the final split check (the reference's behaviour)")
     parser.add_argument('--analysis', action='store_true',
                         help='also: per-cluster averages after undoing the simulated orientations, '
                              'correlated with the templates, and the Fig. 3B feature distances of rotated '

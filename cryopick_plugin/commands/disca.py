@@ -61,6 +61,11 @@ def add_args(parser):
                              'that turn into each other when their members are rotated (one molecule split '
                              'by its orientation to the wedge) are merged; at good SNR only — on noisy data (SNR 0.01) it merged '
                              'distinct molecules (default: off, as the reference)')
+    parser.add_argument('--no-split-check', dest='split_check', action='store_false',
+                        help='do not test the final clusters for two molecules merged into one (by default each '
+                             'cluster whose members fall into two clearly separated groups of rotation-invariant '
+                             'spectral features is split; with --wedge-tilt a split must also not be one molecule '
+                             'seen in two ranges of orientations)')
     parser.add_argument('--seed', type=int, default=0, help='random seed (0)')
     parser.add_argument('--device', default=None, help="'auto', 'cpu' or 'cuda' (default $CRYOPICK_DEVICE or auto)")
 
@@ -78,7 +83,8 @@ def main(args):
     result = disca.disca_cluster(stack, preset=args.preset, k_range=(args.k_min, args.k_max),
                                  max_iter=args.max_iter, seed=args.seed, device=args.device,
                                  log=logger.info, out_dir=args.out,
-                                 options={'wedge_tilt': args.wedge_tilt} if args.wedge_tilt else None)
+                                 options=dict({'split_check': args.split_check},
+                                              **({'wedge_tilt': args.wedge_tilt} if args.wedge_tilt else {})))
     model_path = os.path.join(args.out, 'disca_model.pt')
     disca.save_disca_model(model_path, result, {'voxel_size': voxel,
                                                 'source': os.path.abspath(args.subtomograms)})

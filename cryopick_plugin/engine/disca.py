@@ -32,9 +32,12 @@ where all components coincide (see `_gmm`). With the acquisition's tilt range (o
 rotated training copies get the missing wedge back (`wedge_training`), and the kept clusters go through an
 orientation check (`orientation_merge`; `orientation_transfer`, `orientation_groups`): clusters whose
 members, rotated, cross into each other are one molecule split by its orientation to the wedge and are
-merged. Further: rotations are uniform on SO(3) (scipy) instead of the SVD of a random matrix; each
-subtomogram is normalised to zero mean and unit variance; the 'cpu' preset bins subtomograms to 24³ and
-uses a quarter of the width; candidate K is a range capped by the data size.
+merged. At the end every kept cluster is tested for being two molecules the network has learnt to call
+one (`split_check`, on by default): its members' rotation-invariant spectral features, a view the
+network's self-training cannot have merged, are split in two when BIC and a clear separation both say so
+(`split_cluster`; bench/README.md §2). Further: rotations are uniform on SO(3) (scipy) instead of the SVD
+of a random matrix; each subtomogram is normalised to zero mean and unit variance; the 'cpu' preset bins
+subtomograms to 24³ and uses a quarter of the width; candidate K is a range capped by the data size.
 """
 import json
 import logging
@@ -68,12 +71,14 @@ TRAINING = {
     'paper': {'lr': 1e-5, 'batch_size': 64, 'pca_dim': 16, 'reg_covar': 1e-5, 'n_init': 5,
               'gmm_max_iter': 100, 'label_smoothing': 0.2, 'head_epochs': 10, 'head_lr': 1e-4,
               'stable_fraction': 0.999, 'min_per_cluster': 10, 'init': 'network', 'min_iter': 1,
-              'wedge_tilt': None, 'wedge_training': True, 'orientation_merge': True, 'gmm_init': 'k-means++'},
+              'wedge_tilt': None, 'wedge_training': True, 'orientation_merge': True, 'gmm_init': 'k-means++',
+              'split_check': True},
     # Fewer, shorter iterations on a CPU: a larger learning rate gets the features moving within them.
     'cpu': {'lr': 5e-4, 'batch_size': 16, 'pca_dim': 16, 'reg_covar': 1e-5, 'n_init': 3,
             'gmm_max_iter': 100, 'label_smoothing': 0.2, 'head_epochs': 10, 'head_lr': 1e-3,
             'stable_fraction': 0.999, 'min_per_cluster': 10, 'init': 'spectral', 'min_iter': 4,
-            'wedge_tilt': None, 'wedge_training': True, 'orientation_merge': True, 'gmm_init': 'k-means++'},
+            'wedge_tilt': None, 'wedge_training': True, 'orientation_merge': True, 'gmm_init': 'k-means++',
+            'split_check': True},
 }
 DEFAULT_MAX_ITER = {'paper': 20, 'cpu': 10}
 
@@ -571,6 +576,12 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
             'prediction': 'network features -> PCA -> Gaussian mixture posterior'}
     if merge_info is not None:
         meta['orientation_merge'] = merge_info
+    if opts.get('split_check', True):
+        best, splits = _split_mixed(best, stack, opts, ks[-1] if ks else best['k'], seed, say)
+        meta['split_check'] = splits
+        meta['k'] = best['k']
+        if any(s_['accepted'] for s_ in splits):
+            meta['prediction'] += ' -> split tests on spectral features (split_check)'
     return DiscaResult(labels=best['labels'], probabilities=best['probabilities'], k=best['k'],
                        best_iteration=best['iteration'], history=history, features=best['features'],
                        features_pca=best['x'], embeddings=embeddings, iteration_labels=iteration_labels,
@@ -637,6 +648,172 @@ def orientation_groups(transfer, control, min_share=ORIENTATION_MIN_SHARE):
     return sorted((sorted(g) for g in groups.values()), key=lambda g: g[0])
 
 
+# ------------------------------------------------------------------------------------- mixed clusters
+
+SPLIT_DIM = 2
+SPLIT_MIN_SEPARATION = 3.0
+SPLIT_MAX_DEPTH = 3
+SPLIT_MAX_CROSSING = 0.5
+
+
+def _standardised(x, mean, std):
+    return (np.asarray(x, dtype=np.float64) - mean) / std
+
+
+def split_cluster(features, options, seed=0, dim=SPLIT_DIM, min_separation=SPLIT_MIN_SEPARATION,
+                  min_size=10):
+    """Test whether one cluster's members form two groups; return (accepted, side (N,) 0/1, state, info).
+
+    features: (N, F) rotation-invariant features of the members (`spectral_features`). They are
+    standardised over the members — so that what varies inside this cluster, not between clusters, sets
+    the scale — and reduced by PCA to `dim` dimensions, where one and two full-covariance Gaussians are
+    fitted. The split is accepted when two components have the lower BIC, both sides hold at least
+    `min_size` members, and the two means lie at least `min_separation` apart in the Mahalanobis metric
+    of the pooled covariance. BIC alone is not enough: a two-component fit to one noisy, non-Gaussian
+    group often wins by a little, with the means ≈ 2 apart (Ashman's D; measured 1.6–2.4 on pure
+    clusters, 3.1–4.6 on two merged molecules, 2.7 on one molecule split by its orientation to the wedge
+    at SNR 0.1 — bench/README.md §2). `state` holds the standardisation,
+    PCA and two-component mixture as tensors (for the model file; `_split_side` applies it).
+    """
+    x = np.asarray(features, dtype=np.float64)
+    info = {'members': int(len(x)), 'accepted': False}
+    if len(x) < 2 * min_size:
+        info['reason'] = 'too few members'
+        return False, None, None, info
+    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-8
+    z = _standardised(x, mean, std)
+    pca = PCA(n_components=int(min(dim, z.shape[1], len(z) - 1)), random_state=seed).fit(z)
+    p = pca.transform(z)
+    fits = []
+    for k in (1, 2):
+        gmm = _gmm(k, options, seed, 1e-4)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', ConvergenceWarning)
+            gmm.fit(p)
+        fits.append(gmm)
+    one, two = fits
+    side = two.predict(p)
+    pooled = np.einsum('k,kij->ij', two.weights_, two.covariances_)
+    delta = two.means_[1] - two.means_[0]
+    separation = float(np.sqrt(delta @ np.linalg.solve(pooled, delta)))
+    sizes = np.bincount(side, minlength=2)
+    info.update({'bic_one': float(one.bic(p)), 'bic_two': float(two.bic(p)), 'separation': separation,
+                 'sizes': sizes.tolist()})
+    if info['bic_two'] >= info['bic_one']:
+        info['reason'] = 'one Gaussian explains the members as well (BIC)'
+    elif separation < min_separation:
+        info['reason'] = f'the two groups are not separated (Mahalanobis {separation:.2f} < {min_separation:g})'
+    elif sizes.min() < min_size:
+        info['reason'] = f'one side would hold fewer than {min_size} members'
+    else:
+        info['accepted'] = True
+        state = _mixture_state(pca, two, np.array([0, 1]))
+        state.update({'scale.mean': torch.from_numpy(mean), 'scale.std': torch.from_numpy(std)})
+        return True, side, state, info
+    return False, None, None, info
+
+
+def _split_side(features, state):
+    """Posterior (N, 2) of the two sides of a stored split for members' spectral features."""
+    z = _standardised(features, state['scale.mean'].numpy(), state['scale.std'].numpy())
+    x = (z - state['pca.mean'].numpy()) @ state['pca.components'].numpy().T
+    return _posterior(x, state)
+
+
+def split_crossing(stack, members, side, state, tilt_range, rng, copies=2):
+    """Whether a split is one molecule seen in two ranges of orientations: the members of each side are
+    rotated at random with the acquisition's missing wedge put back (`random_rotations`) and assigned
+    to a side again; the same with identity rotations is the control. Returns the share of rotated copies
+    that changed side, summed over the two sides, minus the same sum for the control. For one molecule
+    split by orientation a rotated copy lands on a side in proportion to that side's range of
+    orientations, so the shares sum to about 1; for two molecules they stay near 0 (measured 0.22–0.36
+    for merged molecules at SNR 0.01–0.03, 0.57–0.83 for orientation splits — bench/README.md §2)."""
+    stack = np.asarray(stack)
+    members = np.asarray(members)
+    side = np.asarray(side)
+
+    def moved(matrices):
+        q = _split_side(spectral_features(random_rotations(stack[members], rng, tilt_range=tilt_range,
+                                                           matrices=matrices)), state)
+        new_side = (q[:, 1] > q[:, 0]).astype(int)
+        return sum(float(np.mean(new_side[side == s] != s)) for s in (0, 1))
+
+    turned = np.mean([moved(None) for _ in range(int(copies))])
+    control = moved(np.broadcast_to(np.eye(3), (len(members), 3, 3)))
+    return float(turned - control)
+
+
+def _split_mixed(best, stack, opts, k_max, seed, say):
+    """Run `split_cluster` on every kept cluster, and again on the two sides of an accepted split (to
+    `SPLIT_MAX_DEPTH` levels, K at most k_max). An accepted split gives the second side a new label; the
+    node (parent label, child label, state) is stored in the model so that prediction replays the splits
+    in the same order. With the acquisition's tilt range (option `wedge_tilt`) a split must also pass
+    `split_crossing` (not one molecule split by its orientation to the wedge). Returns (updated best, one
+    info dict per test)."""
+    features = spectral_features(stack)
+    tilt_range = opts.get('wedge_tilt')
+    rng = np.random.default_rng(seed + 7919)
+    labels = best['labels'].copy()
+    prob = best['probabilities'].copy()
+    state = dict(best['state'])
+    k = int(best['k'])
+    tests, nodes = [], 0
+    queue = [(c, 0) for c in range(k)]
+    while queue:
+        c, depth = queue.pop(0)
+        if depth >= SPLIT_MAX_DEPTH or k >= k_max:
+            continue
+        members = np.flatnonzero(labels == c)
+        accepted, side, node_state, info = split_cluster(features[members], opts, seed,
+                                                         min_size=int(opts['min_per_cluster']))
+        info.update({'cluster': int(c), 'depth': depth})
+        tests.append(info)
+        if accepted and tilt_range:
+            info['crossing'] = split_crossing(stack, members, side, node_state, tilt_range, rng)
+            if info['crossing'] >= SPLIT_MAX_CROSSING:
+                accepted = info['accepted'] = False
+                info['reason'] = (f"one molecule in two ranges of orientations (rotated members change side: "
+                                  f"{info['crossing']:.2f} ≥ {SPLIT_MAX_CROSSING:g})")
+        if not accepted:
+            continue
+        labels[members[side == 1]] = k
+        q = _split_side(features, node_state)
+        prob = np.concatenate([prob, prob[:, c:c + 1] * q[:, 1:2]], axis=1)
+        prob[:, c] *= q[:, 0]
+        state.update({f'split.{nodes}.{key}': v for key, v in node_state.items()})
+        state[f'split.{nodes}.labels'] = torch.tensor([c, k], dtype=torch.int64)
+        info['child'] = k
+        say(f"split check: cluster {c} ({len(members)}) is two groups on spectral features "
+            f"(separation {info['separation']:.2f}, sizes {info['sizes']}) → clusters {c} and {k}")
+        queue += [(c, depth + 1), (k, depth + 1)]
+        k += 1
+        nodes += 1
+    if nodes == 0:
+        say('split check: no cluster is two groups on spectral features')
+        return best, tests
+    best = dict(best, labels=labels, k=k, state=state, probabilities=prob)
+    return best, tests
+
+
+def _apply_splits(stack, state, labels, prob):
+    """Replay the stored splits (`_split_mixed`) on new subtomograms: labels follow the splits in order
+    (a member of the parent goes to the side its spectral features fall on); probabilities of the parent
+    are shared between the two sides by the split's posterior."""
+    n_nodes = len({key.split('.')[1] for key in state if key.startswith('split.')})
+    if n_nodes == 0:
+        return labels, prob
+    features = spectral_features(stack)
+    for i in range(n_nodes):
+        prefix = f'split.{i}.'
+        node = {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}
+        parent, child = (int(v) for v in node['labels'])
+        q = _split_side(features, node)
+        labels = np.where((labels == parent) & (q[:, 1] > q[:, 0]), child, labels)
+        prob = np.concatenate([prob, prob[:, parent:parent + 1] * q[:, 1:2]], axis=1)
+        prob[:, parent] *= q[:, 0]
+    return labels, prob
+
+
 # ------------------------------------------------------------------------------------ save / predict
 
 def _merge_orientations(best, data, arch, opts, rng, device, say):
@@ -699,12 +876,16 @@ def disca_features(stack, model_path, device='auto', batch_size=64):
 def disca_predict(stack, model_path, device='auto', batch_size=64):
     """Assign subtomograms to the clusters of a saved DISCA model.
 
+    Labels follow the model's mixture and then, in order, the splits its split check stored (a member of
+    a split cluster goes to the side its spectral features fall on); a split cluster's probability is
+    shared between its two sides by the split's posterior.
     stack: (N, b, b, b) with the box size the model was trained on. Returns (labels (N,) 0-based,
     probabilities (N, K) posterior of each cluster).
     """
     _, x, state = disca_features(stack, model_path, device, batch_size)
     prob = _posterior(x, state)
-    return prob.argmax(axis=1).astype(int), prob
+    labels, prob = _apply_splits(np.asarray(stack), state, prob.argmax(axis=1).astype(int), prob)
+    return labels, prob
 
 
 # ------------------------------------------------------------------------------------------ baseline

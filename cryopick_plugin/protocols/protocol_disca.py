@@ -123,6 +123,16 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                            'the model. Use it at good SNR only: on noisy data (simulated SNR 0.01) the '
                            'rotated copies scatter and it merged distinct molecules into one cluster. '
                            'Empty or 0: off, as in the published method.')
+        form.addParam('splitCheck', params.BooleanParam, default=True, label='Split merged molecules',
+                      expertLevel=params.LEVEL_ADVANCED,
+                      help='After clustering, test every cluster for two molecules that the network has learnt '
+                           'to call one (at low SNR the self-training can entrench such a merge): a cluster '
+                           'whose members fall into two clearly separated groups of rotation-invariant '
+                           'spectral features (BIC and a Mahalanobis separation of at least 3) is split, '
+                           'recursively. With the largest tilt set, a split must also not be one molecule '
+                           'seen in two ranges of orientations (rotated members would change side). Each test '
+                           'is recorded in the model, and predictions replay the splits. On simulated data '
+                           'at SNR 0.01 it found the fifth molecule (K 4 → 5); at SNR 0.03 it changed nothing.')
         form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,
                       help='Seed of the random number generators (weights, sampling), so a run can be repeated.')
         self._defineComputeParams(form, gpu=True)
@@ -143,6 +153,8 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
             args += ['--max-iter', self.maxIter.get()]
         if self.wedgeTilt.get():
             args += ['--wedge-tilt', self.wedgeTilt.get()]
+        if not self.splitCheck.get():
+            args += ['--no-split-check']
         self._runCryopick('disca', args, gpu=True)
 
     def createOutputStep(self):

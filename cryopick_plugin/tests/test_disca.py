@@ -351,6 +351,11 @@ def test_commands_end_to_end(tmp_path):
     emb = np.load(out / 'embeddings.npz')
     assert emb['embeddings'].shape == (1, len(stack), 2)
 
+    assert 'split_check' in history['meta']        # on by default (no test here once K reaches --k-max)
+    assert main(['disca', str(star), '--out', str(tmp_path / 'nosplit'), '--max-iter', '1', '--k-max', '3',
+                 '--device', 'cpu', '--no-split-check']) == 0
+    assert 'split_check' not in json.loads((tmp_path / 'nosplit' / 'history.json').read_text())['meta']
+
     predicted = tmp_path / 'predicted.star'
     assert main(['disca-predict', str(star), '--model', str(out / 'disca_model.pt'), '--out', str(predicted),
                  '--device', 'cpu']) == 0
@@ -427,3 +432,64 @@ def test_orientation_check_joins_a_molecule_split_by_the_wedge_and_keeps_others_
     plain = disca.disca_cluster(sim.stack, preset='cpu', k_range=(2, 4), max_iter=2, seed=0, device='cpu',
                                 arch=TINY, options=TINY_OPTIONS)
     assert 'orientation_merge' not in plain.meta
+
+
+# ------------------------------------------------------------------------------------- split check
+
+def test_split_cluster_needs_bic_and_a_clear_separation():
+    rng = np.random.default_rng(0)
+    options = disca.TRAINING['cpu']
+    accepted, side, state, info = disca.split_cluster(
+        np.concatenate([rng.normal(size=(100, 10)), rng.normal(size=(100, 10)) + 2.0]), options)
+    assert accepted and info['separation'] > disca.SPLIT_MIN_SEPARATION
+    assert disca.clustering_scores(np.repeat([0, 1], 100), side)['v_measure'] > 0.9
+    # the stored split sends the members to the same sides
+    q = disca._split_side(np.concatenate([rng.normal(size=(5, 10)), rng.normal(size=(5, 10)) + 2.0]), state)
+    assert q.shape == (10, 2) and np.allclose(q.sum(axis=1), 1)
+    for kind, x in (('gaussian', rng.normal(size=(200, 10))), ('uniform', rng.uniform(size=(200, 10)))):
+        accepted, side, state, info = disca.split_cluster(x, options)
+        assert not accepted and side is None and state is None, kind
+    # skewed: two Gaussians fit it better (BIC), but they are not two groups
+    accepted, _, _, info = disca.split_cluster(rng.lognormal(size=(200, 10)), options)
+    assert not accepted and info['bic_two'] < info['bic_one'] and 'not separated' in info['reason']
+    accepted, _, _, info = disca.split_cluster(rng.normal(size=(15, 10)), options)
+    assert not accepted and info['reason'] == 'too few members'
+
+
+def test_split_check_separates_merged_molecules_and_prediction_replays_it(clustered, tmp_path):
+    """The three shapes merged into one cluster (as a self-trained network can entrench at low SNR): the
+    split check finds the three molecules again, and a saved model assigns the same clusters."""
+    import dataclasses
+    stack, truth, result = clustered
+    assert not any(t['accepted'] for t in result.meta['split_check'])   # three pure clusters stay
+    state = dict(result.model_state)
+    label_of = state['gmm.label_of_component'].numpy()
+    state['gmm.label_of_component'] = torch.from_numpy(np.where(label_of >= 0, 0, -1).astype(np.int64))
+    merged = {'labels': np.zeros(len(stack), int), 'k': 1, 'state': state,
+              'probabilities': disca._posterior(result.features_pca, state)}
+    best, tests = disca._split_mixed(merged, stack, dict(result.options), 6, 0, lambda line: None)
+    assert best['k'] == 3 and sum(t['accepted'] for t in tests) == 2
+    assert disca.clustering_scores(truth, best['labels'])['v_measure'] == 1.0
+    assert best['probabilities'].shape == (len(stack), 3)
+    np.testing.assert_allclose(best['probabilities'].sum(axis=1), 1.0)
+    split = dataclasses.replace(result, labels=best['labels'], k=3, probabilities=best['probabilities'],
+                                model_state=best['state'])
+    path = tmp_path / 'split_model.pt'
+    disca.save_disca_model(path, split)
+    labels, prob = disca.disca_predict(stack, path, device='cpu')
+    assert np.array_equal(labels, best['labels'])
+    np.testing.assert_allclose(prob, best['probabilities'], atol=1e-9)
+
+
+def test_split_check_refuses_one_molecule_split_by_its_orientation_to_the_wedge():
+    from cryopick_plugin.engine.simulate_subtomo import simulate_subtomograms
+    sim = simulate_subtomograms(classes=['two_lobe', 'rod'], n_per_class=40, box=24, snr=2.0, tilt_range=60.0,
+                                seed=3, synthetic=True)
+    members = np.flatnonzero(sim.labels == 0)
+    # One molecule, but the wedge cuts its spectrum differently in different orientations: two groups.
+    accepted, side, state, info = disca.split_cluster(disca.spectral_features(sim.stack[members]),
+                                                      disca.TRAINING['cpu'])
+    assert accepted
+    # Turned at random (wedge put back), its members change side; unrotated copies do not.
+    crossing = disca.split_crossing(sim.stack, members, side, state, 60.0, np.random.default_rng(0))
+    assert crossing >= disca.SPLIT_MAX_CROSSING

@@ -3,6 +3,7 @@
 import tomograms → import truth (STAR) → DoG candidates → subtomogram extraction; truth → weak labels.
 Asserts on the output sets: sizes, sampling rates, tsId links, positions and the files behind them.
 """
+import json
 import os
 
 import numpy as np
@@ -142,6 +143,10 @@ class TestProtocols3D(BaseTest):
         from cryopick_plugin.engine.evaluate import match_points
         pairs, dist = match_points(star.xyz_array(back), star.xyz_array(truth), 0.5)
         self.assertEqual(len(pairs), n)
+        # the split check ran by default and is recorded with the model's meta
+        history = json.load(open(disca._getExtraPath('disca', 'history.json')))
+        self.assertIn('split_check', history['meta'])
+        self.assertEqual(history['k'], len(sizes))
         model = disca.outputModel
         self.assertEqual(model.getMethod(), 'disca')
         self.assertTrue(model.exists())
