@@ -131,8 +131,11 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                            'spectral features (BIC and a Mahalanobis separation of at least 3) is split, '
                            'recursively. With the largest tilt set, a split must also not be one molecule '
                            'seen in two ranges of orientations (rotated members would change side). Each test '
-                           'is recorded in the model, and predictions replay the splits. On simulated data '
-                           'at SNR 0.01 it found the fifth molecule (K 4 → 5); at SNR 0.03 it changed nothing.')
+                           'is recorded in the model, and predictions replay the splits. On simulated sets of '
+                           'five molecules it raised the homogeneity at SNR 0.01 from 0.72 to 0.86 (K 4 → 6) '
+                           'and at SNR 0.03 with a ±40° wedge from 0.76 to 0.95 (K 4 → 6), and left the right '
+                           'clusterings at SNR 0.03 and 0.1 alone. A split can leave a small part of a '
+                           'molecule in a cluster of its own: check small classes before averaging.')
         form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,
                       help='Seed of the random number generators (weights, sampling), so a run can be repeated.')
         self._defineComputeParams(form, gpu=True)

@@ -1,0 +1,70 @@
+"""The DISCA split check (`disca._split_mixed`) applied again to finished `bench_disca.py` runs.
+
+The split check runs after the EM loop and only reads the kept iteration's labels and the subtomograms, so
+its effect on a finished condition can be measured without clustering again: the simulated set is made
+anew (`bench_disca.simulate`, same seed — deterministic), the kept iteration's labels are read from
+<condition>_labels.npz (before any orientation-check merge), and the engine's own split check runs on them
+with the preset's options (optionally with the condition's tilt range, which turns on the orientation
+guard `disca.split_crossing`). Scores before and after against the true classes go to
+<out>/<condition>_split.json.
+
+  .venv/bin/python bench/bench_disca_split.py --runs bench/results/disca_check --conditions snr0.03_w60,snr0.03_w40
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_disca  # noqa: E402
+from cryopick_plugin.engine import disca  # noqa: E402
+
+
+def resplit(runs, name, preset='cpu', with_tilt=False, n_per_class=200, box=32, seed=0):
+    snr, tilt, n_cond, _ = bench_disca.CONDITIONS[name]
+    record = json.load(open(os.path.join(runs, f'{name}.json')))[-1]
+    saved = np.load(os.path.join(runs, f'{name}_labels.npz'))
+    kept = saved['iteration_labels'][record['disca']['best_iteration']]
+    truth = saved['truth']
+    sim = bench_disca.simulate(n_cond or n_per_class, snr, tilt, box, seed)
+    if not np.array_equal(sim.labels, truth):
+        raise SystemExit(f'{name}: the simulated set does not match the saved run')
+    options = dict(disca.TRAINING[preset], wedge_tilt=float(tilt) if with_tilt else None)
+    k = int(kept.max()) + 1
+    best = {'labels': kept, 'k': k, 'state': {}, 'probabilities': np.eye(k)[kept]}
+    k_max = disca.candidate_ks(len(kept), (2, 20), options['min_per_cluster'])[-1]
+    after, tests = disca._split_mixed(best, sim.stack, options, k_max, seed, print)
+    contingency = {f'cluster {c}': np.bincount(truth[after['labels'] == c], minlength=len(bench_disca.TEMPLATES))
+                   .tolist() for c in range(after['k'])}
+    return {'condition': name, 'runs': runs, 'kept_iteration': int(record['disca']['best_iteration']),
+            'tilt_given': bool(with_tilt), 'before': disca.clustering_scores(truth, kept),
+            'after': disca.clustering_scores(truth, after['labels']), 'tests': tests,
+            'contingency_after': contingency}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--runs', required=True, help='folder of a bench_disca.py run (<condition>.json and '
+                                                      '<condition>_labels.npz)')
+    parser.add_argument('--conditions', required=True, help='comma-separated condition names')
+    parser.add_argument('--with-tilt', action='store_true',
+                        help="give the condition's tilt range (turns on the orientation guard of each split)")
+    parser.add_argument('--out', default=None, help='where the results go (default: --runs)')
+    args = parser.parse_args(argv)
+    out = args.out or args.runs
+    os.makedirs(out, exist_ok=True)
+    for name in args.conditions.split(','):
+        result = resplit(args.runs, name, with_tilt=args.with_tilt)
+        path = os.path.join(out, f"{name}_split{'_tilt' if args.with_tilt else ''}.json")
+        with open(path + '.part', 'w') as fh:
+            json.dump(result, fh, indent=1)
+        os.replace(path + '.part', path)
+        print(name, {k: {m: round(result[k][m], 3) for m in ('k', 'accuracy', 'homogeneity', 'completeness')}
+                     for k in ('before', 'after')})
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
