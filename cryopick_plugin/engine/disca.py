@@ -670,9 +670,9 @@ def split_cluster(features, options, seed=0, dim=SPLIT_DIM, min_separation=SPLIT
     fitted. The split is accepted when two components have the lower BIC, both sides hold at least
     `min_size` members, and the two means lie at least `min_separation` apart in the Mahalanobis metric
     of the pooled covariance. BIC alone is not enough: a two-component fit to one noisy, non-Gaussian
-    group often wins by a little, with the means ≈ 2 apart (Ashman's D; measured 1.6–2.4 on pure
-    clusters, 3.1–4.6 on two merged molecules, 2.7 on one molecule split by its orientation to the wedge
-    at SNR 0.1 — bench/README.md §2). `state` holds the standardisation,
+    group can win by a little, with the means only ≈ 1–2.5 apart (Ashman's D; measured 3.1–4.6 on two
+    merged molecules, 2.7 on one molecule split by its orientation to the wedge at SNR 0.1, 1.3 for a
+    skewed single group — bench/README.md §2). `state` holds the standardisation,
     PCA and two-component mixture as tensors (for the model file; `_split_side` applies it).
     """
     x = np.asarray(features, dtype=np.float64)
@@ -726,7 +726,7 @@ def split_crossing(stack, members, side, state, tilt_range, rng, copies=2):
     to a side again; the same with identity rotations is the control. Returns the share of rotated copies
     that changed side, summed over the two sides, minus the same sum for the control. For one molecule
     split by orientation a rotated copy lands on a side in proportion to that side's range of
-    orientations, so the shares sum to about 1; for two molecules they stay near 0 (measured 0.22–0.36
+    orientations, so the shares sum to about 1; for two molecules they stay near 0 (measured 0.21–0.34
     for merged molecules at SNR 0.01–0.03, 0.57–0.83 for orientation splits — bench/README.md §2)."""
     stack = np.asarray(stack)
     members = np.asarray(members)
