@@ -64,8 +64,9 @@ def add_args(parser):
     parser.add_argument('--no-split-check', dest='split_check', action='store_false',
                         help='do not test the final clusters for two molecules merged into one (by default each '
                              'cluster whose members fall into two clearly separated groups of rotation-invariant '
-                             'spectral features is split; with --wedge-tilt a split must also not be one molecule '
-                             'seen in two ranges of orientations)')
+                             'spectral features is split, and pieces of one molecule left in two clusters are joined '
+                             'again; with --wedge-tilt a split must also not be one molecule seen in two ranges '
+                             'of orientations)')
     parser.add_argument('--seed', type=int, default=0, help='random seed (0)')
     parser.add_argument('--device', default=None, help="'auto', 'cpu' or 'cuda' (default $CRYOPICK_DEVICE or auto)")
 

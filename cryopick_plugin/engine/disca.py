@@ -35,7 +35,8 @@ members, rotated, cross into each other are one molecule split by its orientatio
 merged. At the end every kept cluster is tested for being two molecules the network has learnt to call
 one (`split_check`, on by default): its members' rotation-invariant spectral features, a view the
 network's self-training cannot have merged, are split in two when BIC and a clear separation both say so
-(`split_cluster`; bench/README.md §2). Further: rotations are uniform on SO(3) (scipy) instead of the SVD
+(`split_cluster`), and pieces of one molecule that splits of different clusters left apart are joined
+again (`_rejoin`; bench/README.md §2). Further: rotations are uniform on SO(3) (scipy) instead of the SVD
 of a random matrix; each subtomogram is normalised to zero mean and unit variance; the 'cpu' preset bins
 subtomograms to 24³ and uses a quarter of the width; candidate K is a range capped by the data size.
 """
@@ -580,7 +581,7 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
         best, splits = _split_mixed(best, stack, opts, ks[-1] if ks else best['k'], seed, say)
         meta['split_check'] = splits
         meta['k'] = best['k']
-        if any(s_['accepted'] for s_ in splits):
+        if any(s_.get('accepted') for s_ in splits):
             meta['prediction'] += ' -> split tests on spectral features (split_check)'
     return DiscaResult(labels=best['labels'], probabilities=best['probabilities'], k=best['k'],
                        best_iteration=best['iteration'], history=history, features=best['features'],
@@ -766,7 +767,7 @@ def _split_mixed(best, stack, opts, k_max, seed, say):
         members = np.flatnonzero(labels == c)
         accepted, side, node_state, info = split_cluster(features[members], opts, seed,
                                                          min_size=int(opts['min_per_cluster']))
-        info.update({'cluster': int(c), 'depth': depth})
+        info.update({'kind': 'split', 'cluster': int(c), 'depth': depth})
         tests.append(info)
         if accepted and tilt_range:
             info['crossing'] = split_crossing(stack, members, side, node_state, tilt_range, rng)
@@ -791,8 +792,58 @@ def _split_mixed(best, stack, opts, k_max, seed, say):
     if nodes == 0:
         say('split check: no cluster is two groups on spectral features')
         return best, tests
-    best = dict(best, labels=labels, k=k, state=state, probabilities=prob)
+    touched = sorted({t['cluster'] for t in tests if t['accepted']} | {t['child'] for t in tests if t['accepted']})
+    final_of, rejoins = _rejoin(features, labels, touched, opts, seed, say)
+    tests += rejoins
+    state['splitmap.final_of'] = torch.from_numpy(final_of)
+    labels, prob = _relabel(final_of, labels, prob)
+    best = dict(best, labels=labels, k=prob.shape[1], state=state, probabilities=prob)
     return best, tests
+
+
+def _rejoin(features, labels, touched, opts, seed, say):
+    """Join again the pieces of one molecule that splits of different clusters left apart.
+
+    When two clusters each held part of the same molecule (mixed with a different one), the splits leave
+    that molecule in two clusters. Among the clusters the splits made or changed, a pair whose union
+    `split_cluster` does not split is one group; the closest such pair (lowest separation) is joined, and
+    the test repeated until no pair qualifies. Returns (final label of each label (int64 array, compact,
+    in order of first appearance), one info dict per tested pair)."""
+    groups = {c: [c] for c in touched}
+    tests = []
+    while True:
+        candidates = []
+        keys = sorted(groups)
+        for i, a in enumerate(keys):
+            for b in keys[i + 1:]:
+                members = np.flatnonzero(np.isin(labels, groups[a] + groups[b]))
+                split, _, _, info = split_cluster(features[members], opts, seed,
+                                                  min_size=int(opts['min_per_cluster']))
+                info = {'kind': 'rejoin', 'clusters': [int(a), int(b)], 'members': info['members'],
+                        'separation': info.get('separation'), 'one_group': not split,
+                        'joined': False}
+                tests.append(info)
+                if not split:
+                    candidates.append((info['separation'] if info['separation'] is not None else 0.0, a, b, info))
+        if not candidates:
+            break
+        _, a, b, info = min(candidates, key=lambda c: c[0])
+        info['joined'] = True
+        groups[a] += groups.pop(b)
+        say(f"split check: clusters {a} and {b} are one group on spectral features → joined")
+    n = int(labels.max()) + 1
+    root = np.arange(n)
+    for a, members in groups.items():
+        root[members] = a
+    _, final_of = np.unique(root, return_inverse=True)
+    return final_of.astype(np.int64), tests
+
+
+def _relabel(final_of, labels, prob):
+    """Labels and probability columns mapped through `final_of` (joined clusters' columns summed)."""
+    out = np.zeros((len(prob), int(final_of.max()) + 1))
+    np.add.at(out.T, final_of, prob.T)
+    return final_of[labels], out
 
 
 def _apply_splits(stack, state, labels, prob):
@@ -811,6 +862,8 @@ def _apply_splits(stack, state, labels, prob):
         labels = np.where((labels == parent) & (q[:, 1] > q[:, 0]), child, labels)
         prob = np.concatenate([prob, prob[:, parent:parent + 1] * q[:, 1:2]], axis=1)
         prob[:, parent] *= q[:, 0]
+    if 'splitmap.final_of' in state:
+        labels, prob = _relabel(state['splitmap.final_of'].numpy(), labels, prob)
     return labels, prob
 
 

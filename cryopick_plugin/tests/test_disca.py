@@ -461,14 +461,14 @@ def test_split_check_separates_merged_molecules_and_prediction_replays_it(cluste
     split check finds the three molecules again, and a saved model assigns the same clusters."""
     import dataclasses
     stack, truth, result = clustered
-    assert not any(t['accepted'] for t in result.meta['split_check'])   # three pure clusters stay
+    assert not any(t.get('accepted') for t in result.meta['split_check'])   # three pure clusters stay
     state = dict(result.model_state)
     label_of = state['gmm.label_of_component'].numpy()
     state['gmm.label_of_component'] = torch.from_numpy(np.where(label_of >= 0, 0, -1).astype(np.int64))
     merged = {'labels': np.zeros(len(stack), int), 'k': 1, 'state': state,
               'probabilities': disca._posterior(result.features_pca, state)}
     best, tests = disca._split_mixed(merged, stack, dict(result.options), 6, 0, lambda line: None)
-    assert best['k'] == 3 and sum(t['accepted'] for t in tests) == 2
+    assert best['k'] == 3 and sum(t.get('accepted', False) for t in tests) == 2
     assert disca.clustering_scores(truth, best['labels'])['v_measure'] == 1.0
     assert best['probabilities'].shape == (len(stack), 3)
     np.testing.assert_allclose(best['probabilities'].sum(axis=1), 1.0)
@@ -493,3 +493,22 @@ def test_split_check_refuses_one_molecule_split_by_its_orientation_to_the_wedge(
     # Turned at random (wedge put back), its members change side; unrotated copies do not.
     crossing = disca.split_crossing(sim.stack, members, side, state, 60.0, np.random.default_rng(0))
     assert crossing >= disca.SPLIT_MAX_CROSSING
+
+
+def test_split_check_joins_the_pieces_of_a_molecule_that_two_clusters_shared(clustered):
+    """Rod + half of the ovoids in one cluster, balls + the other half in another: each is split, and the
+    two ovoid halves, one group on spectral features, are joined again — K 3, every molecule whole."""
+    stack, truth, result = clustered
+    ovoids = np.flatnonzero(truth == 2)
+    kept = np.where(truth == 0, 0, 1)
+    kept[ovoids[:len(ovoids) // 2]] = 0
+    merged = {'labels': kept, 'k': 2, 'state': {}, 'probabilities': np.eye(2)[kept]}
+    best, tests = disca._split_mixed(merged, stack, dict(result.options), 6, 0, lambda line: None)
+    assert sum(t.get('accepted', False) for t in tests) == 2
+    assert [t['clusters'] for t in tests if t.get('joined')] and best['k'] == 3
+    assert disca.clustering_scores(truth, best['labels'])['v_measure'] == 1.0
+    np.testing.assert_allclose(best['probabilities'].sum(axis=1), 1.0)
+    assert np.array_equal(best['probabilities'].argmax(axis=1), best['labels'])
+    # prediction replays the splits and the join
+    labels, prob = disca._apply_splits(stack, best['state'], kept, np.eye(2)[kept])
+    assert np.array_equal(labels, best['labels'])
