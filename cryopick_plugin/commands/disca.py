@@ -54,7 +54,7 @@ def add_args(parser):
     parser.add_argument('--k-min', type=int, default=2, help='smallest number of clusters tried (2)')
     parser.add_argument('--k-max', type=int, default=20, help='largest number of clusters tried (20)')
     parser.add_argument('--max-iter', type=int, default=None,
-                        help='EM iterations at most (default: 10 for cpu, 20 for paper)')
+                        help='EM iterations at most; a run stops earlier when the labels are stable (default 20)')
     parser.add_argument('--wedge-tilt', type=float, default=None, metavar='DEG',
                         help='largest tilt angle of the acquisition (e.g. 60 for a ±60° series, tilt axis Y): '
                              'the rotated training copies get this missing wedge back, and at the end clusters '
