@@ -172,6 +172,14 @@ def test_disca_figures(tmp_path):
         fig.disca_feature_space(np.zeros((2, 5, 2)), tmp_path / 'bad.png', labels=np.zeros((3, 5)))
 
 
+def test_disca_history_marks_a_final_k_changed_by_the_checks(tmp_path):
+    from PIL import Image
+    history = _disca_dir(tmp_path / 'disca')
+    same = np.asarray(Image.open(fig.disca_history(history, tmp_path / 'same.png')))
+    changed = np.asarray(Image.open(fig.disca_history(dict(history, k=history['k'] + 1), tmp_path / 'split.png')))
+    assert same.shape == changed.shape and np.any(same != changed)
+
+
 def test_many_iterations_keep_first_kept_and_last(tmp_path):
     assert fig.shown_iterations(5, 2, max_panels=12) == [0, 1, 2, 3, 4]
     for n, kept, cap in ((30, 17, 6), (30, 0, 4), (100, 51, 12), (13, 12, 12)):

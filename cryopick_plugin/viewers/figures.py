@@ -417,9 +417,11 @@ def disca_history(history, out, kept_iteration=None):
             raise InputError(path, "history file not found")
         with open(path) as fh:
             history = json.load(fh)
+    final_k = None
     if isinstance(history, dict):
         if kept_iteration is None:
             kept_iteration = history.get('kept_iteration', (history.get('meta') or {}).get('best_iteration'))
+        final_k = history.get('k')   # after the orientation and split checks, when they changed it
         history = history.get('iterations') or history.get('history') or []
     if not history:
         raise InputError('history', "no DISCA iterations recorded")
@@ -437,6 +439,10 @@ def disca_history(history, out, kept_iteration=None):
         if kept_iteration is not None:
             ax.axvline(float(kept_iteration), color='r', linestyle='--', linewidth=1,
                        label=f'kept iteration {kept_iteration}')
+            if key == 'k' and final_k is not None and 0 <= int(kept_iteration) < len(history) \
+                    and _number(history[int(kept_iteration)].get('k')) != float(final_k):
+                ax.plot([float(kept_iteration)], [float(final_k)], marker='*', markersize=12, color='r',
+                        linestyle='none', label=f'final K = {final_k} (orientation / split checks)')
             ax.legend(fontsize=8)
         ax.set_xlabel('iteration')
         ax.set_title(label, fontsize=10)
