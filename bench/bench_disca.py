@@ -160,6 +160,8 @@ def run_condition(name, args):
               'disca_options': {k: disca.TRAINING[args.preset].get(k) for k in ('init', 'min_iter', 'lr', 'gmm_init')}}
     options = {'wedge_tilt': float(tilt)} if args.wedge or args.orientation_check else {}
     options['split_check'] = args.split_check
+    if args.refine_iter is not None:
+        options['refine_iter'] = args.refine_iter
     if args.orientation_check and not args.wedge:
         options['wedge_training'] = False   # the check alone: training as without the tilt range
     record['disca_options'].update(options)
@@ -182,7 +184,7 @@ def run_condition(name, args):
                            contingency={f'cluster {c}': np.bincount(truth[result.labels == c],
                                                                     minlength=len(TEMPLATES)).tolist()
                                         for c in range(result.k)})
-    for key in ('orientation_merge', 'split_check'):
+    for key in ('orientation_merge', 'split_check', 'refine'):
         if key in result.meta:
             record['disca'][key] = result.meta[key]
     if result.meta.get('split_check') is not None:
@@ -190,6 +192,8 @@ def run_condition(name, args):
         record['disca']['before_split_check'] = disca.clustering_scores(
             truth, result.iteration_labels[result.best_iteration] if 'orientation_merge' not in result.meta
             else _merged_labels(result))
+    if result.unrefined_labels is not None:
+        record['disca']['before_refine'] = disca.clustering_scores(truth, result.unrefined_labels)
     # labels, truth and simulated orientations, to look at how a class is split
     np.savez_compressed(os.path.join(args.out, f'{name}_labels.npz'), labels=result.labels, truth=truth,
                         iteration_labels=np.stack(result.iteration_labels),
@@ -231,6 +235,9 @@ def main(argv=None):
                         help="re-impose the condition's missing wedge on the rotated training copies")
     parser.add_argument('--no-split-check', dest='split_check', action='store_false',
                         help="DISCA without the final split check (the reference's behaviour)")
+    parser.add_argument('--refine-iter', type=int, default=None,
+                        help="EM iterations after a split check that changed the clusters (preset default; "
+                             "0: none)")
     parser.add_argument('--analysis', action='store_true',
                         help='also: per-cluster averages after undoing the simulated orientations, '
                              'correlated with the templates, and the Fig. 3B feature distances of rotated '

@@ -67,6 +67,10 @@ def add_args(parser):
                              'spectral features is split, and pieces of one molecule left in two clusters are joined '
                              'again; with --wedge-tilt a split must also not be one molecule seen in two ranges '
                              'of orientations)')
+    parser.add_argument('--refine-iter', type=int, default=None, metavar='N',
+                        help='when the split check changed the clusters: train the network on the corrected '
+                             'clusters and run at most N more EM iterations from them, then check again '
+                             '(default 5; 0: keep the split clusters as they are)')
     parser.add_argument('--seed', type=int, default=0, help='random seed (0)')
     parser.add_argument('--device', default=None, help="'auto', 'cpu' or 'cuda' (default $CRYOPICK_DEVICE or auto)")
 
@@ -77,6 +81,8 @@ def main(args):
     from cryopick_plugin.engine.star import write_star
     if args.wedge_tilt is not None and not 0 <= args.wedge_tilt < 90:
         raise InputError('--wedge-tilt', f"must be between 0 and 90 degrees, got {args.wedge_tilt:g}")
+    if args.refine_iter is not None and args.refine_iter < 0:
+        raise InputError('--refine-iter', f"must be 0 or more, got {args.refine_iter}")
     if args.k_min < 1 or args.k_max < args.k_min:
         raise InputError('--k-min/--k-max', f"bad range {args.k_min}..{args.k_max}")
     stack, table, voxel = read_subtomogram_star(args.subtomograms)
@@ -85,7 +91,9 @@ def main(args):
                                  max_iter=args.max_iter, seed=args.seed, device=args.device,
                                  log=logger.info, out_dir=args.out,
                                  options=dict({'split_check': args.split_check},
-                                              **({'wedge_tilt': args.wedge_tilt} if args.wedge_tilt else {})))
+                                              **({'wedge_tilt': args.wedge_tilt} if args.wedge_tilt else {}),
+                                              **({'refine_iter': args.refine_iter}
+                                                 if args.refine_iter is not None else {})))
     model_path = os.path.join(args.out, 'disca_model.pt')
     disca.save_disca_model(model_path, result, {'voxel_size': voxel,
                                                 'source': os.path.abspath(args.subtomograms)})

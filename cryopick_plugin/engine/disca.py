@@ -36,7 +36,10 @@ merged. At the end every kept cluster is tested for being two molecules the netw
 one (`split_check`, on by default): its members' rotation-invariant spectral features, a view the
 network's self-training cannot have merged, are split in two when BIC and a clear separation both say so
 (`split_cluster`), and pieces of one molecule that splits of different clusters left apart are joined
-again (`_rejoin`; bench/README.md §2). Further: rotations are uniform on SO(3) (scipy) instead of the SVD
+again (`_rejoin`; bench/README.md §2). When the split check changed the clusters, the network — still
+taught to merge them — is trained on the corrected clusters and the EM loop runs again from them for at
+most `refine_iter` iterations (`_refine`); the refined clustering is kept when its DDBI beats that of the
+split labels, and the checks run once more on it. Further: rotations are uniform on SO(3) (scipy) instead of the SVD
 of a random matrix; each subtomogram is normalised to zero mean and unit variance; the 'cpu' preset bins
 subtomograms to 24³ and uses a quarter of the width; candidate K is a range capped by the data size.
 """
@@ -73,13 +76,13 @@ TRAINING = {
               'gmm_max_iter': 100, 'label_smoothing': 0.2, 'head_epochs': 10, 'head_lr': 1e-4,
               'stable_fraction': 0.999, 'min_per_cluster': 10, 'init': 'network', 'min_iter': 1,
               'wedge_tilt': None, 'wedge_training': True, 'orientation_merge': True, 'gmm_init': 'k-means++',
-              'split_check': True},
+              'split_check': True, 'refine_iter': 5},
     # Fewer, shorter iterations on a CPU: a larger learning rate gets the features moving within them.
     'cpu': {'lr': 5e-4, 'batch_size': 16, 'pca_dim': 16, 'reg_covar': 1e-5, 'n_init': 3,
             'gmm_max_iter': 100, 'label_smoothing': 0.2, 'head_epochs': 10, 'head_lr': 1e-3,
             'stable_fraction': 0.999, 'min_per_cluster': 10, 'init': 'spectral', 'min_iter': 4,
             'wedge_tilt': None, 'wedge_training': True, 'orientation_merge': True, 'gmm_init': 'k-means++',
-            'split_check': True},
+            'split_check': True, 'refine_iter': 5},
 }
 # 20 for the cpu preset too: at SNR 0.1 and 0.03 a run stops on label stability by iteration 9–11 anyway,
 # while at SNR 0.01 the clusters keep sharpening to the end (homogeneity after the split check 0.849 at 10
@@ -339,6 +342,8 @@ class DiscaResult:
     arch: dict
     options: dict
     meta: dict = field(default_factory=dict)
+    # labels after the first pass of the checks, before refinement re-trained on them (None without one)
+    unrefined_labels: np.ndarray = None
 
     def class_sizes(self):
         return np.bincount(self.labels, minlength=self.k).tolist()
@@ -492,104 +497,165 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
 
     with _DeterministicTorch(device):
         net = yopo.build_features(arch).to(device)
-        head, opt = None, None
-        k, labels = None, None
-        smoothing, lr = float(opts['label_smoothing']), float(opts['lr'])
+        loop = {'head': None, 'opt': None, 'k': None, 'labels': None,
+                'smoothing': float(opts['label_smoothing']), 'lr': float(opts['lr'])}
         history, embeddings, iteration_labels = [], [], []
-        best = None
-        for it in range(max_iter):
-            t0 = time.time()
-            features = yopo.extract_features(net, data, device, batch_size=max(opts['batch_size'], 64))
-            pca = PCA(n_components=pca_dim, random_state=seed).fit(features)
-            x = pca.transform(features)
-            if it == 0 and max_iter > 1 and opts.get('init') == 'spectral':
-                # First labels from rotation-invariant spectra instead of an untrained network's features
-                # (see the module doc); the network then learns from them. Such an iteration is never kept
-                # (its mixture lives in another feature space than the network's), so a one-iteration
-                # run clusters the network's features as the reference does.
-                x = spectral_embedding(stack, pca_dim, seed)
-            new_labels, gmm, components, bics = fit_mixtures(x, ks, opts, seed + it, k, labels)
-            new_k = int(new_labels.max()) + 1
-            same_k = new_k == k
-            if same_k:
-                aligned = align_labels(labels, new_labels)
-                # Keep the component → label map in step with the renumbering.
-                components = components[np.argsort([aligned[new_labels == j][0] for j in range(new_k)])]
-                new_labels = aligned
-            changed = 1.0 if labels is None else float(np.mean(new_labels != labels))
-            labels, k = new_labels, new_k
-            score = ddbi(x, labels, opts['reg_covar'])
-            embeddings.append(x[:, :2].astype(np.float32))
-            iteration_labels.append(labels.copy())
-            entry = {'iteration': it, 'k': k, 'bic': bics[int(gmm.n_components)],
-                     'bic_by_k': {str(kk): v for kk, v in bics.items()}, 'ddbi': score, 'changed': changed,
-                     'loss': None, 'lr': None, 'smoothing': None, 'head_k': None, 'head_rebuilt': False,
-                     'sizes': np.bincount(labels, minlength=k).tolist()}
-            # The reference keeps only iterations of a trained network when there are any.
-            eligible = it >= 1 or max_iter == 1
-            if eligible and (best is None or score < best['ddbi']):
-                label_of = np.full(gmm.n_components, -1, dtype=np.int64)
-                for j in range(k):
-                    label_of[components[j]] = j
-                state = {f'net.{key}': v.detach().cpu().clone() for key, v in net.state_dict().items()}
-                state.update(_mixture_state(pca, gmm, label_of))
-                best = {'iteration': it, 'ddbi': score, 'labels': labels.copy(), 'k': k, 'state': state,
-                        'features': features, 'x': x,
-                        'probabilities': _posterior(x, state)}
-            converged = (it >= max(1, int(opts.get('min_iter', 1))) and same_k
-                         and (1.0 - changed) > opts['stable_fraction'])
-            last = converged or it == max_iter - 1
-            if not last:
-                smoothing *= 0.9
-                one_hot = np.eye(k, dtype=np.float32)[labels]
-                targets = one_hot * (1.0 - smoothing) + smoothing / k
-                if not same_k:
-                    head = yopo.YOPOHead(arch['feature_dim'], k).to(device)
-                    _train_head(head, features, one_hot, opts, generator, device)
-                    opt = torch.optim.NAdam(list(net.parameters()) + list(head.parameters()), lr=lr,
-                                            betas=(0.9, 0.999), eps=1e-8)
-                lr *= 0.95
-                for group in opt.param_groups:
-                    group['lr'] = lr
-                augmented = np.concatenate([data, random_rotations(data, rng,
-                                                                   tilt_range=opts.get('wedge_tilt')
-                                                                   if opts.get('wedge_training', True)
-                                                                   else None)])
-                entry['loss'] = _train_epoch(net, head, opt, augmented, np.tile(targets, (2, 1)), opts,
-                                             generator, device)
-                entry['lr'], entry['smoothing'] = lr, smoothing
-                entry['head_k'], entry['head_rebuilt'] = head.k, not same_k
-            entry['time_s'] = time.time() - t0
-            history.append(entry)
-            say(f"iteration {it}: K={k} BIC={entry['bic']:.1f} DDBI={score:.4f} changed={changed:.3f} "
-                f"loss={entry['loss'] if entry['loss'] is None else round(entry['loss'], 4)} "
-                f"sizes={entry['sizes']} {entry['time_s']:.1f}s")
-            if out_dir:
-                _write_progress(out_dir, history, embeddings, iteration_labels)
-            if last:
-                break
 
-    say(f"kept iteration {best['iteration']}: K={best['k']} DDBI={best['ddbi']:.4f}")
-    merge_info = None
-    if opts.get('wedge_tilt') and opts.get('orientation_merge', True) and best['k'] > 1:
-        best, merge_info = _merge_orientations(best, data, arch, opts, rng, device, say)
-    meta = {'input_box': int(np.asarray(stack).shape[-1]), 'network_box': int(data.shape[-1]),
-            'k': best['k'], 'best_iteration': best['iteration'], 'ddbi': best['ddbi'], 'n_train': n,
-            'seed': seed, 'preset': preset_name, 'pca_dim': pca_dim, 'k_candidates': ks,
-            'iterations': len(history), 'normalisation': 'per-subtomogram zero mean, unit variance',
-            'prediction': 'network features -> PCA -> Gaussian mixture posterior'}
-    if merge_info is not None:
-        meta['orientation_merge'] = merge_info
-    if opts.get('split_check', True):
-        best, splits = _split_mixed(best, stack, opts, ks[-1] if ks else best['k'], seed, say)
-        meta['split_check'] = splits
-        meta['k'] = best['k']
-        if any(s_.get('accepted') for s_ in splits):
-            meta['prediction'] += ' -> split tests on spectral features (split_check)'
+        def train(features, labels, k, rebuild):
+            """One epoch on smoothed labels (augmented by random rotations), a new head first when K
+            changed; returns the history fields of the training."""
+            loop['smoothing'] *= 0.9
+            one_hot = np.eye(k, dtype=np.float32)[labels]
+            targets = one_hot * (1.0 - loop['smoothing']) + loop['smoothing'] / k
+            if rebuild:
+                loop['head'] = yopo.YOPOHead(arch['feature_dim'], k).to(device)
+                _train_head(loop['head'], features, one_hot, opts, generator, device)
+                loop['opt'] = torch.optim.NAdam(list(net.parameters()) + list(loop['head'].parameters()),
+                                                lr=loop['lr'], betas=(0.9, 0.999), eps=1e-8)
+            loop['lr'] *= 0.95
+            for group in loop['opt'].param_groups:
+                group['lr'] = loop['lr']
+            augmented = np.concatenate([data, random_rotations(data, rng,
+                                                               tilt_range=opts.get('wedge_tilt')
+                                                               if opts.get('wedge_training', True) else None)])
+            loss = _train_epoch(net, loop['head'], loop['opt'], augmented, np.tile(targets, (2, 1)), opts,
+                                generator, device)
+            return {'loss': loss, 'lr': loop['lr'], 'smoothing': loop['smoothing'], 'head_k': loop['head'].k,
+                    'head_rebuilt': bool(rebuild)}
+
+        def iterate(first, count, eligible_from, min_iter, phase):
+            """EM iterations first .. first + count - 1 (features → PCA → mixtures → training); returns the
+            eligible iteration with the lowest DDBI (None when none was eligible)."""
+            best = None
+            for it in range(first, first + count):
+                t0 = time.time()
+                features = yopo.extract_features(net, data, device, batch_size=max(opts['batch_size'], 64))
+                pca = PCA(n_components=pca_dim, random_state=seed).fit(features)
+                x = pca.transform(features)
+                if it == 0 and count > 1 and opts.get('init') == 'spectral':
+                    # First labels from rotation-invariant spectra instead of an untrained network's features
+                    # (see the module doc); the network then learns from them. Such an iteration is never
+                    # kept (its mixture lives in another feature space than the network's), so a
+                    # one-iteration run clusters the network's features as the reference does.
+                    x = spectral_embedding(stack, pca_dim, seed)
+                new_labels, gmm, components, bics = fit_mixtures(x, ks, opts, seed + it, loop['k'], loop['labels'])
+                new_k = int(new_labels.max()) + 1
+                same_k = new_k == loop['k']
+                if same_k:
+                    aligned = align_labels(loop['labels'], new_labels)
+                    # Keep the component → label map in step with the renumbering.
+                    components = components[np.argsort([aligned[new_labels == j][0] for j in range(new_k)])]
+                    new_labels = aligned
+                changed = 1.0 if loop['labels'] is None else float(np.mean(new_labels != loop['labels']))
+                labels = loop['labels'] = new_labels
+                k = loop['k'] = new_k
+                score = ddbi(x, labels, opts['reg_covar'])
+                embeddings.append(x[:, :2].astype(np.float32))
+                iteration_labels.append(labels.copy())
+                entry = {'iteration': it, 'phase': phase, 'k': k, 'bic': bics[int(gmm.n_components)],
+                         'bic_by_k': {str(kk): v for kk, v in bics.items()}, 'ddbi': score, 'changed': changed,
+                         'loss': None, 'lr': None, 'smoothing': None, 'head_k': None, 'head_rebuilt': False,
+                         'sizes': np.bincount(labels, minlength=k).tolist()}
+                if it >= eligible_from and (best is None or score < best['ddbi']):
+                    label_of = np.full(gmm.n_components, -1, dtype=np.int64)
+                    for j in range(k):
+                        label_of[components[j]] = j
+                    state = {f'net.{key}': v.detach().cpu().clone() for key, v in net.state_dict().items()}
+                    state.update(_mixture_state(pca, gmm, label_of))
+                    best = {'iteration': it, 'ddbi': score, 'labels': labels.copy(), 'k': k, 'state': state,
+                            'features': features, 'x': x, 'probabilities': _posterior(x, state)}
+                converged = (it - first >= min_iter and same_k and (1.0 - changed) > opts['stable_fraction'])
+                last = converged or it == first + count - 1
+                if not last:
+                    entry.update(train(features, labels, k, not same_k))
+                entry['time_s'] = time.time() - t0
+                history.append(entry)
+                say(f"iteration {it}: K={k} BIC={entry['bic']:.1f} DDBI={score:.4f} changed={changed:.3f} "
+                    f"loss={entry['loss'] if entry['loss'] is None else round(entry['loss'], 4)} "
+                    f"sizes={entry['sizes']} {entry['time_s']:.1f}s")
+                if out_dir:
+                    _write_progress(out_dir, history, embeddings, iteration_labels)
+                if last:
+                    return best
+            return best
+
+        # The reference keeps only iterations of a trained network when there are any.
+        best = iterate(0, max_iter, 1 if max_iter > 1 else 0, max(1, int(opts.get('min_iter', 1))), 'cluster')
+        say(f"kept iteration {best['iteration']}: K={best['k']} DDBI={best['ddbi']:.4f}")
+        meta = {'input_box': int(np.asarray(stack).shape[-1]), 'network_box': int(data.shape[-1]),
+                'n_train': n, 'seed': seed, 'preset': preset_name, 'pca_dim': pca_dim, 'k_candidates': ks,
+                'normalisation': 'per-subtomogram zero mean, unit variance',
+                'prediction': 'network features -> PCA -> Gaussian mixture posterior'}
+        best = _check_kept(best, stack, data, arch, opts, ks, rng, seed, device, say, meta)
+        refine_iter = int(opts.get('refine_iter', 0) or 0)
+        unrefined = None
+        if refine_iter > 0 and any(t.get('accepted') for t in meta.get('split_check', [])):
+            unrefined = best['labels']
+            best = _refine(best, net, loop, train, iterate, data, len(history), refine_iter, stack, arch, opts,
+                           ks, rng, seed, device, say, meta)
+    meta.update({'k': best['k'], 'best_iteration': best['iteration'], 'ddbi': best['ddbi'],
+                 'iterations': len(history)})
     return DiscaResult(labels=best['labels'], probabilities=best['probabilities'], k=best['k'],
                        best_iteration=best['iteration'], history=history, features=best['features'],
                        features_pca=best['x'], embeddings=embeddings, iteration_labels=iteration_labels,
-                       model_state=best['state'], arch=arch, options=opts, meta=meta)
+                       model_state=best['state'], arch=arch, options=opts, meta=meta,
+                       unrefined_labels=unrefined)
+
+
+def _check_kept(best, stack, data, arch, opts, ks, rng, seed, device, say, meta):
+    """The checks on a kept clustering: clusters that are one molecule in different orientations are
+    merged (with the tilt range given), then clusters holding two molecules are split (`_split_mixed`).
+    What each check did goes into meta (replacing an earlier pass's record)."""
+    meta.pop('orientation_merge', None)
+    meta.pop('split_check', None)
+    if opts.get('wedge_tilt') and opts.get('orientation_merge', True) and best['k'] > 1:
+        best, meta['orientation_merge'] = _merge_orientations(best, data, arch, opts, rng, device, say)
+    if opts.get('split_check', True):
+        best, meta['split_check'] = _split_mixed(best, stack, opts, ks[-1] if ks else best['k'], seed, say)
+        if any(t.get('accepted') for t in meta['split_check']):
+            meta['prediction'] = ('network features -> PCA -> Gaussian mixture posterior'
+                                  ' -> split tests on spectral features (split_check)')
+    return best
+
+
+def _refine(best, net, loop, train, iterate, data, first, count, stack, arch, opts, ks, rng, seed, device,
+            say, meta):
+    """EM iterations again after the split check changed the clusters.
+
+    The self-training had taught the network to call the molecules of a split cluster one class, so its
+    features still merge them and only the spectral split tests tell them apart. Here the network starts
+    from the kept iteration, gets a new head for the corrected clusters and is trained on them, and the
+    EM loop goes on for at most `count` iterations from those labels (K free again). The refined
+    clustering replaces the split one when its DDBI is lower than the split labels' DDBI in the kept
+    iteration's feature space (the criterion that chose the kept iteration); the checks then run again on
+    it. meta['refine'] records the comparison."""
+    split = best
+    split_score = ddbi(split['x'], split['labels'], opts['reg_covar'])
+    net.load_state_dict({key[4:]: v for key, v in split['state'].items() if key.startswith('net.')})
+    features = yopo.extract_features(net, data, device, batch_size=max(opts['batch_size'], 64))
+    loop['labels'], loop['k'] = split['labels'].copy(), int(split['k'])
+    fitted = train(features, split['labels'], int(split['k']), True)
+    say(f"refinement: network trained on the {split['k']} clusters of the split check "
+        f"(loss {fitted['loss']:.4f}); {count} more iterations at most")
+    # Its first clustering still sees features trained on the merged clusters for all but one epoch (as
+    # the untrained network's at iteration 0 of the main loop): not eligible when there are later ones.
+    refined = iterate(first, count, first + 1 if count > 1 else first, 0, 'refine')
+    info = {'from_iteration': int(split['iteration']), 'k_split': int(split['k']), 'ddbi_split': split_score,
+            'first_iteration': int(first), 'training_loss': fitted['loss'],
+            'split_check_before': meta.get('split_check')}
+    if refined is None or refined['ddbi'] >= split_score:
+        info['kept'] = False
+        say(f"refinement: split clustering kept (DDBI {split_score:.4f} ≤ "
+            f"{'-' if refined is None else round(refined['ddbi'], 4)})")
+        meta['refine'] = info
+        return split
+    info.update({'kept': True, 'iteration': int(refined['iteration']), 'k_refined': int(refined['k']),
+                 'ddbi_refined': refined['ddbi']})
+    say(f"refinement: kept iteration {refined['iteration']}: K={refined['k']} DDBI={refined['ddbi']:.4f} "
+        f"(split labels {split_score:.4f})")
+    refined = _check_kept(refined, stack, data, arch, opts, ks, rng, seed, device, say, meta)
+    meta['refine'] = info
+    return refined
 
 
 # ------------------------------------------------------------------------- orientation-split clusters

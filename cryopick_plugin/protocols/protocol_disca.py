@@ -137,6 +137,14 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                            'the homogeneity at SNR 0.03 with a ±40° wedge from 0.76–0.79 to 0.93–0.95 (K 5 or '
                            '6: one molecule can also split by orientation), and left the right clusterings at '
                            'SNR 0.03 and 0.1 alone.')
+        form.addParam('refineIter', params.IntParam, allowsNull=True, default=None,
+                      label='Refinement iterations after a split', expertLevel=params.LEVEL_ADVANCED,
+                      condition='splitCheck',
+                      help='When the split check changed the clusters, the network (which had learnt to '
+                           'call the split molecules one class) is trained on the corrected clusters and the '
+                           'EM loop runs again from them for at most this many iterations; the refined '
+                           'clustering is kept when its DDBI is lower, and checked again. Empty: the '
+                           'preset\'s default (5). 0: keep the split clusters as they are.')
         form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,
                       help='Seed of the random number generators (weights, sampling), so a run can be repeated.')
         self._defineComputeParams(form, gpu=True)
@@ -159,6 +167,8 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
             args += ['--wedge-tilt', self.wedgeTilt.get()]
         if not self.splitCheck.get():
             args += ['--no-split-check']
+        elif self.refineIter.get() is not None:
+            args += ['--refine-iter', self.refineIter.get()]
         self._runCryopick('disca', args, gpu=True)
 
     def createOutputStep(self):
@@ -181,6 +191,8 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
             errors.append('The K range must satisfy 1 ≤ from ≤ to.')
         if self.wedgeTilt.get() is not None and not 0 <= self.wedgeTilt.get() < 90:
             errors.append(f'The largest tilt must be between 0 and 90°, not {self.wedgeTilt.get():g}.')
+        if self.refineIter.get() is not None and self.refineIter.get() < 0:
+            errors.append(f'The refinement iterations must be 0 or more, not {self.refineIter.get()}.')
         if subtomos is not None:
             n = subtomos.getSize()
             if n < 10 * max(2, self.kMin.get()):

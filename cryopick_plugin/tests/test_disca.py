@@ -379,6 +379,9 @@ def test_commands_reject_bad_input(tmp_path, capsys):
     assert main(['disca', str(small), '--out', str(tmp_path / 'run3'), '--wedge-tilt', '95']) == 2
     assert '--wedge-tilt' in capsys.readouterr().err
     assert not (tmp_path / 'run3').exists()
+    assert main(['disca', str(small), '--out', str(tmp_path / 'run4'), '--refine-iter', '-1']) == 2
+    assert '--refine-iter' in capsys.readouterr().err
+    assert not (tmp_path / 'run4').exists()
 
 
 def test_bic_dimension_grows_with_the_data():
@@ -512,3 +515,40 @@ def test_split_check_joins_the_pieces_of_a_molecule_that_two_clusters_shared(clu
     # prediction replays the splits and the join
     labels, prob = disca._apply_splits(stack, best['state'], kept, np.eye(2)[kept])
     assert np.array_equal(labels, best['labels'])
+
+
+def test_refinement_retrains_the_network_on_the_split_clusters(monkeypatch, tmp_path):
+    """The EM loop is held to K 2 (three molecules, two merged — what self-training entrenches at low SNR);
+    the split check separates them, the refinement trains the network on the three clusters and its EM
+    iterations find K 3 in the network's own features, and a saved model predicts that clustering."""
+    stack, truth = simulate(50, box=24, snr=4.0, seed=0)
+    real_fit, real_split = disca.fit_mixtures, disca._split_mixed
+    checked = []
+
+    def fit_held_to_two(x, ks, *args, **kwargs):
+        return real_fit(x, ks if checked else [2], *args, **kwargs)
+
+    def split_and_release(*args, **kwargs):
+        checked.append(True)
+        return real_split(*args, **kwargs)
+
+    monkeypatch.setattr(disca, 'fit_mixtures', fit_held_to_two)
+    monkeypatch.setattr(disca, '_split_mixed', split_and_release)
+    result = disca.disca_cluster(stack, preset='cpu', k_range=(2, 6), max_iter=6, seed=0, device='cpu',
+                                 arch=TINY, options=dict(TINY_OPTIONS, refine_iter=5))
+    refine = result.meta['refine']
+    assert refine['k_split'] == 3 and refine['kept']
+    assert disca.clustering_scores(truth, result.unrefined_labels)['v_measure'] == 1.0
+    phases = [h['phase'] for h in result.history]
+    first = phases.index('refine')
+    assert first == refine['first_iteration'] and all(p == 'cluster' for p in phases[:first])
+    assert all(h['k'] == 2 for h in result.history[:first])
+    # the network learnt the split: a refinement iteration after the first is kept, with K 3 by BIC
+    assert result.best_iteration > first and result.history[result.best_iteration]['k'] == 3
+    assert refine['ddbi_refined'] < refine['ddbi_split']
+    assert result.k == 3 and disca.clustering_scores(truth, result.labels)['v_measure'] == 1.0
+    assert not any(t.get('accepted') for t in result.meta['split_check'])   # nothing left to split
+    path = tmp_path / 'refined.pt'
+    disca.save_disca_model(path, result)
+    labels, _ = disca.disca_predict(stack, path, device='cpu')
+    assert np.array_equal(labels, result.labels)

@@ -178,6 +178,11 @@ def test_disca_history_marks_a_final_k_changed_by_the_checks(tmp_path):
     same = np.asarray(Image.open(fig.disca_history(history, tmp_path / 'same.png')))
     changed = np.asarray(Image.open(fig.disca_history(dict(history, k=history['k'] + 1), tmp_path / 'split.png')))
     assert same.shape == changed.shape and np.any(same != changed)
+    # refinement iterations after the split check are shaded (grey, behind the curves)
+    refined = dict(history, iterations=[dict(h, phase='refine' if h['iteration'] >= 3 else 'cluster')
+                                        for h in history['iterations']])
+    shaded = np.asarray(Image.open(fig.disca_history(refined, tmp_path / 'refined.png')))
+    assert shaded.shape == same.shape and np.any(shaded != same)
 
 
 def test_many_iterations_keep_first_kept_and_last(tmp_path):

@@ -436,6 +436,11 @@ def disca_history(history, out, kept_iteration=None):
             ax.plot(it[ok], y[ok], marker='o', drawstyle='steps-mid' if key == 'k' else 'default')
         else:
             _empty_note(ax, f'no {key}')
+        refining = [float(i) for i, h in zip(it, history) if h.get('phase') == 'refine']
+        if refining:
+            # EM iterations re-run after the split check changed the clusters (disca._refine)
+            ax.axvspan(min(refining) - 0.5, max(refining) + 0.5, color='0.85', zorder=0,
+                       label='refinement after the split check')
         if kept_iteration is not None:
             ax.axvline(float(kept_iteration), color='r', linestyle='--', linewidth=1,
                        label=f'kept iteration {kept_iteration}')
@@ -443,6 +448,7 @@ def disca_history(history, out, kept_iteration=None):
                     and _number(history[int(kept_iteration)].get('k')) != float(final_k):
                 ax.plot([float(kept_iteration)], [float(final_k)], marker='*', markersize=12, color='r',
                         linestyle='none', label=f'final K = {final_k} (orientation / split checks)')
+        if kept_iteration is not None or refining:
             ax.legend(fontsize=8)
         ax.set_xlabel('iteration')
         ax.set_title(label, fontsize=10)
