@@ -143,8 +143,11 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                       help='When the split check changed the clusters, the network (which had learnt to '
                            'call the split molecules one class) is trained on the corrected clusters and the '
                            'EM loop runs again from them for at most this many iterations; the refined '
-                           'clustering is kept when its DDBI is lower, and checked again. Empty: the '
-                           'preset\'s default (5). 0: keep the split clusters as they are.')
+                           'clustering is kept when its DDBI is lower, and checked again. On the simulated sets '
+                           'of five molecules it raised the homogeneity at SNR 0.01 from 0.88 to 0.93 and '
+                           'brought K at SNR 0.03 with a ±40° wedge from 6 to 5 (0.93 → 0.98), for about five '
+                           'more iterations. Empty: the preset\'s default (5). 0: keep the split clusters as '
+                           'they are.')
         form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,
                       help='Seed of the random number generators (weights, sampling), so a run can be repeated.')
         self._defineComputeParams(form, gpu=True)

@@ -125,7 +125,7 @@ class TestProtocols3D(BaseTest):
         self.assertGreaterEqual(n, 20)
         # the rotated training copies get the ±60° wedge back (the simulated acquisition's)
         disca = self.newProtocol(CryopickDisca, inputSubtomograms=subtomos, kMin=2, kMax=3, maxIter=2,
-                                 wedgeTilt=60.0)
+                                 wedgeTilt=60.0, refineIter=2)
         self.launchProtocol(disca)
         classes = disca.outputClasses
         sizes = [c.getSize() for c in classes.iterItems()]
@@ -147,6 +147,9 @@ class TestProtocols3D(BaseTest):
         history = json.load(open(disca._getExtraPath('disca', 'history.json')))
         self.assertIn('split_check', history['meta'])
         self.assertEqual(history['k'], len(sizes))
+        # the refinement setting reached the engine (it runs only after an accepted split)
+        described = json.load(open(disca._getExtraPath('disca', 'disca_model.pt.json')))
+        self.assertEqual(described['meta']['options']['refine_iter'], 2)
         model = disca.outputModel
         self.assertEqual(model.getMethod(), 'disca')
         self.assertTrue(model.exists())
