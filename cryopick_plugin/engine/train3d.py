@@ -314,12 +314,13 @@ def validation_set(val_tomos, train_tomos, max_side=(96, 160, 160), holdout=0.2)
     return result
 
 
-def _val_maps(model, vset, patch, pad, n_classes, device, batch_size, precision='auto', flip_average=False):
+def _val_maps(model, vset, patch, pad, n_classes, device, batch_size, precision='auto', flip_average=False,
+              padding='inside'):
     maps = []
     predictor = model_predictor(model, device, precision, flip_average)
     for t, lo, hi, _, _ in vset:
         crop = np.asarray(t.data[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)
-        maps.append(probability_map(crop, predictor, n_classes, patch, pad, batch_size, t.mean, t.std))
+        maps.append(probability_map(crop, predictor, n_classes, patch, pad, batch_size, t.mean, t.std, padding))
     return maps
 
 
@@ -571,7 +572,8 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
     return meta
 
 
-def retune(model_path, val_items, out_model=None, device='cpu', batch_size=2, flip_average=False):
+def retune(model_path, val_items, out_model=None, device='cpu', batch_size=2, flip_average=False,
+           padding='inside'):
     """Choose t_seg and t_lm of a trained model again on validation tomograms, with the current peak
     finder (de-duplication and pooling left to their defaults), and write the model with them.
 
@@ -589,7 +591,7 @@ def retune(model_path, val_items, out_model=None, device='cpu', batch_size=2, fl
             'kernel': int((meta.get('thresholds') or {}).get('kernel') or mpnms.DEFAULT_KERNEL),
             'iterations': None, 't_dist': None}
     maps = _val_maps(net, vset, int(meta['patch']), int(meta['pad_infer']), len(diameters), device,
-                     max(2, batch_size), flip_average=flip_average)
+                     max(2, batch_size), flip_average=flip_average, padding=padding)
     thr, s = tune_thresholds(maps, vset, diameters, base, match_radius, float(meta.get('alpha', 3.0)), device)
     meta = dict(meta, thresholds=thr, tuned_val={k: round(float(v), 4) for k, v in s.items()},
                 retuned_on=[v[0].name for v in vset])

@@ -106,7 +106,7 @@ def test_one_particle_claimed_by_two_class_channels_gives_one_pick():
     assert len(zyx) == 4
 
 
-@pytest.mark.parametrize('padding', ['zero', 'mirror'])
+@pytest.mark.parametrize('padding', ['inside', 'zero', 'mirror'])
 def test_tiled_picking_equals_single_pass(padding):
     rng = np.random.default_rng(1)
     shape = (23, 37, 41)
@@ -133,6 +133,27 @@ def test_tiled_picking_equals_single_pass(padding):
     b = pick3d.find_peaks(tiled, {1: 7})
     assert all(np.array_equal(u, v) for u, v in zip(a, b))
     assert sorted(map(tuple, a[0])) == sorted(map(tuple, centres))
+
+
+def test_inside_tiles_keep_windows_in_the_volume_and_cores_where_they_were():
+    shape, patch, pad = (23, 37, 41), 16, 4
+    outside = list(pick3d.tiles(shape, patch, pad))
+    inside = list(pick3d.tiles(shape, patch, pad, inside=True))
+    assert [(c, n) for _, c, n in inside] == [(c, n) for _, c, n in outside]   # same cores
+    moved = 0
+    for (w, c, n), (w0, _, _) in zip(inside, outside):
+        for i in range(3):
+            assert 0 <= w[i] <= shape[i] - patch                 # the window lies inside the volume
+            assert w[i] <= c[i] and c[i] + n[i] <= w[i] + patch  # and still holds its core
+            # away from the faces nothing moves; at a face the window moves by less than the margin
+            assert w[i] == w0[i] or (w0[i] < 0 or w0[i] + patch > shape[i]) and abs(w[i] - w0[i]) <= pad
+        moved += w != w0
+    assert moved > 0
+    # along an axis shorter than the patch the window has to stick out (zero padding) as before
+    short = list(pick3d.tiles((10, 37, 41), patch, pad, inside=True))
+    assert all(w[0] == c[0] - pad for w, c, _ in short) and min(w[0] for w, _, _ in short) < 0
+    with pytest.raises(InputError, match='padding'):
+        pick3d.probability_map(np.zeros((8, 8, 8), np.float32), None, 1, 8, 1, padding='reflect')
 
 
 def test_flip_averaging_is_the_mean_over_the_eight_flipped_predictions():
