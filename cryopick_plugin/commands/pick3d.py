@@ -30,9 +30,10 @@ def add_args(parser):
     parser.add_argument('--kernel', type=int, default=None, help='MP-NMS pooling kernel (odd, default 5)')
     parser.add_argument('--iterations', type=int, default=None, help='mean-pool passes (default ⌈d/(k−1)⌉)')
     parser.add_argument('--pad', type=int, default=None, help='tile margin discarded per side (model default)')
-    parser.add_argument('--padding', choices=('inside', 'zero', 'mirror'), default='inside',
-                        help="tiles at the tomogram's faces: 'inside' moves the window inside the volume (as "
-                             "training patches; default), 'zero' / 'mirror' pad beyond the face")
+    parser.add_argument('--padding', choices=('zero', 'mirror', 'inside'), default='zero',
+                        help="tiles at the tomogram's faces: 'zero' (default) / 'mirror' pad beyond the face, "
+                             "'inside' moves the window inside the volume (as training patches are placed; "
+                             "retune the thresholds for it: bench/README.md §1.1)")
     parser.add_argument('--flip-average', action='store_true',
                         help='average the map over the eight mirror images of every tile (8× slower; +0.01 '
                              'classification F1 in bench/README §1.1)')

@@ -4,14 +4,15 @@ Overlap tiles: the tomogram is covered by cubes of side `patch`; of each cube's 
 (patch − 2·pad voxels per axis) is kept, so every voxel's probability comes from a tile where it sits at
 least `pad` voxels from the tile border (the network's border effects stay in the discarded margin). The
 core grid starts at 0 with stride patch − 2·pad and its last core is placed flush with the volume's end.
-At the tomogram's faces the windows are moved inside the volume (`padding='inside'`, the default): the core
-stays where it is, off-centre in its window, so the network sees real data where a centred window would
-stick out — as in training, whose patches are kept inside the tomogram (`train3d.patch_start`). The
-alternatives give the network what it never saw in training beyond the faces: zeros after
-standardisation (the tomogram mean; `padding='zero'`, as the reference) or a mirror image
-(`padding='mirror'`). On the SNR 0.02 benchmark, thresholds tuned on the validation tomogram for each
-mode, 'inside' raised the validation F1 of all three models tried (+0.003 / +0.016 / +0.050) and the
-test tomogram's classification F1 of two (+0.021, +0.027; −0.007 for the best model; bench/README.md §1.1).
+Outside the tomogram the input is zero after standardisation (the tomogram mean; `padding='zero'`, the
+default, as the reference) or mirrored (`padding='mirror'`); or the windows at the tomogram's faces are moved
+inside the volume (`padding='inside'`): the core stays where it is, off-centre in its window, so the network
+sees real data where a centred window would stick out — as training patches are placed
+(`train3d.patch_start`). On the SNR 0.02 benchmark, thresholds tuned on the validation tomogram for each
+mode, 'inside' raised the validation F1 of three models (+0.003 / +0.016 / +0.050) and the test
+classification F1 of two (+0.021, +0.027; −0.007 for the best model), while a tiny network of the test suite
+lost a particle at a face with it (bench/README.md §1.1): within the noise of these sets, so the default
+stays the reference's.
 
 The per-class probability map is written into an array that is kept in memory when small and in a
 temporary memory-mapped file otherwise, so memory stays bounded (tiles are streamed from the memmapped
@@ -118,7 +119,7 @@ PADDINGS = ('inside', 'zero', 'mirror')
 
 
 def probability_map(volume, predictor, n_channels, patch, pad, batch_size=2, mean=0.0, std=1.0,
-                    padding='inside', out=None):
+                    padding='zero', out=None):
     """Fill `out` (n_channels, z, y, x) with the stitched tile centres of `predictor`; return it.
 
     padding: 'inside' (windows moved inside the volume at its faces), 'zero' or 'mirror' (see the module doc)."""
@@ -249,7 +250,7 @@ def rescaled(volume, factor, out):
 
 
 def pick(tomo_path, model_path, device='auto', t_seg=None, t_lm=None, t_dist=None, pad=None, batch_size=2,
-         tomo_name=None, rescale=False, kernel=None, iterations=None, padding='inside', work_dir=None,
+         tomo_name=None, rescale=False, kernel=None, iterations=None, padding='zero', work_dir=None,
          model=None, precision='auto', flip_average=False):
     """Pick one tomogram with a DeepETPicker model; return a RELION coordinate table.
 

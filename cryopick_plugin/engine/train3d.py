@@ -315,7 +315,7 @@ def validation_set(val_tomos, train_tomos, max_side=(96, 160, 160), holdout=0.2)
 
 
 def _val_maps(model, vset, patch, pad, n_classes, device, batch_size, precision='auto', flip_average=False,
-              padding='inside'):
+              padding='zero'):
     maps = []
     predictor = model_predictor(model, device, precision, flip_average)
     for t, lo, hi, _, _ in vset:
@@ -573,7 +573,7 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
 
 
 def retune(model_path, val_items, out_model=None, device='cpu', batch_size=2, flip_average=False,
-           padding='inside'):
+           padding='zero'):
     """Choose t_seg and t_lm of a trained model again on validation tomograms, with the current peak
     finder (de-duplication and pooling left to their defaults), and write the model with them.
 
