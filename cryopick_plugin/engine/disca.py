@@ -462,8 +462,9 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
     when given, history.json and embeddings.npz there are rewritten after every iteration; arch / options:
     dictionaries overriding the preset's architecture (`yopo.PRESETS`) and training settings (`TRAINING`).
 
-    Returns a DiscaResult. Each history entry holds: iteration, k, bic (of the chosen mixture), bic_by_k,
-    ddbi, changed (fraction of labels that changed, 1.0 at the first iteration), loss (training loss after
+    Returns a DiscaResult. Each history entry holds: iteration, phase ('cluster', or 'refine' for the EM
+    iterations run again after the split check changed the clusters — `_refine`), k, bic (of the chosen
+    mixture), bic_by_k, ddbi, changed (fraction of labels that changed, 1.0 at the first iteration), loss (training loss after
     the clustering of that iteration, None when not trained), lr, smoothing, head_k (outputs of the head
     trained), head_rebuilt (a new head was made because K changed), sizes, time_s.
     """
