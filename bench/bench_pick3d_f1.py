@@ -172,7 +172,7 @@ def run_condition(args, snr):
                      'best_val': meta.get('best_val')}
     else:
         with Clock() as c_train:
-            meta = train3d.train(items[:2], items[2:3], model, preset='cpu', epochs=args.epochs, device='cpu',
+            meta = train3d.train(items[:2], items[2:3], model, preset=args.preset, epochs=args.epochs, device=args.device,
                                  seed=0, val_every=args.val_every, patience=args.epochs, diameters=d_lab,
                                  max_steps_per_epoch=args.steps_per_epoch,
                                  class_balance=not args.no_class_balance, bg_fraction=args.bg_fraction,
@@ -193,13 +193,13 @@ def run_condition(args, snr):
         # thresholds chosen again on the validation tomogram with the current peak finder
         retuned = os.path.join(work, 'deepet_cpu_retuned_flips.pt' if args.flip_average else 'deepet_cpu_retuned.pt')
         with Clock() as c_tune:
-            meta = train3d.retune(model, items[2:3], retuned, flip_average=args.flip_average)
+            meta = train3d.retune(model, items[2:3], retuned, device=args.device, flip_average=args.flip_average)
         train_rec = dict(train_rec, retuned={'thresholds': meta['thresholds'], 'tuned_val': meta['tuned_val'],
                                              **c_tune.as_dict()})
         model = retuned
         print(f'{tag}: retuned', train_rec['retuned'], flush=True)
     with Clock() as c_pick:
-        picks = pick3d.pick(test_tomo, model, device='cpu', tomo_name=f'sim{SEEDS[3]}', work_dir=work,
+        picks = pick3d.pick(test_tomo, model, device=args.device, tomo_name=f'sim{SEEDS[3]}', work_dir=work,
                             precision=args.precision, flip_average=args.flip_average)
     star.write_coordinates(os.path.join(work, 'test_picks.star'), picks) if len(picks) else None
 
@@ -217,7 +217,7 @@ def run_condition(args, snr):
         'condition': {'snr': snr, 'shape_zyx': list(args.shape), 'voxel_size_A': 10.0, 'classes': list(CLASSES),
                       'distractors': list(DISTRACTORS), 'n_per_distractor': args.distractors,
                       'beads': args.beads, 'vesicles': args.vesicles, 'seeds_train_val_test': list(SEEDS),
-                      'epochs': args.epochs, 'steps_per_epoch': args.steps_per_epoch, 'tag': args.tag,
+                      'preset': args.preset, 'device': args.device, 'epochs': args.epochs, 'steps_per_epoch': args.steps_per_epoch, 'tag': args.tag,
                       'class_balance': not args.no_class_balance, 'bg_fraction': args.bg_fraction,
                       'hard_fraction': args.hard_fraction},
         'particle_diameters_vox': {NAMES[CLASSES[c - 1]]: d for c, d in diam.items()},
@@ -257,6 +257,9 @@ def main(argv=None):
     p.add_argument('--beads', type=int, default=8)
     p.add_argument('--vesicles', type=int, default=2)
     p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--preset', default='cpu', choices=('cpu', 'paper'),
+                   help='network preset (paper: widths 24/48/72/108, 72³ patches — for GPUs; use a new --tag)')
+    p.add_argument('--device', default='cpu', help="torch device for training and picking ('cpu', 'cuda', 'auto')")
     p.add_argument('--no-class-balance', action='store_true', help='draw each particle once per epoch (the reference)')
     p.add_argument('--bg-fraction', type=float, default=0.1, help='background patches per particle patch')
     p.add_argument('--hard-fraction', type=float, default=0.0, help='share of them on hard negatives')

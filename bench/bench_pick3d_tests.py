@@ -66,10 +66,10 @@ def pooled(records):
                                                                                 'n_true': n_true}
 
 
-def evaluate_model(model, tests, diam, work, padding='zero'):
+def evaluate_model(model, tests, diam, work, padding='zero', device='cpu'):
     per_tomo = {}
     for seed, (tomo, truth) in tests.items():
-        picks = pick3d.pick(tomo, model, device='cpu', tomo_name=f'sim{seed}', work_dir=work,
+        picks = pick3d.pick(tomo, model, device=device, tomo_name=f'sim{seed}', work_dir=work,
                              padding=padding)
         sc = f1.score_picks(picks, truth, diam, 0.25)
         rec = {f1.NAMES[f1.CLASSES[c - 1]]: v for c, v in sc['per_class'].items()}
@@ -101,6 +101,7 @@ def main(argv=None):
     p.add_argument('--padding', default='zero', choices=pick3d.PADDINGS,
                    help="overlap-tile padding at the tomogram's faces for every model (pick3d.pick)")
     p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--device', default='cpu', help="torch device for picking ('cpu', 'cuda', 'auto')")
     p.add_argument('--results', default=os.path.join(f1.ROOT, 'bench', 'results'))
     args = p.parse_args(argv)
     import torch
@@ -119,7 +120,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as work:
         for model in args.models:
             result['models'][model] = evaluate_model(os.path.join(args.results, model), tests, diam, work,
-                                                      args.padding)
+                                                      args.padding, args.device)
             s = result['models'][model]['summary']
             print(model, 'pooled F1', {k: v['pooled']['f1'] for k, v in s.items()},
                   'per-tomogram range', {k: (v['min'], v['max']) for k, v in s.items()}, flush=True)
