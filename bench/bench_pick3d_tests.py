@@ -1,5 +1,5 @@
 """More test tomograms for the 3D picking benchmark: how much of a per-class F1 is the draw of one test
-tomogram.
+tomogram. `--dog` adds the benchmark's DoG baseline (localisation only).
 
 `bench_pick3d_f1.py` tests each model on one tomogram (seed 104, 283 particles; rubisco 160), so a
 difference of a few particles moves a class's F1 by several hundredths. This script simulates further test
@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_pick3d_f1 as f1  # noqa: E402
-from cryopick_plugin.engine import evaluate, mrc, pick3d, star  # noqa: E402
+from cryopick_plugin.engine import dog, evaluate, mrc, pick3d, star  # noqa: E402
 from cryopick_plugin.engine.simulate_tomo import simulate_tomogram  # noqa: E402
 
 
@@ -90,6 +90,26 @@ def evaluate_model(model, tests, diam, work, padding='zero', device='cpu'):
     return {'per_tomogram': per_tomo, 'summary': summary}
 
 
+def dog_baseline(run_dir, tests, diam):
+    """The benchmark's DoG baseline on every test tomogram: median class diameter, dark polarity, threshold
+    chosen on validation tomogram sim103 (as `bench_pick3d_f1.run_condition`); localisation figures only."""
+    d_dog = float(np.median(list(diam.values())))
+    v_val, _ = mrc.open_volume(os.path.join(run_dir, 'sim103.mrc'))
+    val_truth = star.read_coordinates(os.path.join(run_dir, 'sim103_truth.star'))
+    thr = dog.choose_threshold(dog.dog_pick(v_val, d_dog, volume_name='sim103'), val_truth, 0.25 * d_dog)
+    per_tomo = {}
+    for seed, (tomo, truth) in tests.items():
+        v, _ = mrc.open_volume(tomo)
+        picks = dog.dog_pick(v, d_dog, threshold=thr, volume_name=f'sim{seed}').assign(**{star.CLASS: 0})
+        per_tomo[seed] = {name: {m: f1.score_picks(picks, truth, diam, factor)['localisation'][m]
+                                 for m in ('tp', 'n_pred', 'n_true', 'precision', 'recall', 'f1')}
+                          for name, factor in (('localisation', 0.25), ('localisation_full_D/2', 0.5))}
+    summary = {k: pooled([per_tomo[s][k] for s in per_tomo]) for k in ('localisation', 'localisation_full_D/2')}
+    print('DoG pooled', {k: v['f1'] for k, v in summary.items()}, flush=True)
+    return {'diameter_vox': d_dog, 'threshold_from_validation': float(thr), 'per_tomogram': per_tomo,
+            'summary': summary}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('models', nargs='+', help='model files under --results (<condition>/<model>.pt)')
@@ -103,6 +123,7 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--device', default='cpu', help="torch device for picking ('cpu', 'cuda', 'auto')")
     p.add_argument('--results', default=os.path.join(f1.ROOT, 'bench', 'results'))
+    p.add_argument('--dog', action='store_true', help="also the DoG baseline (threshold from validation tomogram sim103)")
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
@@ -124,6 +145,8 @@ def main(argv=None):
             s = result['models'][model]['summary']
             print(model, 'pooled F1', {k: v['pooled']['f1'] for k, v in s.items()},
                   'per-tomogram range', {k: (v['min'], v['max']) for k, v in s.items()}, flush=True)
+    if args.dog:
+        result['dog'] = dog_baseline(run0, tests, diam)
     path = os.path.join(args.results, f'pick3d_tests_snr{args.snr:g}'
                         + ('' if args.padding == 'zero' else f'_{args.padding}') + '.json')
     with mrc.atomic_path(path) as tmp:
