@@ -38,8 +38,11 @@ def simulate(folder, seed, shape, snr, n_distractor, n_beads, n_vesicles):
         sim = simulate_tomogram(shape=tuple(shape), classes=f1.CLASSES, distractors=f1.DISTRACTORS,
                                 n_per_distractor={d: n_distractor for d in f1.DISTRACTORS}, n_beads=n_beads,
                                 n_vesicles=n_vesicles, snr=snr, seed=seed, name=f'sim{seed}')
-        mrc.write_mrc(tomo, sim.volume, sim.voxel_size)
-        star.write_coordinates(truth, sim.truth)
+        # the truth last, each file renamed into place whole: an interrupted run is simulated again
+        with mrc.atomic_path(tomo, '.mrc') as tmp:
+            mrc.write_mrc(tmp, sim.volume, sim.voxel_size)
+        with mrc.atomic_path(truth, '.star') as tmp:
+            star.write_coordinates(tmp, sim.truth)
     return tomo, star.read_coordinates(truth)
 
 
