@@ -1,7 +1,7 @@
 """2D picking benchmark on the β-gal micrographs (EMPIAR-10017, CryoPPP expert masks): DeepCryoPicker and
 a Laplacian-of-Gaussian baseline.
 
-Ground truth: circle centres recovered from the masks (engine/betagal.py), in the JPG's array frame,
+Ground truth: circle centres recovered from the masks (engine/pick2d/betagal.py), in the JPG's array frame,
 which is the frame the pickers see (they read the JPGs). Matching: one to one (Hungarian) within 54 px,
 half the 108 px particle diameter. The 10 micrographs are split by sorted name: the first --n-train are
 the training split (DeepCryoPicker trains on them without labels; thresholds are tuned on them against the
@@ -26,10 +26,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cryopick_plugin.engine import betagal, deepcryopicker as dcp, preprocess2d  # noqa: E402
+from cryopick_plugin.engine.pick2d import betagal, preprocess as preprocess2d  # noqa: E402
+from cryopick_plugin.engine.pick2d.deepcryopicker import picker as dcp
 from cryopick_plugin.engine.evaluate import match_points  # noqa: E402
-from cryopick_plugin.engine.micrograph_io import (EDGE_MARGIN, away_from_edge, downsample,  # noqa: E402
-                                                  read_micrograph, to_original_coordinates)
+from cryopick_plugin.engine.pick2d.micrograph_io import (EDGE_MARGIN, away_from_edge, downsample, read_micrograph, to_original_coordinates)
 
 
 def prf(pred, truth, radius):

@@ -50,10 +50,12 @@ sys.path.insert(0, HERE)
 
 import bench_2d  # noqa: E402
 from bench_2d import at_threshold, best_threshold, log_picks  # noqa: E402
-from cryopick_plugin.engine import cryosegnet as cs, deepcryopicker as dcp, star  # noqa: E402
+from cryopick_plugin.engine.pick2d.cryosegnet import picker as cs  # noqa: E402
+from cryopick_plugin.engine.pick2d.deepcryopicker import picker as dcp
+from cryopick_plugin.engine.io import star
 from cryopick_plugin.engine.evaluate import match_points  # noqa: E402
-from cryopick_plugin.engine.micrograph_io import EDGE_MARGIN, away_from_edge  # noqa: E402
-from cryopick_plugin.engine.simulate_micrograph import simulate_micrograph  # noqa: E402
+from cryopick_plugin.engine.pick2d.micrograph_io import EDGE_MARGIN, away_from_edge  # noqa: E402
+from cryopick_plugin.engine.sim.micrographs import simulate_micrograph  # noqa: E402
 
 # Segmentation thresholds swept for CryoSegNet's tuned figure: wider than the 0.3-0.8 of its own
 # held-out tuning (cryosegnet.THRESHOLD_GRID), so that the tuned figure is not limited by the grid's ends.

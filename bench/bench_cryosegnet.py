@@ -27,7 +27,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cryopick_plugin.engine import cryosegnet as cs, star  # noqa: E402
+from cryopick_plugin.engine.pick2d.cryosegnet import picker as cs  # noqa: E402
+from cryopick_plugin.engine.io import star
 from cryopick_plugin.engine.evaluate import match_points  # noqa: E402
 from cryopick_plugin.engine.settings import default_data_dir  # noqa: E402
 
@@ -66,8 +67,8 @@ def main():
     parser.add_argument('--schedule', default='cosine', help='learning-rate schedule (cosine, constant)')
     args = parser.parse_args()
     import cv2
-    from cryopick_plugin.engine.betagal import load_betagal
-    from cryopick_plugin.engine.micrograph_io import read_micrograph
+    from cryopick_plugin.engine.pick2d.betagal import load_betagal
+    from cryopick_plugin.engine.pick2d.micrograph_io import read_micrograph
 
     os.makedirs(args.out, exist_ok=True)
     records = [(r.micrograph, r.mask, np.asarray(r.centres, dtype=float)) for r in load_betagal(args.data)]
@@ -116,7 +117,7 @@ def main():
 
     t_chain = None
     try:
-        from cryopick_plugin.engine import preprocess2d
+        from cryopick_plugin.engine.pick2d import preprocess as preprocess2d
         t = time.time()
         preprocess2d.cryosegnet_chain(images[test[0]], blur=True, nlmeans=True, wiener=True, clahe=True, guided=True)
         t_chain = round(time.time() - t, 2)

@@ -1,7 +1,7 @@
 """Benchmark of DISCA clustering on simulated subtomograms of real macromolecules.
 
 Each condition is one run: 5 templates (4v4r, 3j9i, 4v94, 4cr2, 1qvr from shared/data/templates_10A),
-`--n-per-class` copies each, simulated by `engine.simulate_subtomo.simulate_subtomograms` (the realistic
+`--n-per-class` copies each, simulated by `engine.sim.subtomograms.simulate_subtomograms` (the realistic
 model: random RELION orientations, |CTF| of a phase-flipped tomogram at 4 µm underfocus, missing wedge about
 the Y axis at ±θ applied to signal and noise, dark contrast, SNR = var(filtered signal) / var(filtered
 noise) over the box, as issue 4 defines it; templates binned together until the largest fits the box).
@@ -32,11 +32,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cryopick_plugin.engine import disca, geometry  # noqa: E402
-from cryopick_plugin.engine.ctf import ctf_1d  # noqa: E402
-from cryopick_plugin.engine.simulate_subtomo import simulate_subtomograms  # noqa: E402
-from cryopick_plugin.engine.simulate_tomo import AMPLITUDE_CONTRAST, CS_MM, VOLTAGE_KV, _paste  # noqa: E402
-from cryopick_plugin.engine.templates import load_templates  # noqa: E402
+from cryopick_plugin.engine.disca import baseline, em, features, mixtures, model  # noqa: E402
+from cryopick_plugin.engine import geometry
+from cryopick_plugin.engine.sim.ctf import ctf_1d  # noqa: E402
+from cryopick_plugin.engine.sim.subtomograms import simulate_subtomograms  # noqa: E402
+from cryopick_plugin.engine.sim.tomograms import AMPLITUDE_CONTRAST, CS_MM, VOLTAGE_KV, _paste  # noqa: E402
+from cryopick_plugin.engine.sim.templates import load_templates  # noqa: E402
 
 TEMPLATES = ['4v4r', '3j9i', '4v94', '4cr2', '1qvr']
 
@@ -118,9 +119,9 @@ def rotation_distances(sim, model_path, per_class=10, copies=6, seed=0, device='
     rng = np.random.default_rng(seed + 11)
     picked = np.concatenate([np.flatnonzero(sim.labels == k)[:per_class] for k in range(len(sim.class_names))])
     source = np.repeat(picked, copies)
-    rotated = disca.random_rotations(sim.stack[source], rng)
-    _, x, _ = disca.disca_features(rotated, model_path, device=device)
-    spec = disca.spectral_features(rotated)
+    rotated = features.random_rotations(sim.stack[source], rng)
+    _, x, _ = model.disca_features(rotated, model_path, device=device)
+    spec = features.spectral_features(rotated)
     spec = (spec - spec.mean(axis=0)) / (spec.std(axis=0) + 1e-8)
     cls = sim.labels[source]
     iu = np.triu_indices(len(source), 1)
@@ -157,7 +158,7 @@ def run_condition(name, args):
               'seed': args.seed, 'simulation_s': time.time() - t0, 'simulator': 'simulate_subtomograms',
               'simulated_voxel_size': meta['voxel_size'], 'binning': meta['binning'],
               'defocus_um': meta['defocus_um'], 'threads': args.threads, 'date': time.strftime('%Y-%m-%d %H:%M'),
-              'disca_options': {k: disca.TRAINING[args.preset].get(k) for k in ('init', 'min_iter', 'lr', 'gmm_init')}}
+              'disca_options': {k: em.TRAINING[args.preset].get(k) for k in ('init', 'min_iter', 'lr', 'gmm_init')}}
     options = {'wedge_tilt': float(tilt)} if args.wedge or args.orientation_check else {}
     options['split_check'] = args.split_check
     if args.refine_iter is not None:
@@ -167,19 +168,19 @@ def run_condition(name, args):
     record['disca_options'].update(options)
     k_range = (args.k_min, args.k_max)
     if kind == 'time':
-        result = disca.disca_cluster(stack, preset=args.preset, k_range=k_range, max_iter=2, seed=args.seed,
+        result = em.disca_cluster(stack, preset=args.preset, k_range=k_range, max_iter=2, seed=args.seed,
                                      device=args.device, log=print)
         record['time_per_iteration_s'] = result.history[0]['time_s']  # features + GMMs + one training epoch
         record['history'] = result.history
         return record
     t0, c0 = time.time(), time.process_time()
-    result = disca.disca_cluster(stack, preset=args.preset, k_range=k_range, max_iter=args.max_iter,
+    result = em.disca_cluster(stack, preset=args.preset, k_range=k_range, max_iter=args.max_iter,
                                  seed=args.seed, device=args.device, log=print, options=options)
-    record['disca'] = dict(disca.clustering_scores(truth, result.labels), time_s=time.time() - t0,
+    record['disca'] = dict(mixtures.clustering_scores(truth, result.labels), time_s=time.time() - t0,
                            cpu_s=time.process_time() - c0, iterations=len(result.history),
                            best_iteration=result.best_iteration,
                            time_per_iteration_s=float(np.mean([h['time_s'] for h in result.history])),
-                           per_iteration=[dict(disca.clustering_scores(truth, lab), ddbi=h['ddbi'])
+                           per_iteration=[dict(mixtures.clustering_scores(truth, lab), ddbi=h['ddbi'])
                                           for lab, h in zip(result.iteration_labels, result.history)],
                            contingency={f'cluster {c}': np.bincount(truth[result.labels == c],
                                                                     minlength=len(TEMPLATES)).tolist()
@@ -189,27 +190,27 @@ def run_condition(name, args):
             record['disca'][key] = result.meta[key]
     if result.meta.get('split_check') is not None:
         # the kept iteration before any split, to show what the split check changed
-        record['disca']['before_split_check'] = disca.clustering_scores(
+        record['disca']['before_split_check'] = mixtures.clustering_scores(
             truth, result.iteration_labels[result.best_iteration] if 'orientation_merge' not in result.meta
             else _merged_labels(result))
     if result.unrefined_labels is not None:
-        record['disca']['before_refine'] = disca.clustering_scores(truth, result.unrefined_labels)
+        record['disca']['before_refine'] = mixtures.clustering_scores(truth, result.unrefined_labels)
     # labels, truth and simulated orientations, to look at how a class is split
     np.savez_compressed(os.path.join(args.out, f'{name}_labels.npz'), labels=result.labels, truth=truth,
                         iteration_labels=np.stack(result.iteration_labels),
                         eulers=np.asarray(sim.eulers), class_names=np.asarray(sim.class_names))
     if args.analysis:
         model_path = os.path.join(args.out, f'{name}_model.pt')
-        disca.save_disca_model(model_path, result)
+        model.save_disca_model(model_path, result)
         t0 = time.time()
         record['class_averages'] = class_averages(sim, result.labels)
         record['truth_class_averages'] = class_averages(sim, truth)
         record['rotation_distances'] = rotation_distances(sim, model_path, seed=args.seed, device=args.device)
         record['analysis_s'] = time.time() - t0
-    for features in ('raw', 'spectral'):
+    for kind in ('raw', 'spectral'):
         t0, c0 = time.time(), time.process_time()
-        labels, _ = disca.baseline_cluster(stack, k_range, seed=args.seed, features=features)
-        record[features] = dict(disca.clustering_scores(truth, labels), time_s=time.time() - t0,
+        labels, _ = baseline.baseline_cluster(stack, k_range, seed=args.seed, features=kind)
+        record[kind] = dict(mixtures.clustering_scores(truth, labels), time_s=time.time() - t0,
                                 cpu_s=time.process_time() - c0)
     return record
 

@@ -1,11 +1,11 @@
-"""The DISCA split check (`disca._split_mixed`) applied again to finished `bench_disca.py` runs.
+"""The DISCA split check (`checks.split_mixed`) applied again to finished `bench_disca.py` runs.
 
 The split check runs after the EM loop and only reads the kept iteration's labels and the subtomograms, so
 its effect on a finished condition can be measured without clustering again: the simulated set is made
 anew (`bench_disca.simulate`, same seed — deterministic), the kept iteration's labels are read from
 <condition>_labels.npz (before any orientation-check merge), and the engine's own split check runs on them
 with the preset's options (optionally with the condition's tilt range, which turns on the orientation
-guard `disca.split_crossing`). Scores before and after against the true classes go to
+guard `checks.split_crossing`). Scores before and after against the true classes go to
 <out>/<condition>_split.json.
 
   .venv/bin/python bench/bench_disca_split.py --runs bench/results/disca_check --conditions snr0.03_w60,snr0.03_w40
@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_disca  # noqa: E402
-from cryopick_plugin.engine import disca  # noqa: E402
+from cryopick_plugin.engine.disca import checks, em, mixtures  # noqa: E402
 
 
 def resplit(runs, name, preset='cpu', with_tilt=False, n_per_class=200, box=32, seed=0):
@@ -31,16 +31,16 @@ def resplit(runs, name, preset='cpu', with_tilt=False, n_per_class=200, box=32, 
     sim = bench_disca.simulate(n_cond or n_per_class, snr, tilt, box, seed)
     if not np.array_equal(sim.labels, truth):
         raise SystemExit(f'{name}: the simulated set does not match the saved run')
-    options = dict(disca.TRAINING[preset], wedge_tilt=float(tilt) if with_tilt else None)
+    options = dict(em.TRAINING[preset], wedge_tilt=float(tilt) if with_tilt else None)
     k = int(kept.max()) + 1
     best = {'labels': kept, 'k': k, 'state': {}, 'probabilities': np.eye(k)[kept]}
-    k_max = disca.candidate_ks(len(kept), (2, 20), options['min_per_cluster'])[-1]
-    after, tests = disca._split_mixed(best, sim.stack, options, k_max, seed, print)
+    k_max = mixtures.candidate_ks(len(kept), (2, 20), options['min_per_cluster'])[-1]
+    after, tests = checks.split_mixed(best, sim.stack, options, k_max, seed, print)
     contingency = {f'cluster {c}': np.bincount(truth[after['labels'] == c], minlength=len(bench_disca.TEMPLATES))
                    .tolist() for c in range(after['k'])}
     return {'condition': name, 'runs': runs, 'kept_iteration': int(record['disca']['best_iteration']),
-            'tilt_given': bool(with_tilt), 'before': disca.clustering_scores(truth, kept),
-            'after': disca.clustering_scores(truth, after['labels']), 'tests': tests,
+            'tilt_given': bool(with_tilt), 'before': mixtures.clustering_scores(truth, kept),
+            'after': mixtures.clustering_scores(truth, after['labels']), 'tests': tests,
             'contingency_after': contingency}
 
 

@@ -106,7 +106,8 @@ def cryopick(*args):
 def tiny_model(path, voxel_size=10.0, widths=(4, 8), patch=32):
     """An untrained DeepETPicker network (memory does not depend on the weights)."""
     import torch
-    from cryopick_plugin.engine import model_io, resunet3d
+    from cryopick_plugin.engine.io import model_io
+    from cryopick_plugin.engine.pick3d import resunet3d
     torch.manual_seed(0)
     net = resunet3d.ResUNet3D(n_classes=1, widths=widths)
     meta = {'voxel_size': voxel_size, 'diameters': {'1': 8}, 'patch': patch, 'pad_infer': patch // 8,

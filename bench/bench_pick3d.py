@@ -31,9 +31,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cryopick_plugin.engine import labels, mrc, pick3d, star, train3d  # noqa: E402
-from cryopick_plugin.engine.resunet3d import PRESETS, build  # noqa: E402
-from cryopick_plugin.engine.simulate_tomo import simulate_tomogram  # noqa: E402
+from cryopick_plugin.engine.pick3d import labels, picking as pick3d, training as train3d  # noqa: E402
+from cryopick_plugin.engine.io import mrc, star
+from cryopick_plugin.engine.pick3d.resunet3d import PRESETS, build  # noqa: E402
+from cryopick_plugin.engine.sim.tomograms import simulate_tomogram  # noqa: E402
 from cryopick_plugin.engine.settings import resolve_precision  # noqa: E402
 
 CLASSES = ('4v4r', '1bxn')
@@ -126,7 +127,8 @@ def _mpnms_per_class(args, prob_classes, meta, truth_df, t_map):
     label diameter, MeanShift with bandwidth = its particle radius (label diameter ≈ half the particle);
     picks scored against that class's truth within max(2, label diameter / 2); counts summed."""
     from sklearn.cluster import MeanShift
-    from cryopick_plugin.engine import evaluate, mpnms
+    from cryopick_plugin.engine import evaluate
+    from cryopick_plugin.engine.pick3d import mpnms
     rows, tot = [], {'mpnms': [0, 0, 0.0], 'meanshift': [0, 0, 0.0]}
     for c in range(prob_classes.shape[0]):
         label_d = float(meta['diameters'][str(c + 1)] if str(c + 1) in meta['diameters']
@@ -196,7 +198,7 @@ def bench_throughput(args):
     net = build('cpu').eval()   # speed does not depend on the weights
     meta = {'voxel_size': 10.0, 'diameters': {'1': 9}, 'patch': cfg['patch'], 'pad_infer': cfg['pad']}
     with tempfile.TemporaryDirectory() as tmp:
-        from cryopick_plugin.engine import model_io
+        from cryopick_plugin.engine.io import model_io
         model = os.path.join(tmp, 'm.pt')
         model_io.save_model(model, 'deepetpicker', net.arch(), net.state_dict(), meta)
         tomo = os.path.join(tmp, 't.mrc')

@@ -38,8 +38,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cryopick_plugin.engine import dog, evaluate, labels, mrc, pick3d, star, train3d  # noqa: E402
-from cryopick_plugin.engine.simulate_tomo import simulate_tomogram  # noqa: E402
+from cryopick_plugin.engine.disca import dog  # noqa: E402
+from cryopick_plugin.engine import evaluate
+from cryopick_plugin.engine.pick3d import labels, picking as pick3d, training as train3d
+from cryopick_plugin.engine.io import mrc, star
+from cryopick_plugin.engine.sim.tomograms import simulate_tomogram  # noqa: E402
 
 CLASSES = ('4v4r', '3j9i', '4v94', '1bxn')
 NAMES = {'4v4r': 'ribosome', '3j9i': 'proteasome', '4v94': 'TRiC', '1bxn': 'rubisco'}

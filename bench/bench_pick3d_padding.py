@@ -16,7 +16,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_pick3d_f1 as f1  # noqa: E402
-from cryopick_plugin.engine import mrc, pick3d, star, train3d  # noqa: E402
+from cryopick_plugin.engine.io import mrc, star  # noqa: E402
+from cryopick_plugin.engine.pick3d import picking as pick3d, training as train3d
 
 
 def compare(run_dir, paddings=('zero', 'inside'), work=None):

@@ -26,8 +26,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_pick3d_f1 as f1  # noqa: E402
-from cryopick_plugin.engine import dog, evaluate, mrc, pick3d, star  # noqa: E402
-from cryopick_plugin.engine.simulate_tomo import simulate_tomogram  # noqa: E402
+from cryopick_plugin.engine.disca import dog  # noqa: E402
+from cryopick_plugin.engine import evaluate
+from cryopick_plugin.engine.io import mrc, star
+from cryopick_plugin.engine.pick3d import picking as pick3d
+from cryopick_plugin.engine.sim.tomograms import simulate_tomogram  # noqa: E402
 
 
 def simulate(folder, seed, shape, snr, n_distractor, n_beads, n_vesicles):

@@ -28,14 +28,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cryopick_plugin.engine import sam_picking  # noqa: E402
+from cryopick_plugin.engine.pick2d.cryosegnet import sam as sam_picking  # noqa: E402
 
 
 def probability_map(size=4096, seed=0):
     """A U-Net-like probability map: an expert β-gal mask (blurred) or, without the data, random discs."""
     import cv2
     try:
-        from cryopick_plugin.engine import betagal
+        from cryopick_plugin.engine.pick2d import betagal
         record = betagal.load_betagal()[0]
         mask = cv2.imread(record.mask, cv2.IMREAD_GRAYSCALE)
         prob = (mask >= 128).astype(np.float32)

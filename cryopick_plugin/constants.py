@@ -1,6 +1,5 @@
 """Names shared by the plugin, its protocols and viewers."""
-from .engine.settings import (TEMPLATES_VAR, DATA_VAR, DEVICE_VAR, MODELS_VAR,  # noqa: F401
-                              SAM_CHECKPOINT_VAR, PRECISION_VAR)
+from .engine.settings import TEMPLATES_VAR, DATA_VAR, DEVICE_VAR, MODELS_VAR, SAM_CHECKPOINT_VAR, PRECISION_VAR
 
 __version__ = '0.1.0'
 

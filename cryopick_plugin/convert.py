@@ -20,7 +20,7 @@ from pyworkflow.object import Float, Integer
 from tomo import constants as tomo_const
 from tomo.objects import Coordinate3D
 
-from .engine import star
+from .engine.io import star
 from .engine.errors import InputError
 
 BLC = tomo_const.BOTTOM_LEFT_CORNER

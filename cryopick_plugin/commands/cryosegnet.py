@@ -19,9 +19,10 @@ import logging
 import os
 import time
 
-from ..engine import cryosegnet, star
+from ..engine.pick2d.cryosegnet import picker as cryosegnet
+from ..engine.io import star
 from ..engine.errors import InputError
-from ..engine.micrograph_io import EDGE_MARGIN
+from ..engine.pick2d.micrograph_io import EDGE_MARGIN
 from ..engine.settings import SAM_CHECKPOINT_VAR
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,8 @@ def add_args(parser):
 
 
 def main(args):
-    from ..engine.micrograph_io import read_micrograph
-    from ..engine.mrc import write_mrc
+    from ..engine.pick2d.micrograph_io import read_micrograph
+    from ..engine.io.mrc import write_mrc
     for path in args.micrographs:
         if not os.path.exists(path):
             raise InputError(path, "file not found")
@@ -67,7 +68,7 @@ def main(args):
     checkpoint = None if args.no_sam else (args.sam_checkpoint or os.environ.get(SAM_CHECKPOINT_VAR) or None)
     sam = None
     if checkpoint:
-        from ..engine.sam_picking import load_sam
+        from ..engine.pick2d.cryosegnet.sam import load_sam
         sam = load_sam(checkpoint, args.sam_type, device=model.device)
     else:
         log.info('no SAM checkpoint: U-Net-only picking (threshold + distance-transform maxima)')

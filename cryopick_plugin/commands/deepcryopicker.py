@@ -21,9 +21,10 @@ import logging
 import os
 import time
 
-from ..engine import cnn2d, deepcryopicker as dcp, ibc, star
+from ..engine.pick2d.deepcryopicker import cnn2d, picker as dcp, ibc
+from ..engine.io import star
 from ..engine.errors import InputError
-from ..engine.micrograph_io import EDGE_MARGIN, read_micrograph
+from ..engine.pick2d.micrograph_io import EDGE_MARGIN, read_micrograph
 
 log = logging.getLogger(__name__)
 MODEL_NAME = 'deepcryopicker_model.pt'

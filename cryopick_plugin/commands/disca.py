@@ -32,13 +32,13 @@ IMAGE = 'rlnImageName'
 
 def read_subtomogram_star(star_path):
     """(stack (N, b, b, b) float32, table, voxel size Å) from a subtomogram STAR file."""
-    from cryopick_plugin.engine.extract import read_subtomograms
+    from cryopick_plugin.engine.disca.extract import read_subtomograms
     return read_subtomograms(star_path)
 
 
 def labelled_table(table, labels, probabilities):
     """The input table with rlnClassNumber = cluster + 1 and rlnAutopickFigureOfMerit = its probability."""
-    from cryopick_plugin.engine.star import CLASS, SCORE
+    from cryopick_plugin.engine.io.star import CLASS, SCORE
     out = table.copy()
     out[CLASS] = np.asarray(labels, dtype=int) + 1
     out[SCORE] = probabilities[np.arange(len(labels)), labels]
@@ -76,9 +76,9 @@ def add_args(parser):
 
 
 def main(args):
-    from cryopick_plugin.engine import disca
-    from cryopick_plugin.engine.mrc import atomic_path, write_mrc
-    from cryopick_plugin.engine.star import write_star
+    from cryopick_plugin.engine.disca import em, model
+    from cryopick_plugin.engine.io.mrc import atomic_path, write_mrc
+    from cryopick_plugin.engine.io.star import write_star
     if args.wedge_tilt is not None and not 0 <= args.wedge_tilt < 90:
         raise InputError('--wedge-tilt', f"must be between 0 and 90 degrees, got {args.wedge_tilt:g}")
     if args.refine_iter is not None and args.refine_iter < 0:
@@ -87,7 +87,7 @@ def main(args):
         raise InputError('--k-min/--k-max', f"bad range {args.k_min}..{args.k_max}")
     stack, table, voxel = read_subtomogram_star(args.subtomograms)
     os.makedirs(args.out, exist_ok=True)
-    result = disca.disca_cluster(stack, preset=args.preset, k_range=(args.k_min, args.k_max),
+    result = em.disca_cluster(stack, preset=args.preset, k_range=(args.k_min, args.k_max),
                                  max_iter=args.max_iter, seed=args.seed, device=args.device,
                                  log=logger.info, out_dir=args.out,
                                  options=dict({'split_check': args.split_check},
@@ -95,7 +95,7 @@ def main(args):
                                               **({'refine_iter': args.refine_iter}
                                                  if args.refine_iter is not None else {})))
     model_path = os.path.join(args.out, 'disca_model.pt')
-    disca.save_disca_model(model_path, result, {'voxel_size': voxel,
+    model.save_disca_model(model_path, result, {'voxel_size': voxel,
                                                 'source': os.path.abspath(args.subtomograms)})
     write_star(os.path.join(args.out, 'labels.star'),
                {'particles': labelled_table(table, result.labels, result.probabilities)})

@@ -22,12 +22,12 @@ def add_args(parser):
 def main(args):
     import numpy as np
     from cryopick_plugin.commands.disca import labelled_table, read_subtomogram_star
-    from cryopick_plugin.engine import disca
-    from cryopick_plugin.engine.model_io import load_model
-    from cryopick_plugin.engine.star import write_star
-    load_model(args.model, disca.METHOD)  # a wrong model file fails before the subtomograms are read
+    from cryopick_plugin.engine.disca import model
+    from cryopick_plugin.engine.io.model_io import load_model
+    from cryopick_plugin.engine.io.star import write_star
+    load_model(args.model, model.METHOD)  # a wrong model file fails before the subtomograms are read
     stack, table, _ = read_subtomogram_star(args.subtomograms)
-    labels, prob = disca.disca_predict(stack, args.model, device=args.device)
+    labels, prob = model.disca_predict(stack, args.model, device=args.device)
     write_star(args.out, {'particles': labelled_table(table, labels, prob)})
     logger.info('%d subtomograms assigned; cluster sizes %s', len(labels),
                 np.bincount(labels, minlength=prob.shape[1]).tolist())

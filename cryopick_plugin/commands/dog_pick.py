@@ -15,7 +15,8 @@ Example:
 import logging
 import os
 
-from ..engine import dog, mrc, star
+from ..engine.disca import dog
+from ..engine.io import mrc, star
 
 log = logging.getLogger(__name__)
 

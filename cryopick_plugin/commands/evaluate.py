@@ -27,9 +27,10 @@ import os
 
 import numpy as np
 
-from ..engine import evaluate, star
+from ..engine import evaluate
+from ..engine.io import star
 from ..engine.errors import InputError
-from ..engine.mrc import atomic_path
+from ..engine.io.mrc import atomic_path
 
 log = logging.getLogger(__name__)
 

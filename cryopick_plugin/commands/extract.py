@@ -16,7 +16,8 @@ Example:
 import logging
 import os
 
-from ..engine import extract, mrc, star
+from ..engine.disca import extract
+from ..engine.io import mrc, star
 from ..engine.errors import InputError
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ import logging
 
 import numpy as np
 
-from ..engine import labels, mrc, star
+from ..engine.pick3d import labels
+from ..engine.io import mrc, star
 from ..engine.errors import InputError
 
 log = logging.getLogger(__name__)

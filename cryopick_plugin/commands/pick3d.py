@@ -14,7 +14,9 @@ import logging
 
 import pandas as pd
 
-from ..engine import pick3d, settings, star
+from ..engine.pick3d import picking as pick3d
+from ..engine import settings
+from ..engine.io import star
 from ..engine.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -33,10 +35,10 @@ def add_args(parser):
     parser.add_argument('--padding', choices=('zero', 'mirror', 'inside'), default='zero',
                         help="tiles at the tomogram's faces: 'zero' (default) / 'mirror' pad beyond the face, "
                              "'inside' moves the window inside the volume (as training patches are placed; "
-                             "retune the thresholds for it: bench/README.md §1.1)")
+                             "thresholds tuned with 'zero' may then need retuning)")
     parser.add_argument('--flip-average', action='store_true',
-                        help='average the map over the eight mirror images of every tile (8× slower; +0.01 '
-                             'classification F1 in bench/README §1.1)')
+                        help='average the map over the eight mirror images of every tile (8× slower, '
+                             'slightly better classification)')
     parser.add_argument('--batch-size', type=int, default=2, help='tiles per forward pass')
     parser.add_argument('--rescale', action='store_true',
                         help='resample tomograms whose voxel size differs from the model\'s instead of failing')

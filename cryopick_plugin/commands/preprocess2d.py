@@ -15,9 +15,9 @@ import logging
 import os
 import time
 
-from ..engine import preprocess2d
+from ..engine.pick2d import preprocess as preprocess2d
 from ..engine.errors import InputError
-from ..engine.micrograph_io import read_micrograph, write_micrograph
+from ..engine.pick2d.micrograph_io import read_micrograph, write_micrograph
 
 log = logging.getLogger(__name__)
 

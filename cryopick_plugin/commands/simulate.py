@@ -87,7 +87,7 @@ def main(args):
         raise InputError('--count', f"must be at least 1, got {count}")
     templates = _templates(args)
     if args.kind == 'tomograms':
-        from ..engine.simulate_tomo import simulate_tomogram, write_simulated_tomogram
+        from ..engine.sim.tomograms import simulate_tomogram, write_simulated_tomogram
         for i in range(count):
             sim = simulate_tomogram(
                 shape=args.shape, classes=args.classes, n_per_class=args.per_class,
@@ -99,7 +99,7 @@ def main(args):
             placed = ', '.join(f"{n}: {sim.meta['placed'][n]}" for n in sim.class_names)
             _report(sim.name, paths, sim.meta, f"{len(sim.truth)} particles ({placed})")
     elif args.kind == 'subtomograms':
-        from ..engine.simulate_subtomo import simulate_subtomograms, write_subtomograms
+        from ..engine.sim.subtomograms import simulate_subtomograms, write_subtomograms
         sim = simulate_subtomograms(
             classes=args.classes, n_per_class=args.per_class, box=args.box,
             snr=0.1 if args.snr is None else args.snr, tilt_range=args.tilt_range,
@@ -109,7 +109,7 @@ def main(args):
         _report('subtomograms', paths, sim.meta, f"{len(sim.labels)} subtomograms of {args.box}³ voxels, "
                 f"{sim.meta['voxel_size']:.2f} Å/voxel (binning {sim.meta['binning']:.2f})")
     else:
-        from ..engine.simulate_micrograph import simulate_micrograph, write_simulated_micrograph
+        from ..engine.sim.micrographs import simulate_micrograph, write_simulated_micrograph
         for i in range(count):
             sim = simulate_micrograph(
                 shape=args.shape, template=args.template if len(args.template) > 1 else args.template[0],

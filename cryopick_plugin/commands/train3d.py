@@ -17,7 +17,9 @@ Example:
 """
 import logging
 
-from ..engine import labels, settings, star
+from ..engine.pick3d import labels
+from ..engine import settings
+from ..engine.io import star
 from ..engine.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,7 @@ def main(args):
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    from ..engine import train3d
+    from ..engine.pick3d import training as train3d
     meta = train3d.train(train_items, val_items, args.out, preset=args.preset, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
                          alpha=args.alpha, val_every=args.val_every, patience=args.patience,

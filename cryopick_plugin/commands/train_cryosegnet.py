@@ -25,7 +25,8 @@ import logging
 import os
 
 
-from ..engine import cryosegnet, star
+from ..engine.pick2d.cryosegnet import picker as cryosegnet
+from ..engine.io import star
 from ..engine.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def coordinates_per_micrograph(mic_paths, star_paths):
 
 
 def main(args):
-    from ..engine.micrograph_io import read_micrograph
+    from ..engine.pick2d.micrograph_io import read_micrograph
     for path in args.micrographs + args.coords + ([args.init] if args.init else []):
         if not os.path.exists(path):
             raise InputError(path, "file not found")

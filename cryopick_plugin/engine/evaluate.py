@@ -7,7 +7,7 @@ neutral metric that none of the four reference methods use: DeepETPicker counts 
 a particle's occupancy map, AutoCryoPicker counts centres inside a mask blob, CryoSegNet counts pixels.
 One-to-one matching keeps a duplicate pick from counting twice and makes precision and recall symmetric.
 
-Tables are coordinate DataFrames with RELION columns (see `engine/star.py`). When both tables carry
+Tables are coordinate DataFrames with RELION columns (see `engine/io/star.py`). When both tables carry
 rlnTomoName (3D) or rlnMicrographName (2D), rows are matched only within the same volume. Positions are
 3D when both tables have rlnCoordinateZ and 2D otherwise.
 
@@ -23,7 +23,7 @@ from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite
 from scipy.spatial import cKDTree
 from sklearn import metrics as skm
 
-from . import star
+from .io import star
 from .errors import InputError
 
 # Connected components of the candidate graph up to this many cost-matrix entries are solved with a

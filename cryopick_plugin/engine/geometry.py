@@ -2,7 +2,7 @@
 
 RELION's (rot, tilt, psi) give the matrix A = Rz(psi)·Ry(tilt)·Rz(rot) written with passive rotations,
 the transpose of the active intrinsic ZYZ rotation Rz(rot)·Ry(tilt)·Rz(psi). Measured with
-`relion_reconstruct --3d_rot` (see tests/test_relion.py), a subtomogram at those angles is, for positions
+`relion_reconstruct --3d_rot` (see tests/io/test_relion.py), a subtomogram at those angles is, for positions
 x (x, y, z order, relative to the box centre), ``particle(x) = reference(Aᵀ x)``: the reference rotated
 actively by A. Use `particle_from_reference` / `reference_from_particle` rather than `rotate_volume` with
 a hand-picked matrix, so every module follows that one convention.

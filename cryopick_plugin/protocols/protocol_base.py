@@ -14,7 +14,7 @@ from pyworkflow.protocol import params
 from pwem.protocols import EMProtocol
 
 from .. import Plugin, convert
-from ..engine import star
+from ..engine.io import star
 
 # Scipion runs the steps of a parallel protocol as threads of one process, and the mapper of a set's SQLite
 # file is shared between them: two steps iterating one input set at the same moment crashed the protocol

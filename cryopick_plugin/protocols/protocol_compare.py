@@ -6,7 +6,7 @@ from tomo.objects import SetOfCoordinates3D
 from tomo.protocols import ProtTomoBase
 
 from .. import convert
-from ..engine import star
+from ..engine.io import star
 from .protocol_base import CryopickProtocol
 
 OUT_BOTH, OUT_ONLY_A, OUT_ONLY_B = 'intersection', 'onlyA', 'onlyB'

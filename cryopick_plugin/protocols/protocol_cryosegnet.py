@@ -7,7 +7,7 @@ from pwem.protocols import ProtParticlePicking
 
 from .. import Plugin, convert
 from ..constants import OUT_COORDS2D, OUT_MODEL, SAM_CHECKPOINT_VAR
-from ..engine import star
+from ..engine.io import star
 from ..objects import CryopickModel
 from .protocol_base import CryopickProtocol
 from .protocol_model_import import model_object

@@ -44,9 +44,8 @@ class CryopickDeepCryoPicker(CryopickPicking2DBase):
         form.addParam('clustering', params.EnumParam, choices=CLUSTERINGS, default=0, label='Clustering',
                       help='How the first, automatic training set is found. ibc: intensity-based clustering '
                            '(AutoCryoPicker); super: SLIC superpixels then clustering (SuperCryoPicker); '
-                           'kmeans; fcm: fuzzy c-means. With self-training the choice matters less; measured '
-                           'test F1, ibc / super: β-gal 0.77 / 0.77, simulated micrographs with carbon and '
-                           'contamination at SNR 0.1 / 0.03 / 0.01: 0.68 / 0.52, 0.59 / 0.50, 0.40 / 0.34.')
+                           'kmeans; fcm: fuzzy c-means. With self-training the choice matters less; ibc is the '
+                           'safer choice on micrographs with carbon or contamination.')
         form.addParam('polarity', params.EnumParam, choices=['dark', 'bright'], default=0,
                       display=params.EnumParam.DISPLAY_HLIST, label='Particle contrast',
                       help='dark: particles darker than the ice (raw micrographs).')
@@ -63,8 +62,7 @@ class CryopickDeepCryoPicker(CryopickPicking2DBase):
                            'new one is trained on its confident picks (score ≥ 0.5), with background drawn '
                            'away from every pick; each round repeats that with the newest classifier. The '
                            'clustering finds only some of the particles of a crowded micrograph; this teaches '
-                           'the classifier the rest (β-gal: F1 0.71 / 0.76 / 0.78 after 1 / 2 / 3 rounds; '
-                           'simulated micrographs: higher F1 at low SNR, a little lower at high SNR). Each '
+                           'the classifier the rest, most of the gain coming from the first two rounds. Each '
                            'round costs one more training. A round that finds too few confident picks ends '
                            'the self-training with the classifier it has. 0 = the published method.')
         form.addParam('maxTrain', params.IntParam, default=20, label='Train on at most (micrographs)',

@@ -9,7 +9,7 @@ from tomo import constants as tconst
 
 from .. import convert
 from ..constants import OUT_CLASSES, OUT_COORDS3D, OUT_MODEL
-from ..engine import star
+from ..engine.io import star
 from ..objects import CryopickModel
 from .protocol_base import CryopickProtocol
 from .protocol_model_import import model_object
@@ -120,8 +120,8 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                            'each cluster are shown rotated (wedge put back) to the final model: two clusters '
                            'whose rotated members cross into each other, both ways, clearly more than '
                            'unrotated copies do are one molecule and are merged. The check is recorded in '
-                           'the model. Use it at good SNR only: on noisy data (simulated SNR 0.01) the '
-                           'rotated copies scatter and it merged distinct molecules into one cluster. '
+                           'the model. On very noisy data the rotated copies scatter, which makes the merge '
+                           'less reliable. '
                            'Empty or 0: off, as in the published method.')
         form.addParam('splitCheck', params.BooleanParam, default=True, label='Split merged molecules',
                       expertLevel=params.LEVEL_ADVANCED,
@@ -132,20 +132,15 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                            'recursively; pieces of one molecule that splits of different clusters left apart '
                            'are joined again. With the largest tilt set, a split must also not be one molecule '
                            'seen in two ranges of orientations (rotated members would change side). Each test '
-                           'is recorded in the model, and predictions replay them. On simulated sets of five '
-                           'molecules it corrected K from 4 to 5 at SNR 0.01 (homogeneity 0.76 → 0.88), raised '
-                           'the homogeneity at SNR 0.03 with a ±40° wedge from 0.76–0.79 to 0.93–0.95 (K 5 or '
-                           '6: one molecule can also split by orientation), and left the right clusterings at '
-                           'SNR 0.03 and 0.1 alone.')
+                           'is recorded in the model, and predictions replay them. Most useful on noisy data, '
+                           'where clusters of two molecules are commonest.')
         form.addParam('refineIter', params.IntParam, allowsNull=True, default=None,
                       label='Refinement iterations after a split', expertLevel=params.LEVEL_ADVANCED,
                       condition='splitCheck',
                       help='When the split check changed the clusters, the network (which had learnt to '
                            'call the split molecules one class) is trained on the corrected clusters and the '
                            'EM loop runs again from them for at most this many iterations; the refined '
-                           'clustering is kept when its DDBI is lower, and checked again. On the simulated sets '
-                           'of five molecules it raised the homogeneity at SNR 0.01 from 0.88 to 0.93 and '
-                           'brought K at SNR 0.03 with a ±40° wedge from 6 to 5 (0.93 → 0.98), for about five '
+                           'clustering is kept when its DDBI is lower, and checked again. It costs up to this many '
                            'more iterations. Empty: the preset\'s default (5). 0: keep the split clusters as '
                            'they are.')
         form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,

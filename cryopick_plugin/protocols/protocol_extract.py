@@ -8,7 +8,7 @@ from tomo.protocols import ProtTomoBase
 
 from .. import convert
 from ..constants import OUT_SUBTOMOS
-from ..engine import star
+from ..engine.io import star
 from .protocol_base import CryopickProtocol
 
 

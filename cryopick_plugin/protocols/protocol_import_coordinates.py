@@ -15,7 +15,7 @@ from tomo.protocols import ProtTomoBase
 
 from .. import convert
 from ..constants import OUT_COORDS3D, OUT_COORDS2D
-from ..engine import star
+from ..engine.io import star
 from ..engine.errors import InputError
 
 

@@ -6,7 +6,7 @@ from pyworkflow.protocol import params
 
 from ..constants import OUT_MODEL
 from ..engine.errors import InputError
-from ..engine.model_io import load_model
+from ..engine.io.model_io import load_model
 from ..objects import CryopickModel
 from .protocol_base import CryopickProtocol
 

@@ -51,8 +51,7 @@ class CryopickPick3D(CryopickProtocol, ProtTomoPicking):
         form.addParam('flipAverage', params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
                       label='Average over mirror images',
                       help='Yes: the network sees every tile in its eight mirror images and the maps are '
-                           'averaged — 8× the network time for a slightly cleaner map (+0.01 F1 on simulated '
-                           'tomograms). The model\'s thresholds were chosen on single-pass maps.')
+                           'averaged — 8× the network time for a slightly cleaner map. The model\'s thresholds were chosen on single-pass maps.')
         form.addParam('batchSize', params.IntParam, default=2, expertLevel=params.LEVEL_ADVANCED,
                       label='Tiles per batch', help='Lower it if the GPU runs out of memory.')
         self._defineComputeParams(form, gpu=True)

@@ -8,7 +8,7 @@ from pwem.protocols import ProtParticlePicking
 
 from .. import convert
 from ..constants import OUT_COORDS2D
-from ..engine import star
+from ..engine.io import star
 from .protocol_base import _SET_READ_LOCK, CryopickProtocol
 
 

@@ -6,7 +6,7 @@ from tomo.protocols import ProtTomoBase
 
 from .. import convert
 from ..constants import OUT_MODEL
-from ..engine import star
+from ..engine.io import star
 from ..objects import CryopickModel
 from .protocol_base import CryopickProtocol
 from .protocol_model_import import model_object
@@ -69,8 +69,8 @@ class CryopickTrain3D(CryopickProtocol, ProtTomoBase):
                            'complexes, gold fiducials, membranes) found by difference of Gaussians, rather '
                            'than at random places. These objects, not empty ice, are where a picker trained '
                            'without them picks falsely. Only for fully annotated training tomograms: an '
-                           'unannotated particle is such a blob and would be taught as background. 0.5 '
-                           'raised test F1 by 0.025 on fully annotated simulations. 0: all random, as '
+                           'unannotated particle is such a blob and would be taught as background. 0.5 is a '
+                           'good value for fully annotated tomograms. 0: all random, as '
                            'DeepETPicker.')
         form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,
                       help='Seed of the random number generators (weights, sampling), so a run can be repeated.')

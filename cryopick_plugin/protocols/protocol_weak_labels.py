@@ -7,7 +7,7 @@ from tomo.protocols import ProtTomoBase
 
 from .. import convert
 from ..constants import OUT_TOMOMASKS
-from ..engine import star
+from ..engine.io import star
 from .protocol_base import CryopickProtocol
 
 LABEL_SHAPES = ['tball', 'ball', 'cube']

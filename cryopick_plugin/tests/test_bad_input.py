@@ -20,8 +20,9 @@ from tomo.protocols import ProtImportTomograms
 
 from cryopick_plugin import convert
 from cryopick_plugin.constants import OUT_COORDS3D, OUT_SUBTOMOS, OUT_TOMOMASKS
-from cryopick_plugin.engine import model_io, resunet3d, star
-from cryopick_plugin.engine.mrc import write_mrc
+from cryopick_plugin.engine.io import model_io, star
+from cryopick_plugin.engine.pick3d import resunet3d
+from cryopick_plugin.engine.io.mrc import write_mrc
 from cryopick_plugin.protocols import (CryopickImportCoordinates3D, CryopickDogPick, CryopickPick3D,
                                        CryopickImportModel, CryopickWeakLabels, CryopickExtractSubtomograms)
 

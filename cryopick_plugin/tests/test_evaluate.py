@@ -8,7 +8,7 @@ import pytest
 
 from cryopick_plugin.commands import main as cli
 from cryopick_plugin.engine import evaluate as ev
-from cryopick_plugin.engine import star
+from cryopick_plugin.engine.io import star
 from cryopick_plugin.engine.errors import InputError
 
 

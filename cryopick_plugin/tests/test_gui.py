@@ -265,7 +265,7 @@ def finished_project(tmp_path_factory):
     """A project with finished cryopick runs: tomogram import → STAR import → DoG candidates."""
     from pyworkflow.project import Manager
     from tomo.protocols import ProtImportTomograms
-    from cryopick_plugin.engine.simulate_tomo import simulate_tomogram, write_simulated_tomogram
+    from cryopick_plugin.engine.sim.tomograms import simulate_tomogram, write_simulated_tomogram
     from cryopick_plugin.protocols import CryopickImportCoordinates3D, CryopickDogPick
 
     data = tmp_path_factory.mktemp('gui_data')

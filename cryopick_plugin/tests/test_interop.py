@@ -16,9 +16,9 @@ from pyworkflow.tests import BaseTest, setupTestProject
 from tomo import constants as tconst
 from tomo.protocols import ProtImportTomograms
 
-from cryopick_plugin.engine import star
+from cryopick_plugin.engine.io import star
 from cryopick_plugin.engine.geometry import euler_to_matrix
-from cryopick_plugin.engine.mrc import write_mrc
+from cryopick_plugin.engine.io.mrc import write_mrc
 from cryopick_plugin.protocols import CryopickImportCoordinates3D
 
 NEEDED = ("reliontomo", "dynamo", "scipion")  # scipion-app: reliontomo.convert imports scipion.install

@@ -12,9 +12,9 @@ from pyworkflow.tests import BaseTest, setupTestProject
 from pwem.protocols import ProtImportMicrographs
 
 from cryopick_plugin import convert
-from cryopick_plugin.engine import star
+from cryopick_plugin.engine.io import star
 from cryopick_plugin.engine.evaluate import evaluate_picks
-from cryopick_plugin.engine.simulate_micrograph import simulate_micrograph, write_simulated_micrograph
+from cryopick_plugin.engine.sim.micrographs import simulate_micrograph, write_simulated_micrograph
 from cryopick_plugin.protocols import (CryopickImportCoordinates2D, CryopickTrainCryoSegNet, CryopickCryoSegNet,
                                        CryopickDeepCryoPicker, CryopickCompareCoordinates)
 

@@ -14,9 +14,9 @@ from tomo import constants as tconst
 from tomo.protocols import ProtImportTomograms
 
 from cryopick_plugin import convert
-from cryopick_plugin.engine import mrc, star
+from cryopick_plugin.engine.io import mrc, star
 from cryopick_plugin.engine.evaluate import evaluate_picks
-from cryopick_plugin.engine.simulate_tomo import simulate_tomogram, write_simulated_tomogram
+from cryopick_plugin.engine.sim.tomograms import simulate_tomogram, write_simulated_tomogram
 from cryopick_plugin.protocols import (CryopickImportCoordinates3D, CryopickDogPick, CryopickExtractSubtomograms,
                                        CryopickWeakLabels, CryopickDisca, CryopickDiscaPredict, CryopickTrain3D,
                                        CryopickPick3D, CryopickImportModel, CryopickCompareCoordinates)

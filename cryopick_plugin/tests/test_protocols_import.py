@@ -14,8 +14,8 @@ from tomo import constants as tconst
 from tomo.protocols import ProtImportTomograms
 
 from cryopick_plugin import convert
-from cryopick_plugin.engine import star
-from cryopick_plugin.engine.mrc import write_mrc
+from cryopick_plugin.engine.io import star
+from cryopick_plugin.engine.io.mrc import write_mrc
 from cryopick_plugin.protocols import CryopickImportCoordinates3D, CryopickImportCoordinates2D
 
 SHAPE = (21, 33, 45)  # z, y, x: odd everywhere, different on each axis

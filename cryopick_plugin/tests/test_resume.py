@@ -20,8 +20,8 @@ from tomo.protocols import ProtImportTomograms
 
 from cryopick_plugin import convert
 from cryopick_plugin.constants import OUT_COORDS3D
-from cryopick_plugin.engine import star
-from cryopick_plugin.engine.mrc import write_mrc
+from cryopick_plugin.engine.io import star
+from cryopick_plugin.engine.io.mrc import write_mrc
 from cryopick_plugin.protocols import CryopickDogPick
 
 SHAPE = (40, 64, 64)

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cryopick_plugin.engine import mrc, preprocess2d, star
+from cryopick_plugin.engine.io import mrc, star
+from cryopick_plugin.engine.pick2d import preprocess as preprocess2d
 from cryopick_plugin.engine.errors import InputError
-from cryopick_plugin.engine.train3d import write_history
+from cryopick_plugin.engine.pick3d.training import write_history
 from cryopick_plugin.viewers import figures as fig
 
 

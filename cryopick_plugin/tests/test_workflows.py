@@ -117,7 +117,7 @@ def test_supervised_3d_through_the_scipion_launcher(tmp_path, monkeypatch):
     assert 'DeepETPicker picks vs truth [tomo_001, validation]' in scores
 
     # the RELION export lists every extracted subtomogram, and the picks as coordinates
-    from cryopick_plugin.engine import star
+    from cryopick_plugin.engine.io import star
     relion_dir = os.path.join(project.getPath(), 'relion')
     blocks = star.read_star_blocks(os.path.join(relion_dir, 'particles_subtomo.star'))
     particles = blocks['particles']

@@ -21,9 +21,9 @@ import os
 
 import numpy as np
 
-from ..engine import star
+from ..engine.io import star
 from ..engine.errors import InputError
-from ..engine.mrc import atomic_path, open_volume
+from ..engine.io.mrc import atomic_path, open_volume
 
 DPI = 100
 CLASS_COLOURS = ['#e6194b', '#3cb44b', '#4363d8', '#f58231', '#911eb4', '#42d4f4', '#f032e6', '#bfef45',
@@ -509,7 +509,7 @@ def class_average_slices(averages, out, title='Class averages'):
 def _read_image(image):
     if isinstance(image, np.ndarray):
         return image.astype(np.float32, copy=False)
-    from ..engine.micrograph_io import read_micrograph
+    from ..engine.pick2d.micrograph_io import read_micrograph
     return read_micrograph(image)[0]
 
 

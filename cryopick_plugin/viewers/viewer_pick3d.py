@@ -10,7 +10,7 @@ from tomo.objects import SetOfCoordinates3D
 
 from .. import convert
 from ..constants import OUT_COORDS3D
-from ..engine import star
+from ..engine.io import star
 from ..protocols import CryopickDogPick, CryopickPick3D
 from . import figures as fig
 from .viewer_base import MAX_ITEMS, CryopickFigureViewer, cached, made_by_cryopick, safe_name

@@ -14,7 +14,7 @@ import os
 import pandas as pd
 
 from .. import convert
-from ..engine import star
+from ..engine.io import star
 from ..engine.errors import InputError
 from ..protocols import CryopickCryoSegNet, CryopickDeepCryoPicker
 from . import figures as fig
@@ -36,8 +36,8 @@ def read_picks2d(path):
 
 def stages_figure(micrograph, out, chain, bin_factor=None, polarity='dark', switches=None):
     """Run a preprocessing chain with its stages kept on one micrograph and draw them side by side."""
-    from ..engine import preprocess2d
-    from ..engine.micrograph_io import read_micrograph
+    from ..engine.pick2d import preprocess as preprocess2d
+    from ..engine.pick2d.micrograph_io import read_micrograph
     image, _ = read_micrograph(micrograph)
     if bin_factor is None:
         bin_factor = max(1.0, max(image.shape) / float(STAGES_SIDE))
@@ -106,7 +106,7 @@ class CryopickPicking2DViewer(CryopickFigureViewer):
             options = {'polarity': ['dark', 'bright'][obj.polarity.get() or 0]}
             meta = self._modelMeta(obj)
             if meta.get('particle_px') and obj._diameterPx():
-                from ..engine.deepcryopicker import working_scale
+                from ..engine.pick2d.deepcryopicker.picker import working_scale
                 options['bin_factor'] = 1.0 / working_scale(obj._diameterPx(), meta['particle_px'])
             return 'deepcryopicker', options
         # CryoSegNet denoises the full-resolution micrograph before scaling it to the network's input: its

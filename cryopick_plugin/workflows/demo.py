@@ -19,7 +19,7 @@ DEMO_CLASSES = ('4v4r', '3j9i', '4v94', '1bxn')
 
 def simulate_inputs(folder, count, shape, snr, seed, templates_dir=None, per_class=None):
     """Write `count` simulated tomograms + truth STARs into `folder`; return their metadata."""
-    from cryopick_plugin.engine.simulate_tomo import simulate_tomogram, write_simulated_tomogram
+    from cryopick_plugin.engine.sim.tomograms import simulate_tomogram, write_simulated_tomogram
     written = []
     for i in range(count):
         sim = simulate_tomogram(shape=shape, classes=DEMO_CLASSES, n_per_class=per_class, snr=snr,
@@ -76,7 +76,7 @@ def run_demo(project_name='cryopick_demo', count=2, shape=(64, 128, 128), snr=0.
 def train_and_pick(project, prot_tomos, prot_truth, meta, names, epochs, out):
     """Weak labels → training (validation on the last tomogram) → picking → comparison with the truth."""
     from cryopick_plugin import convert
-    from cryopick_plugin.engine import star
+    from cryopick_plugin.engine.io import star
     from cryopick_plugin.engine.evaluate import evaluate_picks
     from cryopick_plugin.protocols import (CryopickWeakLabels, CryopickTrain3D, CryopickPick3D,
                                            CryopickCompareCoordinates)

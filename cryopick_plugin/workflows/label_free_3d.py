@@ -61,7 +61,7 @@ def centre_contrast(volume, polarity='dark'):
 def describe_classes(disca, polarity):
     """One dict per DISCA class: id, size, mean membership probability and centre contrast of its average."""
     import numpy as np
-    from cryopick_plugin.engine import mrc
+    from cryopick_plugin.engine.io import mrc
     probs = {}
     for coord in disca.output3DCoordinates.iterItems():
         probs.setdefault(int(coord.getGroupId()), []).append(float(coord.getScore() or 0.0))
@@ -101,7 +101,7 @@ def choose_class(classes, requested=None):
 def class_truth_lines(disca, tomograms, truth, radius, class_names):
     """Per DISCA class: how many members are real particles, and of which true class."""
     from cryopick_plugin import convert
-    from cryopick_plugin.engine import star
+    from cryopick_plugin.engine.io import star
     from cryopick_plugin.engine.evaluate import evaluate_picks
     df = convert.coordinates3d_to_frame(disca.output3DCoordinates, tomograms)
     lines = {}
@@ -152,7 +152,7 @@ def run_label_free(args, out=sys.stdout):
     from pwem.protocols import ProtSetFilter
     from cryopick_plugin.protocols import (CryopickDisca, CryopickDogPick, CryopickExtractSubtomograms,
                                            CryopickPick3D, CryopickTrain3D, CryopickWeakLabels)
-    from cryopick_plugin.engine import star
+    from cryopick_plugin.engine.io import star
     from cryopick_plugin.engine.evaluate import evaluate_picks
     t0 = time.time()
     project = open_project(args, TOMOGRAM_PATH_ARGS, out)

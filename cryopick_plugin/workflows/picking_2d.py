@@ -39,7 +39,7 @@ PATH_ARGS = ('micrographs', 'truth', 'templates', 'coordinates', 'cryosegnet_mod
 
 def simulate_micrographs(folder, args, out):
     """Write simulated micrographs and truth STARs into `folder`; return the metadata of the last one."""
-    from cryopick_plugin.engine.simulate_micrograph import simulate_micrograph, write_simulated_micrograph
+    from cryopick_plugin.engine.sim.micrographs import simulate_micrograph, write_simulated_micrograph
     for i in range(args.count):
         sim = simulate_micrograph(shape=tuple(args.shape), template=args.template, n_particles=args.particles,
                                   snr=args.snr, pixel_size=args.pixel, seed=args.seed + i,
@@ -58,7 +58,7 @@ def _stem(name):
 
 def read_truth_2d(pattern):
     import pandas as pd
-    from cryopick_plugin.engine import star
+    from cryopick_plugin.engine.io import star
     paths = sorted(glob.glob(pattern))
     if not paths:
         return None
@@ -69,7 +69,7 @@ def read_truth_2d(pattern):
 
 def picks_frame(coords, micrographs):
     from cryopick_plugin import convert
-    from cryopick_plugin.engine import star
+    from cryopick_plugin.engine.io import star
     df = convert.coordinates2d_to_frame(coords, micrographs)
     df[star.MIC] = df[star.MIC].map(_stem)
     return df

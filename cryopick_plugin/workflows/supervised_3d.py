@@ -82,7 +82,7 @@ def check_tomogram_args(parser, args):
 
 def simulate_tomograms(folder, args, out):
     """Write `args.count` simulated tomograms and their truth STARs into `folder`; return the metadata."""
-    from cryopick_plugin.engine.simulate_tomo import simulate_tomogram, write_simulated_tomogram
+    from cryopick_plugin.engine.sim.tomograms import simulate_tomogram, write_simulated_tomogram
     sims = []
     for i in range(args.count):
         sim = simulate_tomogram(shape=tuple(args.shape), classes=tuple(args.classes), n_per_class=args.per_class,
@@ -157,7 +157,7 @@ def label_diameter_for(diameter):
 def read_truth(pattern):
     """All rows of the truth STAR files matching `pattern`, one table."""
     import pandas as pd
-    from cryopick_plugin.engine import star
+    from cryopick_plugin.engine.io import star
     paths = sorted(glob.glob(pattern))
     if not paths:
         return None
@@ -175,7 +175,7 @@ def score_coordinates(what, coords, tomograms, truth, radius, out, per_tomogram=
     per_tomogram: {tsId: tag} to print a line per tomogram too (e.g. 'validation').
     """
     from cryopick_plugin import convert
-    from cryopick_plugin.engine import star
+    from cryopick_plugin.engine.io import star
     from cryopick_plugin.engine.evaluate import evaluate_picks
     df = convert.coordinates3d_to_frame(coords, tomograms) if coords.getSize() else None
     if df is None:
@@ -213,7 +213,7 @@ def export_relion(subtomos, coords, tomograms, folder):
     import pandas as pd
     from tomo import constants as tconst
     from cryopick_plugin import convert
-    from cryopick_plugin.engine import relion, star
+    from cryopick_plugin.engine.io import relion, star
     os.makedirs(folder, exist_ok=True)
     tomos = convert.tomograms_by_name(tomograms)
     rows, images = [], []

@@ -1,0 +1,28 @@
+"""A non-deep reference for DISCA: PCA + Gaussian mixtures with BIC on voxels or spectral features."""
+from sklearn.decomposition import PCA
+
+from . import yopo
+from ..errors import InputError
+from .em import TRAINING
+from .features import spectral_features
+from .mixtures import bic_dim, candidate_ks, fit_mixtures
+
+
+def baseline_cluster(stack, k_range=(2, 20), seed=0, features='raw', pca_dim=16, min_per_cluster=10):
+    """Non-deep reference: PCA + full-covariance Gaussian mixtures with BIC over K on `features`.
+
+    features: 'raw' (voxels) or 'spectral' (`spectral_features`). Returns (labels 0-based, K).
+    """
+    if features == 'raw':
+        x = yopo.normalise_stack(stack).reshape(len(stack), -1)
+    elif features == 'spectral':
+        x = spectral_features(stack)
+    else:
+        raise InputError('features', f"unknown baseline features {features!r}")
+    ks = candidate_ks(len(x), k_range, min_per_cluster)
+    pca_dim = int(max(2, min(pca_dim, x.shape[1], len(x) // ks[-1] - 1, len(x) - 1, bic_dim(len(x)))))
+    x = PCA(n_components=pca_dim, random_state=seed).fit_transform(
+        (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8))  # same as spectral_embedding for 'spectral'
+    opts = dict(TRAINING['paper'])
+    labels, _, _, _ = fit_mixtures(x, ks, opts, seed)
+    return labels, int(labels.max()) + 1

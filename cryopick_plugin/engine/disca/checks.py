@@ -1,0 +1,386 @@
+"""DISCA's checks on a kept clustering, and the refinement after them.
+
+- Orientation check (with the acquisition's tilt range): clusters whose members, rotated with the missing
+  wedge put back, cross into each other are one molecule split by its orientation to the wedge; merged
+  (`orientation_transfer`, `orientation_groups`, `merge_orientations`).
+- Split check: a cluster whose members' rotation-invariant spectral features fall in two clearly separated
+  groups (BIC and separation) holds two molecules; split (`split_cluster`, `split_mixed`), pieces of one
+  molecule left apart joined again (`_rejoin`); with the tilt range a split must not be one molecule in two
+  ranges of orientations (`split_crossing`). Stored splits are replayed on new data (`apply_splits`).
+- Refinement: after an accepted split the network is trained on the corrected clusters and the EM loop
+  runs again (`refine`).
+"""
+import warnings
+
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+from sklearn.exceptions import ConvergenceWarning
+
+from . import yopo
+from .features import random_rotations, spectral_features
+from .mixtures import _gmm, ddbi, mixture_state, posterior
+
+
+def check_kept(best, stack, data, arch, opts, ks, rng, seed, device, say, meta):
+    """The checks on a kept clustering: clusters that are one molecule in different orientations are
+    merged (with the tilt range given), then clusters holding two molecules are split (`split_mixed`).
+    What each check did goes into meta (replacing an earlier pass's record)."""
+    meta.pop('orientation_merge', None)
+    meta.pop('split_check', None)
+    if opts.get('wedge_tilt') and opts.get('orientation_merge', True) and best['k'] > 1:
+        best, meta['orientation_merge'] = merge_orientations(best, data, arch, opts, rng, device, say)
+    if opts.get('split_check', True):
+        best, meta['split_check'] = split_mixed(best, stack, opts, ks[-1] if ks else best['k'], seed, say)
+        if any(t.get('accepted') for t in meta['split_check']):
+            meta['prediction'] = ('network features -> PCA -> Gaussian mixture posterior'
+                                  ' -> split tests on spectral features (split_check)')
+    return best
+
+
+def refine(best, net, loop, train, iterate, data, first, count, stack, arch, opts, ks, rng, seed, device,
+            say, meta):
+    """EM iterations again after the split check changed the clusters.
+
+    The self-training had taught the network to call the molecules of a split cluster one class, so its
+    features still merge them and only the spectral split tests tell them apart. Here the network starts
+    from the kept iteration, gets a new head for the corrected clusters and is trained on them, and the
+    EM loop goes on for at most `count` iterations from those labels (K free again). The refined
+    clustering replaces the split one when its DDBI is lower than the split labels' DDBI in the kept
+    iteration's feature space (the criterion that chose the kept iteration); the checks then run again on
+    it. meta['refine'] records the comparison."""
+    split = best
+    split_score = ddbi(split['x'], split['labels'], opts['reg_covar'])
+    net.load_state_dict({key[4:]: v for key, v in split['state'].items() if key.startswith('net.')})
+    features = yopo.extract_features(net, data, device, batch_size=max(opts['batch_size'], 64))
+    loop['labels'], loop['k'] = split['labels'].copy(), int(split['k'])
+    fitted = train(features, split['labels'], int(split['k']), True)
+    say(f"refinement: network trained on the {split['k']} clusters of the split check "
+        f"(loss {fitted['loss']:.4f}); {count} more iterations at most")
+    # Its first clustering still sees features trained on the merged clusters for all but one epoch (as
+    # the untrained network's at iteration 0 of the main loop): not eligible when there are later ones.
+    refined = iterate(first, count, first + 1 if count > 1 else first, 0, 'refine')
+    info = {'from_iteration': int(split['iteration']), 'k_split': int(split['k']), 'ddbi_split': split_score,
+            'first_iteration': int(first), 'training_loss': fitted['loss'],
+            'split_check_before': meta.get('split_check')}
+    if refined is None or refined['ddbi'] >= split_score:
+        info['kept'] = False
+        say(f"refinement: split clustering kept (DDBI {split_score:.4f} ≤ "
+            f"{'-' if refined is None else round(refined['ddbi'], 4)})")
+        meta['refine'] = info
+        return split
+    info.update({'kept': True, 'iteration': int(refined['iteration']), 'k_refined': int(refined['k']),
+                 'ddbi_refined': refined['ddbi']})
+    say(f"refinement: kept iteration {refined['iteration']}: K={refined['k']} DDBI={refined['ddbi']:.4f} "
+        f"(split labels {split_score:.4f})")
+    refined = check_kept(refined, stack, data, arch, opts, ks, rng, seed, device, say, meta)
+    meta['refine'] = info
+    return refined
+
+
+# ------------------------------------------------------------------------- orientation-split clusters
+
+ORIENTATION_MIN_SHARE = 0.1
+
+
+def orientation_transfer(data, net, state, labels, tilt_range, rng, device='cpu', batch_size=64, copies=2):
+    """Where rotated copies of each cluster's members are assigned, against unrotated controls.
+
+    Every member gets `copies` uniformly random rotations with the acquisition's missing wedge put back
+    (`random_rotations(tilt_range=)`), i.e. it is shown as the same molecule in other orientations; the
+    kept network, PCA and mixture assign the copies. transfer[a, b] = share of cluster a's copies assigned
+    to b. control[a, b] = the same for copies rotated by the identity (same interpolation, corner noise and
+    wedge), the share that changes cluster for no change of orientation. Returns (transfer, control), K×K.
+    """
+    k = int(labels.max()) + 1
+    n = len(data)
+
+    def assign(copies_stack):
+        feats = yopo.extract_features(net, copies_stack, device, batch_size)
+        x = (feats.astype(np.float64) - state['pca.mean'].numpy()) @ state['pca.components'].numpy().T
+        return posterior(x, state).argmax(axis=1)
+
+    def shares(assigned, members):
+        table = np.zeros((k, k))
+        np.add.at(table, (members, assigned), 1.0)
+        return table / np.maximum(table.sum(axis=1, keepdims=True), 1.0)
+
+    moved = [assign(random_rotations(data, rng, tilt_range=tilt_range)) for _ in range(int(copies))]
+    transfer = shares(np.concatenate(moved), np.tile(labels, int(copies)))
+    identity = np.broadcast_to(np.eye(3), (n, 3, 3))
+    control = shares(assign(random_rotations(data, rng, tilt_range=tilt_range, matrices=identity)), labels)
+    return transfer, control
+
+
+def orientation_groups(transfer, control, min_share=ORIENTATION_MIN_SHARE):
+    """Clusters to merge: a and b are one molecule seen in different orientations when turning the
+    members of each sends at least `min_share` more of them into the other than the unrotated control
+    does — in both directions (different molecules stay put however they are turned; the views of one
+    molecule cross over both ways). Returns a list of groups (sorted lists of cluster indices), one per
+    resulting cluster, ordered by their smallest member."""
+    k = len(transfer)
+    gain = np.asarray(transfer) - np.asarray(control)
+    parent = list(range(k))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a in range(k):
+        for b in range(a + 1, k):
+            if gain[a, b] >= min_share and gain[b, a] >= min_share:
+                parent[root(b)] = root(a)
+    groups = {}
+    for i in range(k):
+        groups.setdefault(root(i), []).append(i)
+    return sorted((sorted(g) for g in groups.values()), key=lambda g: g[0])
+
+
+# ------------------------------------------------------------------------------------- mixed clusters
+
+SPLIT_DIM = 2
+SPLIT_MIN_SEPARATION = 3.0
+SPLIT_MAX_DEPTH = 3
+SPLIT_MAX_CROSSING = 0.5
+
+
+def _standardised(x, mean, std):
+    return (np.asarray(x, dtype=np.float64) - mean) / std
+
+
+def split_cluster(features, options, seed=0, dim=SPLIT_DIM, min_separation=SPLIT_MIN_SEPARATION,
+                  min_size=10):
+    """Test whether one cluster's members form two groups; return (accepted, side (N,) 0/1, state, info).
+
+    features: (N, F) rotation-invariant features of the members (`spectral_features`). They are
+    standardised over the members — so that what varies inside this cluster, not between clusters, sets
+    the scale — and reduced by PCA to `dim` dimensions, where one and two full-covariance Gaussians are
+    fitted. The split is accepted when two components have the lower BIC, both sides hold at least
+    `min_size` members, and the two means lie at least `min_separation` apart in the Mahalanobis metric
+    of the pooled covariance. BIC alone is not enough: a two-component fit to one noisy, non-Gaussian
+    group can win by a little, with the means only ≈ 1–2.5 apart (Ashman's D; measured 3.1–4.6 on two
+    merged molecules, 2.7 on one molecule split by its orientation to the wedge at SNR 0.1, 1.3 for a
+    skewed single group — bench/README.md §2). `state` holds the standardisation,
+    PCA and two-component mixture as tensors (for the model file; `split_side` applies it).
+    """
+    x = np.asarray(features, dtype=np.float64)
+    info = {'members': int(len(x)), 'accepted': False}
+    if len(x) < 2 * min_size:
+        info['reason'] = 'too few members'
+        return False, None, None, info
+    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-8
+    z = _standardised(x, mean, std)
+    pca = PCA(n_components=int(min(dim, z.shape[1], len(z) - 1)), random_state=seed).fit(z)
+    p = pca.transform(z)
+    fits = []
+    for k in (1, 2):
+        gmm = _gmm(k, options, seed, 1e-4)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', ConvergenceWarning)
+            gmm.fit(p)
+        fits.append(gmm)
+    one, two = fits
+    side = two.predict(p)
+    pooled = np.einsum('k,kij->ij', two.weights_, two.covariances_)
+    delta = two.means_[1] - two.means_[0]
+    separation = float(np.sqrt(delta @ np.linalg.solve(pooled, delta)))
+    sizes = np.bincount(side, minlength=2)
+    info.update({'bic_one': float(one.bic(p)), 'bic_two': float(two.bic(p)), 'separation': separation,
+                 'sizes': sizes.tolist()})
+    if info['bic_two'] >= info['bic_one']:
+        info['reason'] = 'one Gaussian explains the members as well (BIC)'
+    elif separation < min_separation:
+        info['reason'] = f'the two groups are not separated (Mahalanobis {separation:.2f} < {min_separation:g})'
+    elif sizes.min() < min_size:
+        info['reason'] = f'one side would hold fewer than {min_size} members'
+    else:
+        info['accepted'] = True
+        state = mixture_state(pca, two, np.array([0, 1]))
+        state.update({'scale.mean': torch.from_numpy(mean), 'scale.std': torch.from_numpy(std)})
+        return True, side, state, info
+    return False, None, None, info
+
+
+def split_side(features, state):
+    """Posterior (N, 2) of the two sides of a stored split for members' spectral features."""
+    z = _standardised(features, state['scale.mean'].numpy(), state['scale.std'].numpy())
+    x = (z - state['pca.mean'].numpy()) @ state['pca.components'].numpy().T
+    return posterior(x, state)
+
+
+def split_crossing(stack, members, side, state, tilt_range, rng, copies=2):
+    """Whether a split is one molecule seen in two ranges of orientations: the members of each side are
+    rotated at random with the acquisition's missing wedge put back (`random_rotations`) and assigned
+    to a side again; the same with identity rotations is the control. Returns the share of rotated copies
+    that changed side, summed over the two sides, minus the same sum for the control. For one molecule
+    split by orientation a rotated copy lands on a side in proportion to that side's range of
+    orientations, so the shares sum to about 1; for two molecules they stay near 0 (measured 0.21–0.34
+    for merged molecules at SNR 0.01–0.03, 0.57–0.83 for orientation splits — bench/README.md §2)."""
+    stack = np.asarray(stack)
+    members = np.asarray(members)
+    side = np.asarray(side)
+
+    def moved(matrices):
+        q = split_side(spectral_features(random_rotations(stack[members], rng, tilt_range=tilt_range,
+                                                           matrices=matrices)), state)
+        new_side = (q[:, 1] > q[:, 0]).astype(int)
+        return sum(float(np.mean(new_side[side == s] != s)) for s in (0, 1))
+
+    turned = np.mean([moved(None) for _ in range(int(copies))])
+    control = moved(np.broadcast_to(np.eye(3), (len(members), 3, 3)))
+    return float(turned - control)
+
+
+def split_mixed(best, stack, opts, k_max, seed, say):
+    """Run `split_cluster` on every kept cluster, and again on the two sides of an accepted split (to
+    `SPLIT_MAX_DEPTH` levels, K at most k_max). An accepted split gives the second side a new label; the
+    node (parent label, child label, state) is stored in the model so that prediction replays the splits
+    in the same order. With the acquisition's tilt range (option `wedge_tilt`) a split must also pass
+    `split_crossing` (not one molecule split by its orientation to the wedge). Returns (updated best, one
+    info dict per test)."""
+    features = spectral_features(stack)
+    tilt_range = opts.get('wedge_tilt')
+    rng = np.random.default_rng(seed + 7919)
+    labels = best['labels'].copy()
+    prob = best['probabilities'].copy()
+    state = dict(best['state'])
+    k = int(best['k'])
+    tests, nodes = [], 0
+    queue = [(c, 0) for c in range(k)]
+    while queue:
+        c, depth = queue.pop(0)
+        if depth >= SPLIT_MAX_DEPTH or k >= k_max:
+            continue
+        members = np.flatnonzero(labels == c)
+        accepted, side, node_state, info = split_cluster(features[members], opts, seed,
+                                                         min_size=int(opts['min_per_cluster']))
+        info.update({'kind': 'split', 'cluster': int(c), 'depth': depth})
+        tests.append(info)
+        if accepted and tilt_range:
+            info['crossing'] = split_crossing(stack, members, side, node_state, tilt_range, rng)
+            if info['crossing'] >= SPLIT_MAX_CROSSING:
+                accepted = info['accepted'] = False
+                info['reason'] = (f"one molecule in two ranges of orientations (rotated members change side: "
+                                  f"{info['crossing']:.2f} ≥ {SPLIT_MAX_CROSSING:g})")
+        if not accepted:
+            continue
+        labels[members[side == 1]] = k
+        q = split_side(features, node_state)
+        prob = np.concatenate([prob, prob[:, c:c + 1] * q[:, 1:2]], axis=1)
+        prob[:, c] *= q[:, 0]
+        state.update({f'split.{nodes}.{key}': v for key, v in node_state.items()})
+        state[f'split.{nodes}.labels'] = torch.tensor([c, k], dtype=torch.int64)
+        info['child'] = k
+        say(f"split check: cluster {c} ({len(members)}) is two groups on spectral features "
+            f"(separation {info['separation']:.2f}, sizes {info['sizes']}) → clusters {c} and {k}")
+        queue += [(c, depth + 1), (k, depth + 1)]
+        k += 1
+        nodes += 1
+    if nodes == 0:
+        say('split check: no cluster is two groups on spectral features')
+        return best, tests
+    touched = sorted({t['cluster'] for t in tests if t['accepted']} | {t['child'] for t in tests if t['accepted']})
+    final_of, rejoins = _rejoin(features, labels, touched, opts, seed, say)
+    tests += rejoins
+    state['splitmap.final_of'] = torch.from_numpy(final_of)
+    labels, prob = _relabel(final_of, labels, prob)
+    best = dict(best, labels=labels, k=prob.shape[1], state=state, probabilities=prob)
+    return best, tests
+
+
+def _rejoin(features, labels, touched, opts, seed, say):
+    """Join again the pieces of one molecule that splits of different clusters left apart.
+
+    When two clusters each held part of the same molecule (mixed with a different one), the splits leave
+    that molecule in two clusters. Among the clusters the splits made or changed, a pair whose union
+    `split_cluster` does not split is one group; the closest such pair (lowest separation) is joined, and
+    the test repeated until no pair qualifies. Returns (final label of each label (int64 array, compact,
+    in order of first appearance), one info dict per tested pair)."""
+    groups = {c: [c] for c in touched}
+    tests = []
+    while True:
+        candidates = []
+        keys = sorted(groups)
+        for i, a in enumerate(keys):
+            for b in keys[i + 1:]:
+                members = np.flatnonzero(np.isin(labels, groups[a] + groups[b]))
+                split, _, _, info = split_cluster(features[members], opts, seed,
+                                                  min_size=int(opts['min_per_cluster']))
+                info = {'kind': 'rejoin', 'clusters': [int(a), int(b)], 'members': info['members'],
+                        'separation': info.get('separation'), 'one_group': not split,
+                        'joined': False}
+                tests.append(info)
+                if not split:
+                    candidates.append((info['separation'] if info['separation'] is not None else 0.0, a, b, info))
+        if not candidates:
+            break
+        _, a, b, info = min(candidates, key=lambda c: c[0])
+        info['joined'] = True
+        groups[a] += groups.pop(b)
+        say(f"split check: clusters {a} and {b} are one group on spectral features → joined")
+    n = int(labels.max()) + 1
+    root = np.arange(n)
+    for a, members in groups.items():
+        root[members] = a
+    _, final_of = np.unique(root, return_inverse=True)
+    return final_of.astype(np.int64), tests
+
+
+def _relabel(final_of, labels, prob):
+    """Labels and probability columns mapped through `final_of` (joined clusters' columns summed)."""
+    out = np.zeros((len(prob), int(final_of.max()) + 1))
+    np.add.at(out.T, final_of, prob.T)
+    return final_of[labels], out
+
+
+def apply_splits(stack, state, labels, prob):
+    """Replay the stored splits (`split_mixed`) on new subtomograms: labels follow the splits in order
+    (a member of the parent goes to the side its spectral features fall on); probabilities of the parent
+    are shared between the two sides by the split's posterior."""
+    n_nodes = len({key.split('.')[1] for key in state if key.startswith('split.')})
+    if n_nodes == 0:
+        return labels, prob
+    features = spectral_features(stack)
+    for i in range(n_nodes):
+        prefix = f'split.{i}.'
+        node = {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}
+        parent, child = (int(v) for v in node['labels'])
+        q = split_side(features, node)
+        labels = np.where((labels == parent) & (q[:, 1] > q[:, 0]), child, labels)
+        prob = np.concatenate([prob, prob[:, parent:parent + 1] * q[:, 1:2]], axis=1)
+        prob[:, parent] *= q[:, 0]
+    if 'splitmap.final_of' in state:
+        labels, prob = _relabel(state['splitmap.final_of'].numpy(), labels, prob)
+    return labels, prob
+
+
+
+def merge_orientations(best, data, arch, opts, rng, device, say):
+    """Merge the kept clusters that `orientation_groups` finds to be one molecule in different
+    orientations; returns (updated best, details for the model's meta)."""
+    net = yopo.build_features(arch)
+    net.load_state_dict({key[4:]: v for key, v in best['state'].items() if key.startswith('net.')})
+    net.to(device)
+    with yopo.DeterministicTorch(device):
+        transfer, control = orientation_transfer(data, net, best['state'], best['labels'], opts['wedge_tilt'],
+                                                 rng, device, max(opts['batch_size'], 64))
+    groups = orientation_groups(transfer, control, opts.get('orientation_min_share', ORIENTATION_MIN_SHARE))
+    info = {'tilt_range': float(opts['wedge_tilt']), 'transfer': np.round(transfer, 4).tolist(),
+            'control': np.round(control, 4).tolist(), 'groups': groups, 'k_before': int(best['k'])}
+    if len(groups) == best['k']:
+        say("orientation check: no two clusters are one molecule in different orientations")
+        return best, info
+    new_of_old = np.empty(best['k'], dtype=np.int64)
+    for j, g in enumerate(groups):
+        new_of_old[g] = j
+    state = dict(best['state'])
+    label_of = state['gmm.label_of_component'].numpy()
+    state['gmm.label_of_component'] = torch.from_numpy(
+        np.where(label_of >= 0, new_of_old[np.maximum(label_of, 0)], -1).astype(np.int64))
+    labels = new_of_old[best['labels']]
+    say(f"orientation check: merged {[g for g in groups if len(g) > 1]} (one molecule in different "
+        f"orientations) → K={len(groups)}")
+    best = dict(best, labels=labels, k=len(groups), state=state, probabilities=posterior(best['x'], state))
+    return best, info

@@ -1,0 +1,1 @@
+"""Tests of engine/disca (DoG candidates, extraction, DISCA)."""

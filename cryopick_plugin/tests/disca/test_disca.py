@@ -1,0 +1,554 @@
+"""DISCA engine: YOPO network properties, DDBI and label alignment, the EM clustering loop, model round trip,
+and the `cryopick disca` / `disca-predict` commands."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+from scipy.spatial.transform import Rotation
+
+from cryopick_plugin.engine.disca import baseline, checks, em, features, mixtures, model, yopo
+from cryopick_plugin.engine.errors import InputError
+from cryopick_plugin.engine.geometry import rotate_volume
+
+# Ten blocks as in the reference, but a handful of channels so that a whole run takes seconds on one core.
+TINY = {'widths': [4, 4, 6, 6, 8, 8, 10, 10, 12, 12], 'feature_dim': 64, 'box': None, 'dropout': 0.5,
+        'bn_momentum': 0.1, 'bn_eps': 1e-3}
+TINY_OPTIONS = {'pca_dim': 8, 'lr': 1e-3, 'batch_size': 8}
+
+
+def _shapes(box):
+    """Three shapes of similar size whose differences are local (thin rod, two balls, a thick ovoid)."""
+    z, y, x = np.indices((box,) * 3).astype(float) - (box - 1) / 2.0
+    rod = (x / 9.0) ** 2 + (y / 2.0) ** 2 + (z / 2.0) ** 2 <= 1
+    balls = ((x - 5.5) ** 2 + y ** 2 + z ** 2 <= 3.5 ** 2) | ((x + 5.5) ** 2 + y ** 2 + z ** 2 <= 3.5 ** 2)
+    ovoid = (x / 7.0) ** 2 + (y / 5.5) ** 2 + (z / 4.0) ** 2 <= 1
+    return [gaussian_filter(s.astype(np.float32), 0.7) for s in (rod, balls, ovoid)]
+
+
+def simulate(n_per_class, box=24, snr=1.5, seed=0):
+    """Noisy copies of the three shapes at uniformly random orientations; (stack, true classes)."""
+    rng = np.random.default_rng(seed)
+    stack, truth = [], []
+    for c, ref in enumerate(_shapes(box)):
+        for m in Rotation.random(n_per_class, random_state=rng).as_matrix():
+            stack.append(rotate_volume(ref, m, order=1))
+            truth.append(c)
+    stack = np.array(stack, dtype=np.float32)
+    signal_std = stack.reshape(len(stack), -1).std(axis=1).mean()
+    stack += rng.normal(0, signal_std / np.sqrt(snr), stack.shape).astype(np.float32)
+    order = rng.permutation(len(stack))
+    return stack[order], np.array(truth)[order]
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ------------------------------------------------------------------------------------------- network
+
+def test_network_layout_matches_reference():
+    net = yopo.build_features(yopo.make_arch('paper'))
+    assert [c.out_channels for c in net.convs] == [64, 80, 96, 112, 128, 144, 160, 176, 192, 208]
+    assert all(c.padding == (0, 0, 0) and c.kernel_size == (3, 3, 3) for c in net.convs)
+    assert net.norm_cat.num_features == 1360 and net.fc.out_features == 1024
+    assert net.norms[0].momentum == pytest.approx(0.01) and net.norms[0].eps == pytest.approx(1e-3)
+    # Orthogonal kernels (rows of the flattened first kernel are orthonormal) and zero biases.
+    w = net.convs[0].weight.detach().reshape(64, -1)
+    assert torch.allclose(w.T @ w, torch.eye(27), atol=1e-5)
+    assert all(float(c.bias.detach().abs().max()) == 0 for c in net.convs)
+    cpu = yopo.make_arch('cpu')
+    assert cpu['box'] == 24 and sum(cpu['widths']) * 4 == sum(yopo.make_arch('paper')['widths'])
+
+
+def _randomised_net(seed=0):
+    torch.manual_seed(seed)
+    net = yopo.build_features(dict(TINY, widths=[3] * 10, feature_dim=16))
+    # Non-trivial batch-norm statistics and affine terms, so that eval mode is not the identity.
+    with torch.no_grad():
+        for bn in list(net.norms) + [net.norm_cat]:
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.3, 0.3)
+    return net.eval()
+
+
+def test_stack_follows_a_shift_and_max_pooling_ignores_it():
+    box = 48
+    net = _randomised_net()
+    a = torch.zeros(1, 1, box, box, box)
+    b = torch.zeros(1, 1, box, box, box)
+    blob = torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(1)) + 0.5
+    # Blob centres 22 and 25 (per axis, shifts 3, 2, 1) keep the response of all ten layers inside the
+    # valid region, whose layer-l outputs cover input voxels l .. box-1-l.
+    a[0, 0, 21:24, 21:24, 21:24] = blob
+    b[0, 0, 24:27, 23:26, 22:25] = blob
+    with torch.no_grad():
+        first_a = net.norms[0](torch.nn.functional.elu(net.convs[0](a)))
+        first_b = net.norms[0](torch.nn.functional.elu(net.convs[0](b)))
+        # Valid convolution: output voxel i sees input voxels i..i+2, so the map moves with the blob.
+        assert torch.allclose(first_b[..., 3:, 2:, 1:], first_a[..., :-3, :-2, :-1], atol=1e-5)
+        fa, fb = net(a), net(b)
+        pooled_a, pooled_b = net.stack(a), net.stack(b)
+    for pa, pb in zip(pooled_a, pooled_b):
+        assert torch.allclose(pa, pb, atol=1e-5)
+    assert torch.allclose(fa, fb, atol=1e-4)
+    # The features do see the blob: a different blob gives other features.
+    c = a.clone()
+    c[0, 0, 21:24, 21:24, 21:24] = blob.flip(0) * 2
+    with torch.no_grad():
+        assert float((net(c) - fa).abs().max()) > 1e-3
+
+
+def test_gaussian_dropout_only_in_training():
+    drop = yopo.GaussianDropout(0.5)
+    x = torch.ones(20000)
+    drop.train()
+    y = drop(x)
+    assert abs(float(y.mean()) - 1) < 0.05 and abs(float(y.std()) - 1) < 0.05  # σ² = 0.5 / 0.5
+    drop.eval()
+    assert torch.equal(drop(x), x)
+
+
+def test_categorical_hinge_matches_its_definition():
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
+    t = torch.tensor([[1.0, 0, 0], [1.0, 0, 0]])
+    # max(0, 1 + max wrong − true): 1 + 0.2 − 0.7 = 0.5; 1 + 0.6 − 0.1 = 1.5
+    assert float(yopo.categorical_hinge(p, t)) == pytest.approx(1.0)
+
+
+def test_binning_keeps_low_frequencies_and_rejects_small_boxes():
+    z, y, x = np.indices((32, 32, 32))
+    wave = (np.cos(2 * np.pi * 2 * x / 32) + 3.0).astype(np.float32)[None]
+    binned = yopo.bin_stack(wave, 24)
+    zz, yy, xx = np.indices((24, 24, 24))
+    assert binned.shape == (1, 24, 24, 24)
+    assert np.allclose(binned[0], np.cos(2 * np.pi * 2 * xx / 24) + 3.0, atol=1e-4)
+    with pytest.raises(InputError, match='too small'):
+        yopo.prepare_stack(np.random.default_rng(0).normal(size=(3, 20, 20, 20)), yopo.make_arch('cpu'))
+    with pytest.raises(InputError, match='NaN'):
+        yopo.prepare_stack(np.full((3, 24, 24, 24), np.nan), yopo.make_arch('cpu'))
+
+
+# --------------------------------------------------------------------------------------- metrics
+
+def test_ddbi_by_hand():
+    # Two 1-D clusters {-1, 1} and {9, 11}: variance 2 each; T = mean(x²/2) = 0.5; D = 10²/2 = 50 each way.
+    f = np.array([[-1.0], [1.0], [9.0], [11.0]])
+    assert mixtures.ddbi(f, np.array([0, 0, 1, 1]), reg_covar=0.0) == pytest.approx(1.0 / 100.0)
+    # Label numbers do not matter; closer clusters score worse; one cluster is undefined (inf).
+    assert mixtures.ddbi(f, np.array([1, 1, 0, 0]), reg_covar=0.0) == pytest.approx(0.01)
+    g = np.array([[-1.0], [1.0], [2.0], [4.0]])
+    assert mixtures.ddbi(g, np.array([0, 0, 1, 1]), reg_covar=0.0) > 0.1
+    assert mixtures.ddbi(f, np.zeros(4, int)) == float('inf')
+
+
+def test_ddbi_prefers_the_true_partition():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0, 0, 0], [6, 0, 0], [0, 6, 0]], float)
+    truth = np.repeat(np.arange(3), 40)
+    f = centres[truth] + rng.normal(size=(120, 3))
+    shuffled = rng.permutation(truth)
+    assert mixtures.ddbi(f, truth) < 0.3 < mixtures.ddbi(f, shuffled)
+
+
+def test_align_labels():
+    ref = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    perm = np.array([2, 2, 2, 0, 0, 1, 1, 1, 1])
+    aligned = mixtures.align_labels(ref, perm)
+    assert aligned.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    # More clusters than the reference: the unmatched one gets a new number.
+    four = np.array([3, 3, 3, 1, 1, 1, 0, 0, 2])
+    assert mixtures.align_labels(ref, four).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3]
+    scores = mixtures.clustering_scores(ref, perm)
+    assert scores['accuracy'] == pytest.approx(8 / 9) and scores['k'] == 3
+
+
+def test_candidate_ks_capped_or_refused():
+    assert mixtures.candidate_ks(1000, (2, 20)) == list(range(2, 21))
+    assert mixtures.candidate_ks(55, (2, 20)) == [2, 3, 4, 5]
+    with pytest.raises(InputError, match='too few'):
+        mixtures.candidate_ks(15, (2, 20))
+
+
+def test_mixtures_separate_clusters_where_random_starts_stall():
+    rng = np.random.default_rng(0)
+    truth = np.repeat([0, 1], 500)
+    x = rng.normal(0, 1, (1000, 2)) + np.where(truth[:, None] == 1, [8.0, 0.0], [0.0, 0.0])
+    for preset in ('cpu', 'paper'):
+        labels, gmm, _, bics = mixtures.fit_mixtures(x, [1, 2, 3, 4], dict(em.TRAINING[preset]), 0)
+        assert gmm.n_components == 2 and min(bics, key=bics.get) == 2
+        assert mixtures.clustering_scores(truth, labels)['homogeneity'] == 1.0
+    # The reference's random responsibilities put every component at the global mean; EM stops on that
+    # saddle and BIC then sees no gain in a second component, even 8 σ apart.
+    labels, gmm, _, _ = mixtures.fit_mixtures(x, [1, 2, 3, 4], dict(em.TRAINING['paper'], gmm_init='random'), 0)
+    assert labels.max() == 0
+    with pytest.raises(InputError, match='gmm_init'):
+        em.disca_cluster(np.zeros((30, 24, 24, 24), np.float32), options={'gmm_init': 'spectral'})
+
+
+def test_random_rotations_fill_corners_with_noise():
+    rng = np.random.default_rng(0)
+    stack = rng.normal(2.0, 0.5, size=(4, 21, 21, 21)).astype(np.float32)
+    out = features.random_rotations(stack, rng)
+    assert out.shape == stack.shape
+    # No blank corners: every corner voxel is noise of the subtomogram's own level.
+    assert np.abs(out).min() > 0 and abs(float(out[:, 0, 0, 0].mean()) - 2.0) < 1.0
+    assert not np.allclose(out, stack)
+
+
+def test_random_rotations_can_put_the_acquisition_wedge_back():
+    from cryopick_plugin.engine.geometry import wedge_mask
+    from cryopick_plugin.engine.sim.subtomograms import simulate_subtomograms
+    # real-looking subtomograms: their wedge about Y (±50°) is where the microscope left it
+    sim = simulate_subtomograms(classes=['two_lobe', 'rod'], n_per_class=3, box=24, snr=1.0, tilt_range=50.0, seed=1,
+                                synthetic=True)
+    stack = sim.stack
+    wedge = wedge_mask(stack.shape[1:], 50.0)
+
+    def missing_power(v):
+        f = np.abs(np.fft.fftn(v)) ** 2
+        return float(f[~wedge].sum() / f.sum())
+
+    assert max(missing_power(v) for v in stack) < 1e-6
+    plain = features.random_rotations(stack, np.random.default_rng(0))
+    rewedged = features.random_rotations(stack, np.random.default_rng(0), tilt_range=50.0)
+    # a plain rotation turns the wedge away from Z, so power appears where no real subtomogram has any
+    assert min(missing_power(v) for v in plain) > 0.05
+    assert max(missing_power(v) for v in rewedged) < 1e-6
+    # the same rotation otherwise, and each copy keeps its subtomogram's mean and spread
+    assert all(np.corrcoef(p.ravel(), r.ravel())[0, 1] > 0.6 for p, r in zip(plain, rewedged))
+    np.testing.assert_allclose(rewedged.mean(axis=(1, 2, 3)), stack.mean(axis=(1, 2, 3)), atol=1e-4)
+    np.testing.assert_allclose(rewedged.std(axis=(1, 2, 3)), stack.std(axis=(1, 2, 3)), rtol=1e-3)
+    with pytest.raises(InputError, match='between 0 and 90'):
+        features.random_rotations(stack, np.random.default_rng(0), tilt_range=95.0)
+
+
+# ------------------------------------------------------------------------------------- clustering
+
+@pytest.fixture(scope='module')
+def clustered():
+    # At SNR 3 one CPU's arithmetic (Intel AMX, one thread) split a class by orientation at the kept
+    # iteration (K 4) where another's did not; at SNR 4 seeds 0 and 1 give K 3, V-measure 1.0 with one
+    # and two threads, and raw-voxel PCA + GMM still fails (V 0.57–0.61).
+    stack, truth = simulate(50, box=24, snr=4.0, seed=0)
+    result = em.disca_cluster(stack, preset='cpu', k_range=(2, 6), max_iter=6, seed=0, device='cpu',
+                              arch=TINY, options=TINY_OPTIONS)
+    return stack, truth, result
+
+
+def test_disca_finds_k_and_beats_raw_voxel_baseline(clustered):
+    stack, truth, result = clustered
+    ours = mixtures.clustering_scores(truth, result.labels)
+    base_labels, _ = baseline.baseline_cluster(stack, (2, 6), seed=0, features='raw', pca_dim=8)
+    base = mixtures.clustering_scores(truth, base_labels)
+    assert result.k == 3
+    assert ours['v_measure'] > 0.9 and ours['accuracy'] > 0.9
+    assert base['v_measure'] < 0.75
+    assert ours['v_measure'] - base['v_measure'] > 0.25
+
+
+def test_result_contents(clustered):
+    stack, truth, result = clustered
+    n = len(stack)
+    assert result.labels.shape == (n,) and result.labels.min() == 0 and result.labels.max() == result.k - 1
+    assert result.probabilities.shape == (n, result.k)
+    assert np.allclose(result.probabilities.sum(axis=1), 1)
+    assert np.array_equal(result.probabilities.argmax(axis=1), result.labels)
+    assert result.features.shape == (n, TINY['feature_dim'])
+    assert len(result.embeddings) == len(result.history) == len(result.iteration_labels)
+    assert all(e.shape == (n, 2) for e in result.embeddings)
+    kept = result.history[result.best_iteration]
+    assert kept['ddbi'] == min(h['ddbi'] for h in result.history[1:])
+    for h in result.history:
+        assert set(h) >= {'k', 'bic', 'ddbi', 'changed', 'loss', 'time_s'}
+        assert h['bic'] == min(h['bic_by_k'].values())
+
+
+def test_network_trained_and_head_rebuilt_when_k_changes(clustered):
+    _, _, result = clustered
+    torch.manual_seed(0)
+    initial = yopo.build_features(TINY).state_dict()
+    trained = {k[4:]: v for k, v in result.model_state.items() if k.startswith('net.')}
+    assert trained.keys() == initial.keys()
+    assert any(not torch.allclose(initial[k].float(), trained[k].float()) for k in initial if 'conv' in k)
+    trained_iters = [h for h in result.history if h['loss'] is not None]
+    assert trained_iters
+    previous_k = None
+    for h in trained_iters:
+        assert h['head_k'] == h['k']  # a head with the current number of outputs was trained
+        assert h['head_rebuilt'] == (h['k'] != previous_k)
+        previous_k = h['k']
+    assert trained_iters[0]['head_rebuilt']
+
+
+def test_reproducible_with_a_seed():
+    stack, _ = simulate(10, box=21, snr=1.0, seed=3)
+    runs = [em.disca_cluster(stack, k_range=(2, 3), max_iter=2, seed=5, device='cpu', arch=TINY,
+                                options=TINY_OPTIONS) for _ in range(2)]
+    assert np.array_equal(runs[0].labels, runs[1].labels)
+    assert np.allclose(runs[0].features, runs[1].features)
+    assert runs[0].history[0]['loss'] == runs[1].history[0]['loss']
+
+
+def test_save_and_predict_give_the_training_labels(clustered, tmp_path):
+    stack, _, result = clustered
+    path = tmp_path / 'disca_model.pt'
+    model.save_disca_model(path, result, {'voxel_size': 10.0})
+    labels, prob = model.disca_predict(stack, path, device='cpu')
+    assert np.mean(labels == result.labels) > 0.98
+    assert prob.shape == (len(stack), result.k)
+    info = json.loads((tmp_path / 'disca_model.pt.json').read_text())
+    assert info['method'] == 'disca' and info['meta']['k'] == result.k and info['meta']['voxel_size'] == 10.0
+    with pytest.raises(InputError, match='trained on 24'):
+        model.disca_predict(stack[:, :21, :21, :21], path, device='cpu')
+
+
+# ---------------------------------------------------------------------------------------- commands
+
+def _write_star(folder, stack, name='subtomos.star'):
+    import pandas as pd
+    from cryopick_plugin.engine.io.mrc import write_mrc
+    from cryopick_plugin.engine.io.star import write_star
+    os.makedirs(folder / 'sub', exist_ok=True)
+    rows = []
+    for i, v in enumerate(stack):
+        write_mrc(folder / 'sub' / f'p{i:03d}.mrc', v, 10.0)
+        rows.append({'rlnTomoName': 'tomo1', 'rlnCoordinateX': 10.0 + i, 'rlnCoordinateY': 20.0,
+                     'rlnCoordinateZ': 30.0, 'rlnImageName': f'sub/p{i:03d}.mrc'})
+    write_star(folder / name, {'particles': pd.DataFrame(rows)})
+    return folder / name
+
+
+def test_commands_end_to_end(tmp_path):
+    from cryopick_plugin.commands import main
+    from cryopick_plugin.engine.io.star import read_star_blocks
+    stack, _ = simulate(8, box=24, snr=2.0, seed=1)
+    star = _write_star(tmp_path, stack)
+    out = tmp_path / 'run'
+    # One iteration of the 'cpu' network: features of the untrained network, clustering, outputs.
+    assert main(['disca', str(star), '--out', str(out), '--max-iter', '1', '--k-max', '3',
+                 '--device', 'cpu']) == 0
+    for name in ('disca_model.pt', 'disca_model.pt.json', 'labels.star', 'history.json', 'embeddings.npz'):
+        assert (out / name).exists(), name
+    table = next(iter(read_star_blocks(out / 'labels.star').values()))
+    assert len(table) == len(stack) and table['rlnImageName'].tolist()[0] == 'sub/p000.mrc'
+    k = int(table['rlnClassNumber'].max())
+    assert table['rlnClassNumber'].min() == 1 and 2 <= k <= 3
+    assert ((table['rlnAutopickFigureOfMerit'] > 0) & (table['rlnAutopickFigureOfMerit'] <= 1)).all()
+    history = json.loads((out / 'history.json').read_text())
+    assert history['k'] == k and len(history['iterations']) == 1
+    assert [a['aligned'] for a in history['class_averages']] == [False] * k
+    assert sum(a['size'] for a in history['class_averages']) == len(stack)
+    assert all((out / f'class_{c:03d}_average.mrc').exists() for c in range(1, k + 1))
+    emb = np.load(out / 'embeddings.npz')
+    assert emb['embeddings'].shape == (1, len(stack), 2)
+
+    assert 'split_check' in history['meta']        # on by default (no test here once K reaches --k-max)
+    assert main(['disca', str(star), '--out', str(tmp_path / 'nosplit'), '--max-iter', '1', '--k-max', '3',
+                 '--device', 'cpu', '--no-split-check']) == 0
+    assert 'split_check' not in json.loads((tmp_path / 'nosplit' / 'history.json').read_text())['meta']
+
+    predicted = tmp_path / 'predicted.star'
+    assert main(['disca-predict', str(star), '--model', str(out / 'disca_model.pt'), '--out', str(predicted),
+                 '--device', 'cpu']) == 0
+    again = next(iter(read_star_blocks(predicted).values()))
+    assert np.mean(again['rlnClassNumber'].to_numpy() == table['rlnClassNumber'].to_numpy()) > 0.95
+
+
+def test_commands_reject_bad_input(tmp_path, capsys):
+    from cryopick_plugin.commands import main
+    from cryopick_plugin.engine.io.mrc import write_mrc
+    stack, _ = simulate(8, box=24, snr=2.0, seed=1)
+    star = _write_star(tmp_path, stack)
+    write_mrc(tmp_path / 'sub' / 'p005.mrc', stack[5, :22, :22, :22], 10.0)  # one box of another size
+    assert main(['disca', str(star), '--out', str(tmp_path / 'run')]) == 2
+    err = capsys.readouterr().err
+    assert 'p005.mrc' in err and 'box' in err
+    small = _write_star(tmp_path / 'few', stack[:12])
+    assert main(['disca', str(small), '--out', str(tmp_path / 'run2'), '--k-min', '2']) == 2
+    assert 'too few' in capsys.readouterr().err
+    assert not (tmp_path / 'run2' / 'labels.star').exists()
+    assert main(['disca', str(small), '--out', str(tmp_path / 'run3'), '--wedge-tilt', '95']) == 2
+    assert '--wedge-tilt' in capsys.readouterr().err
+    assert not (tmp_path / 'run3').exists()
+    assert main(['disca', str(small), '--out', str(tmp_path / 'run4'), '--refine-iter', '-1']) == 2
+    assert '--refine-iter' in capsys.readouterr().err
+    assert not (tmp_path / 'run4').exists()
+
+
+def test_bic_dimension_grows_with_the_data():
+    from cryopick_plugin.engine.disca.mixtures import SAMPLES_PER_PARAMETER, bic_dim
+
+    def params(d):
+        return d + d * (d + 1) // 2 + 1
+
+    dims = [bic_dim(n) for n in (100, 300, 1000, 2000, 5000, 20000)]
+    assert dims == sorted(dims) and dims[2] == 6 and dims[-1] > 16
+    for n in (300, 1000, 5000):
+        d = bic_dim(n)
+        assert params(d) * SAMPLES_PER_PARAMETER <= n < params(d + 1) * SAMPLES_PER_PARAMETER
+
+
+# ------------------------------------------------------------------------- orientation-split clusters
+
+def test_orientation_groups_need_a_crossing_in_both_directions_beyond_the_control():
+    control = np.diag([0.95, 0.9, 0.95, 0.97]) + 0.02
+    transfer = control.copy()
+    transfer[0, 1], transfer[1, 0] = 0.55, 0.30   # 0 and 1: one molecule's end-on and side-on views
+    transfer[2, 3] = 0.40                          # 2 → 3 only: not the same molecule
+    assert checks.orientation_groups(transfer, control) == [[0, 1], [2], [3]]
+    assert checks.orientation_groups(control, control) == [[0], [1], [2], [3]]
+    transfer[3, 2] = 0.2                           # now both ways: a chain 0-1, 2-3
+    assert checks.orientation_groups(transfer, control) == [[0, 1], [2, 3]]
+    # a crossing that the unrotated control shows as well is noise, not orientation
+    assert checks.orientation_groups(transfer, transfer) == [[0], [1], [2], [3]]
+
+
+def test_orientation_check_joins_a_molecule_split_by_the_wedge_and_keeps_others_apart():
+    from cryopick_plugin.engine.sim.subtomograms import simulate_subtomograms
+    sim = simulate_subtomograms(classes=['two_lobe', 'rod'], n_per_class=40, box=24, snr=2.0, tilt_range=60.0,
+                                seed=3, synthetic=True)
+    result = em.disca_cluster(sim.stack, preset='cpu', k_range=(2, 4), max_iter=4, seed=0, device='cpu',
+                                 arch=TINY, options=dict(TINY_OPTIONS, wedge_tilt=60.0))
+    info = result.meta['orientation_merge']
+    transfer, control = np.array(info['transfer']), np.array(info['control'])
+    assert transfer.shape == control.shape == (info['k_before'],) * 2
+    np.testing.assert_allclose(transfer.sum(axis=1), 1.0)
+    np.testing.assert_allclose(control.sum(axis=1), 1.0)
+    assert np.diag(control).min() > 0.6     # unrotated copies mostly keep their cluster
+    assert result.k == len(info['groups']) == result.probabilities.shape[1]
+    assert np.array_equal(result.probabilities.argmax(axis=1), result.labels)
+    # Here the clustering split one molecule by its orientation to the wedge (K 3: 31 + 9 and 40); the
+    # check joins the two halves and keeps the other molecule apart.
+    scores = mixtures.clustering_scores(sim.labels, result.labels)
+    assert result.k == 2 and scores['homogeneity'] == 1.0 and scores['completeness'] == 1.0
+    assert info['k_before'] >= result.k
+    # without the tilt range there is nothing to check against
+    plain = em.disca_cluster(sim.stack, preset='cpu', k_range=(2, 4), max_iter=2, seed=0, device='cpu',
+                                arch=TINY, options=TINY_OPTIONS)
+    assert 'orientation_merge' not in plain.meta
+
+
+# ------------------------------------------------------------------------------------- split check
+
+def test_split_cluster_needs_bic_and_a_clear_separation():
+    rng = np.random.default_rng(0)
+    options = em.TRAINING['cpu']
+    accepted, side, state, info = checks.split_cluster(
+        np.concatenate([rng.normal(size=(100, 10)), rng.normal(size=(100, 10)) + 2.0]), options)
+    assert accepted and info['separation'] > checks.SPLIT_MIN_SEPARATION
+    assert mixtures.clustering_scores(np.repeat([0, 1], 100), side)['v_measure'] > 0.9
+    # the stored split sends the members to the same sides
+    q = checks.split_side(np.concatenate([rng.normal(size=(5, 10)), rng.normal(size=(5, 10)) + 2.0]), state)
+    assert q.shape == (10, 2) and np.allclose(q.sum(axis=1), 1)
+    for kind, x in (('gaussian', rng.normal(size=(200, 10))), ('uniform', rng.uniform(size=(200, 10)))):
+        accepted, side, state, info = checks.split_cluster(x, options)
+        assert not accepted and side is None and state is None, kind
+    # skewed: two Gaussians fit it better (BIC), but they are not two groups
+    accepted, _, _, info = checks.split_cluster(rng.lognormal(size=(200, 10)), options)
+    assert not accepted and info['bic_two'] < info['bic_one'] and 'not separated' in info['reason']
+    accepted, _, _, info = checks.split_cluster(rng.normal(size=(15, 10)), options)
+    assert not accepted and info['reason'] == 'too few members'
+
+
+def test_split_check_separates_merged_molecules_and_prediction_replays_it(clustered, tmp_path):
+    """The three shapes merged into one cluster (as a self-trained network can entrench at low SNR): the
+    split check finds the three molecules again, and a saved model assigns the same clusters."""
+    import dataclasses
+    stack, truth, result = clustered
+    assert not any(t.get('accepted') for t in result.meta['split_check'])   # three pure clusters stay
+    state = dict(result.model_state)
+    label_of = state['gmm.label_of_component'].numpy()
+    state['gmm.label_of_component'] = torch.from_numpy(np.where(label_of >= 0, 0, -1).astype(np.int64))
+    merged = {'labels': np.zeros(len(stack), int), 'k': 1, 'state': state,
+              'probabilities': mixtures.posterior(result.features_pca, state)}
+    best, tests = checks.split_mixed(merged, stack, dict(result.options), 6, 0, lambda line: None)
+    assert best['k'] == 3 and sum(t.get('accepted', False) for t in tests) == 2
+    assert mixtures.clustering_scores(truth, best['labels'])['v_measure'] == 1.0
+    assert best['probabilities'].shape == (len(stack), 3)
+    np.testing.assert_allclose(best['probabilities'].sum(axis=1), 1.0)
+    split = dataclasses.replace(result, labels=best['labels'], k=3, probabilities=best['probabilities'],
+                                model_state=best['state'])
+    path = tmp_path / 'split_model.pt'
+    model.save_disca_model(path, split)
+    labels, prob = model.disca_predict(stack, path, device='cpu')
+    assert np.array_equal(labels, best['labels'])
+    np.testing.assert_allclose(prob, best['probabilities'], atol=1e-9)
+
+
+def test_split_check_refuses_one_molecule_split_by_its_orientation_to_the_wedge():
+    from cryopick_plugin.engine.sim.subtomograms import simulate_subtomograms
+    sim = simulate_subtomograms(classes=['two_lobe', 'rod'], n_per_class=40, box=24, snr=2.0, tilt_range=60.0,
+                                seed=3, synthetic=True)
+    members = np.flatnonzero(sim.labels == 0)
+    # One molecule, but the wedge cuts its spectrum differently in different orientations: two groups.
+    accepted, side, state, info = checks.split_cluster(features.spectral_features(sim.stack[members]),
+                                                      em.TRAINING['cpu'])
+    assert accepted
+    # Turned at random (wedge put back), its members change side; unrotated copies do not.
+    crossing = checks.split_crossing(sim.stack, members, side, state, 60.0, np.random.default_rng(0))
+    assert crossing >= checks.SPLIT_MAX_CROSSING
+
+
+def test_split_check_joins_the_pieces_of_a_molecule_that_two_clusters_shared(clustered):
+    """Rod + half of the ovoids in one cluster, balls + the other half in another: each is split, and the
+    two ovoid halves, one group on spectral features, are joined again — K 3, every molecule whole."""
+    stack, truth, result = clustered
+    ovoids = np.flatnonzero(truth == 2)
+    kept = np.where(truth == 0, 0, 1)
+    kept[ovoids[:len(ovoids) // 2]] = 0
+    merged = {'labels': kept, 'k': 2, 'state': {}, 'probabilities': np.eye(2)[kept]}
+    best, tests = checks.split_mixed(merged, stack, dict(result.options), 6, 0, lambda line: None)
+    assert sum(t.get('accepted', False) for t in tests) == 2
+    assert [t['clusters'] for t in tests if t.get('joined')] and best['k'] == 3
+    assert mixtures.clustering_scores(truth, best['labels'])['v_measure'] == 1.0
+    np.testing.assert_allclose(best['probabilities'].sum(axis=1), 1.0)
+    assert np.array_equal(best['probabilities'].argmax(axis=1), best['labels'])
+    # prediction replays the splits and the join
+    labels, prob = checks.apply_splits(stack, best['state'], kept, np.eye(2)[kept])
+    assert np.array_equal(labels, best['labels'])
+
+
+def test_refinement_retrains_the_network_on_the_split_clusters(monkeypatch, tmp_path):
+    """The EM loop is held to K 2 (three molecules, two merged — what self-training entrenches at low SNR);
+    the split check separates them, the refinement trains the network on the three clusters and its EM
+    iterations find K 3 in the network's own features, and a saved model predicts that clustering."""
+    stack, truth = simulate(50, box=24, snr=4.0, seed=0)
+    real_fit, real_split = mixtures.fit_mixtures, checks.split_mixed
+    checked = []
+
+    def fit_held_to_two(x, ks, *args, **kwargs):
+        return real_fit(x, ks if checked else [2], *args, **kwargs)
+
+    def split_and_release(*args, **kwargs):
+        checked.append(True)
+        return real_split(*args, **kwargs)
+
+    monkeypatch.setattr(em, 'fit_mixtures', fit_held_to_two)
+    monkeypatch.setattr(checks, 'split_mixed', split_and_release)
+    result = em.disca_cluster(stack, preset='cpu', k_range=(2, 6), max_iter=6, seed=0, device='cpu',
+                              arch=TINY, options=dict(TINY_OPTIONS, refine_iter=5))
+    refine = result.meta['refine']
+    assert refine['k_split'] == 3 and refine['kept']
+    assert mixtures.clustering_scores(truth, result.unrefined_labels)['v_measure'] == 1.0
+    phases = [h['phase'] for h in result.history]
+    first = phases.index('refine')
+    assert first == refine['first_iteration'] and all(p == 'cluster' for p in phases[:first])
+    assert all(h['k'] == 2 for h in result.history[:first])
+    # the network learnt the split: a refinement iteration after the first is kept, with K 3 by BIC
+    assert result.best_iteration > first and result.history[result.best_iteration]['k'] == 3
+    assert refine['ddbi_refined'] < refine['ddbi_split']
+    assert result.k == 3 and mixtures.clustering_scores(truth, result.labels)['v_measure'] == 1.0
+    assert not any(t.get('accepted') for t in result.meta['split_check'])   # nothing left to split
+    path = tmp_path / 'refined.pt'
+    model.save_disca_model(path, result)
+    labels, _ = model.disca_predict(stack, path, device='cpu')
+    assert np.array_equal(labels, result.labels)

@@ -1,0 +1,1 @@
+"""Tests of engine/pick3d (DeepETPicker)."""

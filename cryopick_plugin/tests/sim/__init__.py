@@ -1,0 +1,1 @@
+"""Tests of engine/sim (the simulators)."""
