@@ -7,6 +7,7 @@ it is complete, so an interrupted run never leaves a half-written MRC behind.
 """
 import contextlib
 import os
+import stat
 import tempfile
 import warnings
 
@@ -122,9 +123,36 @@ def open_checked(path, ndim=3):
     return data, voxel, stats
 
 
+def current_umask():
+    """The process's file-mode creation mask, read without changing it where the system allows."""
+    try:
+        # Linux ≥ 4.7 reports it; setting and restoring os.umask would race with other threads' files.
+        with open('/proc/self/status') as fh:
+            for line in fh:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def final_mode(path):
+    """The permissions a plain open(path, 'w') would leave: those of an existing file, else 0666 & ~umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix=''):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The file gets the permissions a plain open() would have given it (see `final_mode`): mkstemp creates
+    it 0600, which would hide every output from the colleagues sharing a Scipion project.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -133,6 +161,7 @@ def atomic_path(path, suffix=''):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, final_mode(path))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -115,3 +115,27 @@ def test_empty_coordinate_table_keeps_its_columns(tmp_path):
     for micrograph, cols in ((False, [star.TOMO, star.X, star.Y, star.Z]), (True, [star.MIC, star.X, star.Y])):
         table = star.coordinates_frame(np.zeros((0,)), 'v', scores=[], micrograph=micrograph)
         assert len(table) == 0 and all(c in table.columns for c in cols)
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o027, 0o002])
+def test_atomic_writes_leave_the_permissions_a_plain_open_gives(tmp_path, umask):
+    # mkstemp makes 0600 files; outputs shared in a Scipion project must be readable by the group.
+    old = os.umask(umask)
+    try:
+        assert mrc.current_umask() == umask
+        with open(tmp_path / 'plain.txt', 'w') as fh:
+            fh.write('x')
+        expected = os.stat(tmp_path / 'plain.txt').st_mode & 0o777
+        assert expected == 0o666 & ~umask
+        mrc.write_mrc(tmp_path / 'v.mrc', np.zeros((3, 4, 5), np.float32))
+        star.write_coordinates(tmp_path / 'c.star', star.coordinates_frame(np.ones((2, 3))))
+        with mrc.new_volume(tmp_path / 'n.mrc', (2, 3, 4)) as data:
+            data[:] = 1
+        for name in ('v.mrc', 'c.star', 'n.mrc'):
+            assert os.stat(tmp_path / name).st_mode & 0o777 == expected, name
+        # overwriting keeps the mode the file already had, as open(path, 'w') would
+        os.chmod(tmp_path / 'c.star', 0o640)
+        star.write_coordinates(tmp_path / 'c.star', star.coordinates_frame(np.ones((3, 3))))
+        assert os.stat(tmp_path / 'c.star').st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
