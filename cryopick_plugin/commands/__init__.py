@@ -51,6 +51,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format='%(asctime)s %(name)s %(levelname)s: %(message)s', stream=sys.stderr)
     try:
+        if getattr(args, 'threads', None) is not None:
+            apply_threads(args.threads)
         result = args.func(args)
     except InputError as exc:
         return _fail(args.command, str(exc))
@@ -62,6 +64,41 @@ def main(argv=None):
         return _fail(args.command, f'{where}: cannot write ({os.strerror(exc.errno)}); nothing was written, '
                                    f'free some space and run again')
     return int(result or 0)
+
+
+def add_threads_arg(parser):
+    """The --threads option of every command that computes (networks, filters, clustering)."""
+    parser.add_argument('--threads', type=int, default=None, metavar='N',
+                        help='CPU threads for torch, BLAS and OpenCV (default: what torch chooses, usually '
+                             'one per core; set it when sharing a machine or a queue slot)')
+
+
+def apply_threads(n, what='--threads'):
+    """Limit torch, the BLAS libraries numpy/scipy loaded (threadpoolctl) and OpenCV to `n` threads.
+
+    The environment variables are set too, for libraries loaded later and for child processes; the
+    libraries already loaded ignore them, hence the explicit calls.
+    """
+    if n is None:
+        return None
+    n = int(n)
+    if n < 1:
+        raise InputError(what, f"must be at least 1, got {n}")
+    for var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS'):
+        os.environ[var] = str(n)
+    import torch
+    torch.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(n)
+    except ImportError:
+        pass
+    try:
+        import cv2
+        cv2.setNumThreads(n)
+    except ImportError:
+        pass
+    return n
 
 
 # Disk full, file-size limit reached, quota exceeded.

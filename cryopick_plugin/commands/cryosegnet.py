@@ -22,6 +22,7 @@ import time
 from ..engine.pick2d.cryosegnet import picker as cryosegnet
 from ..engine.io import star
 from ..engine.errors import InputError
+from . import add_threads_arg
 from ..engine.pick2d.micrograph_io import EDGE_MARGIN
 from ..engine.settings import SAM_CHECKPOINT_VAR
 
@@ -52,6 +53,7 @@ def add_args(parser):
                              "dropped (default 0.5: the particle is cut by the edge; 0 keeps every pick)")
     parser.add_argument('--save-maps', action='store_true', help='also write the probability maps (MRC)')
     parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N')
+    add_threads_arg(parser)
 
 
 def main(args):

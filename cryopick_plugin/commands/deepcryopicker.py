@@ -24,6 +24,7 @@ import time
 from ..engine.pick2d.deepcryopicker import cnn2d, picker as dcp, ibc
 from ..engine.io import star
 from ..engine.errors import InputError
+from . import add_threads_arg
 from ..engine.pick2d.micrograph_io import EDGE_MARGIN, read_micrograph
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def add_args(parser):
                              "dropped (default 0.5: the particle is cut by the edge; 0 keeps every pick)")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N')
+    add_threads_arg(parser)
 
 
 def main(args):

@@ -24,6 +24,7 @@ import os
 import numpy as np
 
 from cryopick_plugin.engine.errors import InputError
+from cryopick_plugin.commands import add_threads_arg
 
 logger = logging.getLogger('cryopick.disca')
 
@@ -73,6 +74,7 @@ def add_args(parser):
                              '(default 5; 0: keep the split clusters as they are)')
     parser.add_argument('--seed', type=int, default=0, help='random seed (0)')
     parser.add_argument('--device', default=None, help="'auto', 'cpu' or 'cuda' (default $CRYOPICK_DEVICE or auto)")
+    add_threads_arg(parser)
 
 
 def main(args):

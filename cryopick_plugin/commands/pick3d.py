@@ -18,6 +18,7 @@ from ..engine.pick3d import picking as pick3d
 from ..engine import settings
 from ..engine.io import star
 from ..engine.errors import InputError
+from . import add_threads_arg
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def add_args(parser):
     parser.add_argument('--rescale', action='store_true',
                         help='resample tomograms whose voxel size differs from the model\'s instead of failing')
     parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N (default $CRYOPICK_DEVICE)')
+    add_threads_arg(parser)
     parser.add_argument('--precision', choices=settings.PRECISIONS, default=None,
                         help='network arithmetic: auto (bf16 where the CPU/GPU has it natively), fp32 or bf16 (default $CRYOPICK_PRECISION or auto)')
     parser.add_argument('--tomo-name', action='append', default=[], metavar='NAME',

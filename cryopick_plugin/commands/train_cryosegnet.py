@@ -28,6 +28,7 @@ import os
 from ..engine.pick2d.cryosegnet import picker as cryosegnet
 from ..engine.io import star
 from ..engine.errors import InputError
+from . import add_threads_arg
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def add_args(parser):
                         help='micrographs are already denoised (e.g. CryoSegNet JPGs): skip the chain')
     parser.add_argument('--pixel-size', type=float, default=None, help='pixel size in Å (recorded in the model)')
     parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N (default $CRYOPICK_DEVICE or auto)')
+    add_threads_arg(parser)
     parser.add_argument('--seed', type=int, default=0)
 
 
