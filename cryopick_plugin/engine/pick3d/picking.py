@@ -119,11 +119,20 @@ def model_predictor(model, device='cpu', precision='auto', flip_average=False):
 PADDINGS = ('inside', 'zero', 'mirror')
 
 
+def count_tiles(shape, patch, pad):
+    """Number of overlap tiles of a (z, y, x) volume (`tiles`)."""
+    core = patch - 2 * pad
+    if core < 1:
+        raise InputError('--pad', f"pad {pad} leaves no core in a patch of {patch} (need pad < patch/2)")
+    return int(np.prod([len(core_starts(n, core)) for n in shape]))
+
+
 def probability_map(volume, predictor, n_channels, patch, pad, batch_size=2, mean=0.0, std=1.0,
-                    padding='zero', out=None):
+                    padding='zero', out=None, progress=None):
     """Fill `out` (n_channels, z, y, x) with the stitched tile centres of `predictor`; return it.
 
-    padding: 'inside' (windows moved inside the volume at its faces), 'zero' or 'mirror' (see the module doc)."""
+    padding: 'inside' (windows moved inside the volume at its faces), 'zero' or 'mirror' (see the module doc).
+    progress: a `progress.Progress` counting tiles (`count_tiles`), advanced after every batch."""
     if padding not in PADDINGS:
         raise InputError('padding', f"unknown padding {padding!r} ({', '.join(PADDINGS)})")
     if out is None:
@@ -137,6 +146,8 @@ def probability_map(volume, predictor, n_channels, patch, pad, batch_size=2, mea
             o = tuple(slice(c[i], c[i] + n[i]) for i in range(3))
             t = tuple(slice(c[i] - w[i], c[i] - w[i] + n[i]) for i in range(3))
             out[(slice(None),) + o] = p[(slice(None),) + t]
+        if progress is not None:
+            progress.update(len(pending))
         pending.clear()
 
     for tile in tiles(volume.shape, patch, pad, inside=padding == 'inside'):
@@ -145,6 +156,8 @@ def probability_map(volume, predictor, n_channels, patch, pad, batch_size=2, mea
             flush()
     if pending:
         flush()
+    if progress is not None:
+        progress.finish()
     return out
 
 
@@ -264,9 +277,14 @@ def pick(tomo_path, model_path, device='auto', t_seg=None, t_lm=None, t_dist=Non
     flip_average: average the map over the eight mirror images of every tile (`model_predictor`; 8× slower).
     """
     import contextlib
-    from ..settings import resolve_device
+    import time
+    from ..progress import Progress, compute_summary, duration
+    from ..settings import resolve_device, resolve_precision
+    t_start = time.monotonic()
     device = resolve_device(device)
+    requested, precision = precision, resolve_precision(precision, device)
     data, voxel, stats = mrc.open_checked(tomo_path, ndim=3)
+    name = tomo_name or os.path.splitext(os.path.basename(os.fspath(tomo_path)))[0]
     net, meta = model if model is not None else load_picker(model_path, device)
     net = net.to(device)
     diameters = class_diameters(meta)
@@ -293,11 +311,15 @@ def pick(tomo_path, model_path, device='auto', t_seg=None, t_lm=None, t_dist=Non
                                t_dist if t_dist is not None else thr.get('t_dist'),
                                kernel or thr.get('kernel'), iterations or thr.get('iterations'))
         prob = _temp_array((len(diameters),) + tuple(data.shape), work_dir, stack)
-        probability_map(data, model_predictor(net, device, precision, flip_average), len(diameters), patch, pad, batch_size,
-                        stats['mean'], stats['std'], padding, out=prob)
+        n_tiles = count_tiles(data.shape, patch, pad)
+        log.info('%s: %s voxels, %d tiles of %d³ (pad %d)%s; %s', name, '×'.join(map(str, data.shape)), n_tiles,
+                 patch, pad, ' × 8 mirror images' if flip_average else '',
+                 compute_summary(device, precision, requested))
+        probability_map(data, model_predictor(net, device, precision, flip_average), len(diameters), patch, pad,
+                        batch_size, stats['mean'], stats['std'], padding, out=prob,
+                        progress=Progress(f'{name}: network', n_tiles, unit='tile', say=log.info))
         zyx, cls, scores = find_peaks(prob, diameters, device=device, **p)
-    name = tomo_name or os.path.splitext(os.path.basename(os.fspath(tomo_path)))[0]
-    log.info('%s: %d picks (t_seg %.2f, t_lm %.2f, t_dist %s, %s×k%d pooling, patch %d, pad %d)', name,
+    log.info('%s: %d picks (t_seg %.2f, t_lm %.2f, t_dist %s, %s×k%d pooling, patch %d, pad %d) in %s', name,
              len(zyx), p['t_seg'], p['t_lm'], p['t_dist'] or 'per class', p['iterations'] or 'default',
-             p['kernel'], patch, pad)
+             p['kernel'], patch, pad, duration(time.monotonic() - t_start))
     return picks_frame(zyx, cls, scores, name, scale)

@@ -33,7 +33,20 @@ P·R^α / (P + R^α) (α = 3 favours recall). The best model by that score is ke
 time it improves); training stops after `patience` validations without improvement. When no validation
 tomogram is given, the last 20% of the first training tomogram along y is held out (its particles are not
 trained on). Finally t_seg and t_lm can be tuned for F1 on the validation map (grid search) and stored in the
-model, so picking uses them by default.
+model, so picking uses them by default. When the validation F1 stays 0 for ZERO_F1_CHECKS validations in a
+row, training warns (thresholds, label diameter or too short a training; the kept model is then only the
+lowest validation loss).
+
+Progress, time budget, resuming. The run starts with a line naming the device and precision; every few
+seconds a line gives the steps done in the epoch, the rate and the ETA (`progress.Progress`; validation
+maps likewise). With `time_budget` (minutes of wall clock, counted from the call) training stops when the
+budget is spent — checked after every step — leaving time for what a run always does at its end (a
+validation of the last weights unless just done, threshold tuning), estimated from the validations so
+far (before the first, from the step time); the best model so far is kept and the stop is recorded
+(meta 'stop_reason'). After every epoch the whole training state goes to <out_model>.checkpoint.pt
+(`checkpoint.py`): a run with the same settings resumes from it (`resume='auto'`), taking the same steps
+as an uninterrupted run; it is removed when training ends, and kept after a time-budget stop so that the
+same command continues the training.
 """
 import copy
 import csv
@@ -49,15 +62,20 @@ import numpy as np
 
 from ..io import model_io, mrc, star
 from . import mpnms
+from .. import checkpoint
 from ..errors import InputError
+from ..progress import Progress, compute_summary, duration
 from .labels import radius_of
-from .picking import METHOD, find_peaks, model_predictor, probability_map, read_window
+from .picking import METHOD, count_tiles, find_peaks, model_predictor, probability_map, read_window
 from .resunet3d import PRESETS, build
 
 log = logging.getLogger(__name__)
 
 T_SEG_GRID = (0.3, 0.4, 0.5, 0.6, 0.7)
 T_LM_GRID = (0.05, 0.1, 0.2, 0.3, 0.5)
+# Consecutive validations with F1 0 after which training warns: the checkpoint is then chosen by validation
+# loss alone, which says nothing about whether picking will find anything.
+ZERO_F1_CHECKS = 3
 
 
 def package_version():
@@ -316,13 +334,21 @@ def validation_set(val_tomos, train_tomos, max_side=(96, 160, 160), holdout=0.2)
 
 
 def _val_maps(model, vset, patch, pad, n_classes, device, batch_size, precision='auto', flip_average=False,
-              padding='zero'):
+              padding='zero', say=None):
+    """Probability maps of the validation crops; `say` receives progress lines (tiles done, ETA)."""
     maps = []
     predictor = model_predictor(model, device, precision, flip_average)
     for t, lo, hi, _, _ in vset:
         crop = np.asarray(t.data[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)
-        maps.append(probability_map(crop, predictor, n_classes, patch, pad, batch_size, t.mean, t.std, padding))
+        progress = Progress(f'validation map {t.name}', _n_tiles([(t, lo, hi)], patch, pad), unit='tile',
+                            say=say) if say else None
+        maps.append(probability_map(crop, predictor, n_classes, patch, pad, batch_size, t.mean, t.std, padding,
+                                    progress=progress))
     return maps
+
+
+def _n_tiles(vset, patch, pad):
+    return sum(count_tiles(tuple(int(h - l) for l, h in zip(v[1], v[2])), patch, pad) for v in vset)
 
 
 def _val_scores(maps, vset, diameters, thresholds, match_radius, alpha, device):
@@ -377,24 +403,36 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
           device='auto', seed=0, alpha=3.0, val_every=2, patience=5, log=None, diameters=None,
           label_kind='tball', patch=None, pad=None, widths=None, norm='bn', bg_fraction=0.1, ce_weight=0.5,
           p_affine=0.2, match_radius=None, tune=True, thresholds=None, max_steps_per_epoch=None,
-          class_balance=True, hard_fraction=0.0, precision='auto'):
+          class_balance=True, hard_fraction=0.0, precision='auto', time_budget=None, resume='auto'):
     """Train a 3D-ResUNet and write the best model to `out_model`; return the model's meta dict.
 
     train_items / val_items: lists of (tomogram path, label-map path, coordinate DataFrame with
     rlnCoordinateX/Y/Z and rlnClassNumber) — the table holds this tomogram's particles only. diameters:
     label diameter in voxels, scalar or {class: d}; None measures it on the label maps. preset 'cpu' or
     'paper' gives widths, patch, pad, batch size and lr unless given. patience counts validations.
-    `log` receives one dict per epoch. max_steps_per_epoch caps the batches of an epoch (the epoch's
+    `log` receives one dict per epoch (and a few others: hard negatives, tuned thresholds) and the
+    progress lines (str: device and precision at the start, steps / rate / ETA within epochs and
+    validations, resuming, stopping). max_steps_per_epoch caps the batches of an epoch (the epoch's
     shuffled samples are cut, so each epoch sees a different random subset). hard_fraction: share of the
     background patches centred on unlabelled blobs (`find_hard_negatives`; 0 = all random, the reference).
     precision: 'auto', 'fp32' or 'bf16' arithmetic for the convolutions (`settings.resolve_precision`;
     weights, optimiser and loss stay fp32).
+    time_budget: minutes of wall clock for the whole call (None: no limit); training stops early enough
+    for the final validation and tuning (module doc) and meta['stop_reason'] says 'time budget'.
+    resume: 'auto' (continue from <out_model>.checkpoint.pt when it holds a run with the same settings),
+    True (require it) or False (start afresh); see `checkpoint.py`.
     A learning curve is written beside the model as <out_model>.history.csv and .history.json.
     """
     import torch
     from .labels import estimate_diameters
     from ..settings import autocast, memory_format, resolve_device, resolve_precision
+    t_begin = time.monotonic()
     log = log or _default_log
+    warn = logging.getLogger(__name__).warning
+    if time_budget is not None and not float(time_budget) > 0:
+        raise InputError('--time-budget', f"must be a positive number of minutes, got {time_budget:g}")
+    deadline = t_begin + 60.0 * float(time_budget) if time_budget else None
+    checkpoint.check(checkpoint.path_for(out_model), resume)
     if preset not in PRESETS:
         raise InputError('--preset', f"unknown preset {preset!r} ({', '.join(PRESETS)})")
     cfg = PRESETS[preset]
@@ -408,7 +446,7 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
     if not train_items:
         raise InputError('--train', "no training tomogram given")
     device = resolve_device(device)
-    precision = resolve_precision(precision, device)
+    requested_precision, precision = precision, resolve_precision(precision, device)
     layout = memory_format(5, precision)
 
     tomos = [load_item(it, 'train') for it in train_items]
@@ -496,15 +534,97 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
             'hard_negatives': n_hard, 'precision': precision,
             'train_tomograms': [t.name for t in tomos], 'val_tomograms': [v[0].name for v in vset],
             'cryopick_version': package_version(), 'model_format_version': model_io.FORMAT_VERSION}
-    history, best, best_state, since_best = [], None, None, 0
+    n_particles = sum(int(_trainable(t).sum()) for t in tomos)
+    log(f'train3d: {compute_summary(device, precision, requested_precision)}')
+    log(f"train3d: {len(tomos)} training tomogram(s), {n_particles} particles, {n_classes} class(es); validation "
+        f"on {', '.join(meta['val_tomograms'])}; up to {epochs} epochs × {steps} steps of {batch_size} "
+        f"patch(es) of {patch}³" + (f'; time budget {duration(60.0 * float(time_budget))}' if deadline else ''))
+
+    # Everything that shapes the run's steps: a checkpoint made with other values is not resumed.
+    resume_settings = {'train': [_fingerprint(t) for t in tomos], 'val': [_fingerprint(t) for t in val_tomos],
+                       'preset': preset, 'epochs': epochs, 'steps_per_epoch': steps, 'batch_size': batch_size,
+                       'lr': lr, 'widths': list(widths), 'norm': norm, 'patch': patch, 'pad': pad,
+                       'diameters': meta['diameters'], 'bg_fraction': bg_fraction, 'hard_fraction': hard_fraction,
+                       'class_balance': bool(class_balance), 'ce_weight': ce_weight, 'p_affine': p_affine,
+                       'val_every': val_every, 'alpha': alpha, 'match_radius': match_radius,
+                       'thresholds': base_thr, 'seed': seed}
+    ckpt_path = checkpoint.path_for(out_model)
+    saved = checkpoint.load(ckpt_path, resume_settings, resume, say=warn)
+    history, best, best_state, since_best, n_step, first_epoch = [], None, None, 0, 0, 1
+    zero_epochs, warnings, previous_seconds = [], [], 0.0
+    if saved is not None:
+        model.load_state_dict(saved['model'])
+        opt.load_state_dict(saved['optimizer'])
+        sched.load_state_dict(saved['scheduler'])
+        checkpoint.restore_rng(saved['rng'], rng)
+        history, best, best_state = saved['history'], saved['best'], saved['best_state']
+        since_best, n_step, zero_epochs = saved['since_best'], saved['n_step'], saved['zero_epochs']
+        warnings, previous_seconds, first_epoch = saved['warnings'], saved['train_seconds'], saved['epoch'] + 1
+        meta.update(saved['meta'])
+        log(f'train3d: resuming from {ckpt_path} after epoch {saved["epoch"]} ({n_step} steps done'
+            + (f', best epoch {best[1]}, validation F1 {best[2]["val_f1"]:.3f})' if best else ')'))
+
+    timing = {}
+    n_val_tiles = _n_tiles(vset, patch, pad)
+    val_voxels = sum(int(np.prod(np.subtract(v[2], v[1]))) for v in vset)
+
+    def validation_seconds(step_seconds):
+        """(one validation, its probability maps, one scoring of them): measured, or estimated from the step
+        time before the first validation (a tile's forward pass costs about a third of a training patch's
+        forward and backward pass; MP-NMS about SCORE_SECONDS_PER_VOXEL)."""
+        if timing:
+            return timing['vloss'] + timing['maps'] + timing['score'], timing['maps'], timing['score']
+        per_patch = (step_seconds or 0.0) / batch_size / 3.0
+        maps = n_val_tiles * per_patch
+        score = val_voxels * n_classes * SCORE_SECONDS_PER_VOXEL
+        return maps + len(val_patches) * per_patch + score, maps, score
+
+    def final_reserve(step_seconds):
+        """Seconds the end of a run needs: a validation of the last weights, then the threshold tuning."""
+        val, maps, score = validation_seconds(step_seconds)
+        return val + ((maps + len(T_SEG_GRID) * len(T_LM_GRID) * score) if tune else 0.0)
+
+    def validate(record):
+        t0 = time.monotonic()
+        model.eval()
+        with torch.no_grad():
+            vl = []
+            for x, y in val_patches:
+                with autocast(device, precision):
+                    logits = model(torch.from_numpy(x[None, None]).to(device).to(memory_format=layout))
+                vl.append(float(seg_loss(logits.float(), torch.from_numpy(y[None].astype(np.int64)).to(device),
+                                         n_classes, ce_weight)))
+        t1 = time.monotonic()
+        maps = _val_maps(model, vset, patch, pad, n_classes, device, max(batch_size, 2), precision, say=log)
+        t2 = time.monotonic()
+        s = _val_scores(maps, vset, diameters, base_thr, match_radius, alpha, device)
+        timing.update(vloss=t1 - t0, maps=t2 - t1, score=time.monotonic() - t2)
+        record.update({'val_loss': float(np.mean(vl)) if vl else float('nan'), 'val_precision': s['precision'],
+                       'val_recall': s['recall'], 'val_f1': s['f1'], 'val_score': s['score']})
+        return s
+
+    def step_note(losses, progress, epoch):
+        left = (progress.total - progress.done) + (epochs - epoch) * steps
+        val_left = sum(1 for e in range(epoch, epochs + 1) if e % val_every == 0 or e == epochs)
+        run = left * (progress.seconds_per_step or 0.0) + val_left * validation_seconds(progress.seconds_per_step)[0]
+        text = f'loss {np.mean(losses[-20:]):.4f}; run ETA ≤ {duration(run)}'
+        if deadline is not None:
+            text += f' (time budget left {duration(deadline - time.monotonic())})'
+        return text
+
     t_start = time.time()
-    epoch = 0
-    for epoch in range(1, epochs + 1):
+    stop_reason = 'patience' if best is not None and since_best >= patience else 'epochs'
+    epoch = first_epoch - 1
+    while stop_reason == 'epochs' and epoch < epochs:
+        epoch += 1
         model.train()
         samples = epoch_samples(tomos, patch, rng, bg_fraction, class_balance and n_classes > 1, hard_fraction)
         samples = samples[:steps * batch_size]
+        n_batches = math.ceil(len(samples) / batch_size)
         losses = []
         t0 = time.time()
+        progress = Progress(f'epoch {epoch}/{epochs}', n_batches, say=log)
+        out_of_time = False
         for b in range(0, len(samples), batch_size):
             xs, ys = [], []
             for i, centre in samples[b:b + batch_size]:
@@ -526,21 +646,19 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
             if n_step < total_steps:
                 sched.step()
             losses.append(float(loss.detach()))
+            progress.update(note=lambda: step_note(losses, progress, epoch))
+            if deadline is not None and time.monotonic() + final_reserve(progress.seconds_per_step) >= deadline:
+                out_of_time = True
+                break
         record = {'epoch': epoch, 'train_loss': float(np.mean(losses)), 'lr': float(opt.param_groups[0]['lr']),
                   'seconds': time.time() - t0}
-        if epoch % val_every == 0 or epoch == epochs:
-            model.eval()
-            with torch.no_grad():
-                vl = []
-                for x, y in val_patches:
-                    with autocast(device, precision):
-                        logits = model(torch.from_numpy(x[None, None]).to(device).to(memory_format=layout))
-                    vl.append(float(seg_loss(logits.float(), torch.from_numpy(y[None].astype(np.int64)).to(device),
-                                             n_classes, ce_weight)))
-            maps = _val_maps(model, vset, patch, pad, n_classes, device, max(batch_size, 2), precision)
-            s = _val_scores(maps, vset, diameters, base_thr, match_radius, alpha, device)
-            record.update({'val_loss': float(np.mean(vl)) if vl else float('nan'), 'val_precision': s['precision'],
-                           'val_recall': s['recall'], 'val_f1': s['f1'], 'val_score': s['score']})
+        if len(losses) < n_batches:
+            record.update(steps=len(losses), stopped='time budget')
+        if deadline is not None and not out_of_time:
+            out_of_time = time.monotonic() + final_reserve(progress.seconds_per_step) >= deadline
+        # The last weights of a run cut by the budget are validated too: they may be its best.
+        if epoch % val_every == 0 or epoch == epochs or out_of_time:
+            s = validate(record)
             key = (s['score'], s['f1'], -record['val_loss'])
             if best is None or key > best[0]:
                 best = (key, epoch, record)
@@ -550,17 +668,45 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
                 model_io.save_model(out_model, METHOD, arch, best_state, meta)
             else:
                 since_best += 1
+            zero_epochs = zero_epochs + [epoch] if s['f1'] == 0 else []
+            if len(zero_epochs) == ZERO_F1_CHECKS:
+                text = _zero_f1_warning(zero_epochs, s, base_thr, match_radius, n_classes)
+                warn('train3d: %s', text)
+                warnings.append(text)
         history.append(record)
-        log(record)
         if best is not None and since_best >= patience:
-            break
+            stop_reason = 'patience'
+        if out_of_time:
+            stop_reason = 'time budget'
+        checkpoint.save(ckpt_path, resume_settings, {
+            'epoch': epoch, 'model': model.state_dict(), 'optimizer': opt.state_dict(),
+            'scheduler': sched.state_dict(), 'rng': checkpoint.rng_state(rng), 'history': history, 'best': best,
+            'best_state': best_state, 'since_best': since_best, 'n_step': n_step, 'zero_epochs': zero_epochs,
+            'warnings': warnings, 'train_seconds': previous_seconds + time.time() - t_start,
+            'meta': {k: meta[k] for k in ('best_epoch', 'best_val') if k in meta}})
+        log(record)
 
     model.load_state_dict(best_state)
     model.eval()
     meta.update({'epochs_run': epoch, 'best_epoch': best[1], 'best_val': _summary(best[2]),
-                 'train_seconds': round(time.time() - t_start, 1)})
+                 'train_seconds': round(previous_seconds + time.time() - t_start, 1), 'stop_reason': stop_reason,
+                 'steps_run': n_step, 'steps_planned': total_steps})
+    if time_budget:
+        meta['time_budget_min'] = float(time_budget)
+    if saved is not None:
+        meta['resumed_after_epoch'] = int(saved['epoch'])
+    if stop_reason == 'time budget':
+        log(f'train3d: time budget of {duration(60.0 * float(time_budget))} spent: stopped after {n_step} of '
+            f'{total_steps} steps (epoch {epoch}); best epoch {best[1]}' + ('; tuning the thresholds' if tune else ''))
+    if not best[2].get('val_f1'):
+        text = ('no validation found any particle (F1 0 at every check): the model kept is the one with the lowest '
+                'validation loss. ' + ZERO_F1_ADVICE)
+        warn('train3d: %s', text)
+        warnings.append(text)
+    if warnings:
+        meta['warnings'] = warnings
     if tune:
-        maps = _val_maps(model, vset, patch, pad, n_classes, device, max(batch_size, 2), precision)
+        maps = _val_maps(model, vset, patch, pad, n_classes, device, max(batch_size, 2), precision, say=log)
         thr, s = tune_thresholds(maps, vset, diameters, base_thr, match_radius, alpha, device)
         meta['thresholds'] = thr
         meta['tuned_val'] = {k: round(float(v), 4) for k, v in s.items()}
@@ -570,7 +716,40 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
                        'best': _summary(best[2]), 'file': os.path.basename(os.fspath(out_model)) + '.history.csv'}
     model_io.save_model(out_model, METHOD, arch, best_state, meta)
     write_history(out_model, history)
+    if stop_reason == 'time budget':
+        log(f'train3d: {out_model} written; the training state stays in {ckpt_path}: the same command continues '
+            f'the training from epoch {epoch + 1}')
+    else:
+        checkpoint.remove(ckpt_path)
     return meta
+
+
+ZERO_F1_ADVICE = ('Check the picking thresholds, that the label maps and the label diameter fit the particles '
+                  '(about half the particle diameter, odd) and that the validation tomograms are annotated with '
+                  'the same classes; or the training is too short to learn them (more epochs or steps).')
+# MP-NMS time per voxel and class of a validation map, for the time budget before the first validation has
+# been measured (measured about 2e-8 s on one core of an EPYC; 5e-8 leaves room for slower CPUs).
+SCORE_SECONDS_PER_VOXEL = 5e-8
+
+
+def _zero_f1_warning(zero_epochs, scores, thresholds, match_radius, n_classes):
+    if scores['n_pred'] == 0:
+        what = (f"the network's map never passes t_seg {thresholds['t_seg']:g} / t_lm {thresholds['t_lm']:g} "
+                f"(no picks at all)")
+    else:
+        what = (f"{scores['n_pred']} picks, none within {match_radius:g} voxels of one of the "
+                f"{scores['n_true']} validation particles" + (' of its class' if n_classes > 1 else ''))
+    return (f"validation F1 is 0 at the last {len(zero_epochs)} validations (epochs "
+            f"{', '.join(map(str, zero_epochs))}): {what}. {ZERO_F1_ADVICE} Until a validation finds particles, "
+            f"the model kept is the one with the lowest validation loss.")
+
+
+def _fingerprint(t):
+    """What identifies a training tomogram for resuming: name, shape, and its particles."""
+    import hashlib
+    digest = hashlib.sha1(np.ascontiguousarray(t.zyx, dtype=np.int64).tobytes()
+                          + np.ascontiguousarray(t.classes, dtype=np.int64).tobytes()).hexdigest()[:16]
+    return [t.name, list(t.data.shape), int(len(t.zyx)), digest]
 
 
 def retune(model_path, val_items, out_model=None, device='cpu', batch_size=2, flip_average=False,
