@@ -8,6 +8,11 @@ is kept, training stops after --patience validations without improvement, and t_
 tuned on the validation data and stored in the model. A learning curve is written beside the model
 (MODEL.history.csv / .history.json) and a description as MODEL.json.
 
+Progress: every few seconds a line with the steps done in the epoch, the rate and the ETA. --time-budget
+stops the training in time for the final tuning. After every epoch the training state is saved in
+MODEL.checkpoint.pt: an interrupted run started again with the same options continues from there (the file is
+removed when training ends, kept after a time-budget stop).
+
 Presets: cpu (widths 8/16/24/36, patch 48, batch 1, ≈11.5 GFLOP per step) and paper (24/48/72/108,
 patch 72, batch 8, as DeepETPicker).
 
@@ -55,6 +60,17 @@ def add_args(parser):
                         help='share of the background patches centred on unlabelled blobs found by DoG '
                              '(hard negatives; 0 = all at random places, the reference; default %(default)s)')
     parser.add_argument('--no-tune', action='store_true', help='keep t_seg 0.5 / t_lm 0.1 instead of tuning them')
+    parser.add_argument('--time-budget', type=float, default=None, metavar='MIN',
+                        help='stop after this many minutes of wall clock with the best model so far, leaving time '
+                             'for the final validation and threshold tuning (default: no limit); the training '
+                             'state stays in OUT.checkpoint.pt, so the same command continues the training')
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument('--resume', dest='resume', action='store_const', const=True, default='auto',
+                        help='continue the run saved in OUT.checkpoint.pt (written after every epoch) and fail '
+                             'when there is none; without --resume / --no-resume a checkpoint of a run with the '
+                             'same settings is continued, any other is replaced')
+    resume.add_argument('--no-resume', dest='resume', action='store_const', const=False,
+                        help='start afresh even when OUT.checkpoint.pt holds an interrupted run')
     parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N (default $CRYOPICK_DEVICE)')
     parser.add_argument('--precision', choices=settings.PRECISIONS, default=None,
                         help='network arithmetic: auto (bf16 where the CPU/GPU has it natively), fp32 or bf16 (default $CRYOPICK_PRECISION or auto)')
@@ -97,7 +113,7 @@ def main(args):
                          ce_weight=args.ce_weight, tune=not args.no_tune,
                          max_steps_per_epoch=args.steps_per_epoch, class_balance=not args.no_class_balance,
                          bg_fraction=args.bg_fraction, hard_fraction=args.hard_fraction,
-                         precision=args.precision)
-    log.info('%s: best epoch %s of %s, validation %s, thresholds %s', args.out, meta['best_epoch'],
-             meta['epochs_run'], meta['best_val'], meta['thresholds'])
+                         precision=args.precision, time_budget=args.time_budget, resume=args.resume)
+    log.info('%s: best epoch %s of %s (stopped by %s), validation %s, thresholds %s', args.out, meta['best_epoch'],
+             meta['epochs_run'], meta['stop_reason'], meta['best_val'], meta['thresholds'])
     return 0

@@ -51,6 +51,11 @@ class CryopickTrain3D(CryopickProtocol, ProtTomoBase):
                       help='Stop after this many validations without improvement.')
         form.addParam('valEvery', params.IntParam, default=2, label='Validate every (epochs)',
                       help='Score the validation data every this many epochs; the best-scoring model is kept.')
+        form.addParam('timeBudget', params.FloatParam, allowsNull=True, default=None, label='Time budget (min)',
+                      help='Stop training after this many minutes of wall clock and keep the best model so far; '
+                           'the final validation and threshold tuning are fitted inside the budget. Empty: no '
+                           'limit (the maximum epochs and the patience decide). The training state is saved '
+                           'after every epoch, so a run that was killed resumes from its last epoch on Continue.')
         form.addParam('batchSize', params.IntParam, allowsNull=True, default=None, label='Batch size',
                       expertLevel=params.LEVEL_ADVANCED, help='Empty: the preset\'s.')
         form.addParam('learningRate', params.FloatParam, allowsNull=True, default=None, label='Peak learning rate',
@@ -123,6 +128,8 @@ class CryopickTrain3D(CryopickProtocol, ProtTomoBase):
         if not self.classBalance.get():
             args.append('--no-class-balance')
         args += ['--hard-fraction', self.hardNegatives.get()]
+        if self.timeBudget.get():
+            args += ['--time-budget', self.timeBudget.get()]
         self._runCryopick('train3d', args, gpu=True)
 
     @staticmethod
@@ -170,6 +177,8 @@ class CryopickTrain3D(CryopickProtocol, ProtTomoBase):
             errors.append(f'Validation tsIds not among the label maps: {", ".join(unknown)}.')
         if validation and not tsIds - validation:
             errors.append('Keep at least one tomogram for training (every tomogram is listed for validation).')
+        if self.timeBudget.get() is not None and not self.timeBudget.get() > 0:
+            errors.append('The time budget must be a positive number of minutes (or empty for no limit).')
         srs = {round(m.getSamplingRate(), 3) for m in masks.iterItems()}
         if len(srs) > 1:
             errors.append(f'The label maps have different voxel sizes {sorted(srs)}: a model works at one voxel size.')
@@ -180,8 +189,13 @@ class CryopickTrain3D(CryopickProtocol, ProtTomoBase):
             return ['Model not trained yet.']
         meta = getattr(self, OUT_MODEL).getInfo().get('meta', {})
         hist = meta.get('history', {})
-        return [f'Trained {hist.get("epochs", "?")} epochs, best epoch {meta.get("best_epoch", "?")}; '
-                f'thresholds {meta.get("thresholds", {})}.']
+        lines = [f'Trained {hist.get("epochs", "?")} epochs, best epoch {meta.get("best_epoch", "?")}; '
+                 f'thresholds {meta.get("thresholds", {})}.']
+        if meta.get('stop_reason') == 'time budget':
+            lines.append(f'Stopped by the time budget ({meta.get("time_budget_min")} min) after '
+                         f'{meta.get("steps_run")} of {meta.get("steps_planned")} steps.')
+        lines += [f'Warning: {w}' for w in meta.get('warnings', [])]
+        return lines
 
     def _methods(self):
         return ['A 3D residual U-Net was trained from weak labels as in DeepETPicker [Liu2024DeepETPicker] '

@@ -728,8 +728,9 @@ ZERO_F1_ADVICE = ('Check the picking thresholds, that the label maps and the lab
                   '(about half the particle diameter, odd) and that the validation tomograms are annotated with '
                   'the same classes; or the training is too short to learn them (more epochs or steps).')
 # MP-NMS time per voxel and class of a validation map, for the time budget before the first validation has
-# been measured (measured about 2e-8 s on one core of an EPYC; 5e-8 leaves room for slower CPUs).
-SCORE_SECONDS_PER_VOXEL = 5e-8
+# been measured (1.2e-7 s on one loaded core of an EPYC for a 4-class 96×160×160 map with thousands of
+# maxima; 2e-7 leaves room for slower CPUs).
+SCORE_SECONDS_PER_VOXEL = 2e-7
 
 
 def _zero_f1_warning(zero_epochs, scores, thresholds, match_radius, n_classes):

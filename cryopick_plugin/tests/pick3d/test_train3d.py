@@ -231,3 +231,114 @@ def test_hard_negatives_are_unlabelled_blobs_and_get_background_patches(tmp_path
     assert near_hard([c for _, c in samples]) >= len(t.zyx)
     none = train3d.epoch_samples([t], 32, np.random.default_rng(0), bg_fraction=1.0, hard_fraction=0.0)
     assert near_hard([c for _, c in none]) < near_hard([c for _, c in samples])
+
+
+# ------------------------------------------------------------------ progress, time budget, resuming
+TINY = dict(patch=16, pad=3, widths=(4, 8), batch_size=2, lr=3e-3, device='cpu', seed=0)
+
+
+def _small_item(tmp_path, seed=8):
+    return write_item(tmp_path, seed, shape=(24, 32, 32), n_target=6, n_decoy=0)
+
+
+def test_progress_lines_and_device_precision_are_logged(tmp_path, one_thread, monkeypatch, caplog):
+    monkeypatch.setenv('CRYOPICK_PROGRESS_SECONDS', '0')   # a line at every step
+    item = _small_item(tmp_path)
+    lines = []
+    train3d.train([item], [item], tmp_path / 'p.pt', epochs=2, val_every=1, tune=False, precision='fp32',
+                  log=lambda r: lines.append(r) if isinstance(r, str) else None, **TINY)
+    assert any(line.startswith('train3d: device cpu (1 thread), precision fp32 (asked)') for line in lines), lines
+    steps = [line for line in lines if line.startswith('epoch 2/2: ')]
+    assert steps and all('ETA' in line and 'loss' in line and 'steps (' in line for line in steps), steps
+    assert steps[-1].startswith('epoch 2/2: 4/4 steps (100%)')
+    assert any(line.startswith('validation map tomo8: ') and 'tiles' in line for line in lines)
+    # the command line gets them through the module logger
+    with caplog.at_level('INFO'):
+        train3d.train([item], [item], tmp_path / 'q.pt', epochs=1, tune=False, precision='fp32', **TINY)
+    assert any('ETA' in r.getMessage() and r.name.endswith('training') for r in caplog.records)
+
+
+def test_time_budget_stops_early_with_a_model_and_the_same_command_continues(tmp_path, one_thread):
+    item = _small_item(tmp_path)
+    out = tmp_path / 'budget.pt'
+    records = []
+    # 4 steps per epoch, 500 epochs planned: the budget of 3 s stops it long before
+    meta = train3d.train([item], [item], out, epochs=500, val_every=50, patience=1000, time_budget=0.05,
+                         log=records.append, **TINY)
+    assert meta['stop_reason'] == 'time budget' and meta['time_budget_min'] == 0.05
+    assert 1 <= meta['steps_run'] < meta['steps_planned'] == 2000
+    assert meta['epochs_run'] < 500 and meta['best_epoch'] == meta['epochs_run']   # last weights validated
+    assert 't_seg' in meta['tuned_val'] or 'f1' in meta['tuned_val']               # tuning ran after the stop
+    net, saved = pick3d.load_picker(out)
+    assert saved['stop_reason'] == 'time budget' and saved['steps_run'] == meta['steps_run']
+    assert len(pick3d.pick(item[0], out, device='cpu', t_seg=0.0, t_lm=0.0)) > 0
+    assert any(isinstance(r, str) and 'time budget of 3.0 s spent' in r for r in records)
+    ckpt = tmp_path / 'budget.pt.checkpoint.pt'
+    assert ckpt.exists()                              # kept after a budget stop: the same call continues
+    again = train3d.train([item], [item], out, epochs=500, val_every=50, patience=1000, time_budget=0.05,
+                          log=records.append, **TINY)
+    assert again['resumed_after_epoch'] == meta['epochs_run']
+    assert again['steps_run'] > meta['steps_run'] and again['epochs_run'] > meta['epochs_run']
+    # the command: --no-resume starts afresh; a budget not reached changes nothing; the finished run
+    # removes the checkpoint, and --resume then has nothing to resume
+    coords = tmp_path / 'c.star'
+    star.write_coordinates(coords, item[2])
+    spec = f'{item[0]}:{item[1]}:{coords}'
+    cli = ['--train', spec, '--val', spec, '--out', out, '--epochs', 1, '--patch', 16, '--pad', 3, '--no-tune',
+           '--device', 'cpu', '--time-budget', 30]
+    assert _run(cli + ['--no-resume']) == 0
+    _, _, other = model_io.load_model(out, 'deepetpicker')
+    assert 'resumed_after_epoch' not in other and other['stop_reason'] == 'epochs' and not ckpt.exists()
+    with pytest.raises(InputError, match='no checkpoint'):
+        _run(cli + ['--resume'])
+    with pytest.raises(InputError, match='time-budget'):
+        train3d.train([item], [item], out, epochs=1, time_budget=0, **TINY)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_training_resumes_from_its_last_epoch_as_if_never_stopped(tmp_path, one_thread):
+    item = _small_item(tmp_path)
+    kw = dict(epochs=3, val_every=1, patience=10, tune=False, **TINY)
+    whole = train3d.train([item], [item], tmp_path / 'whole.pt', resume=False, **kw)
+
+    def stop_after_first_epoch(record):
+        if isinstance(record, dict) and record.get('epoch') == 1:
+            raise _Interrupt()        # as a kill right after epoch 1 was saved
+    out = tmp_path / 'cut.pt'
+    with pytest.raises(_Interrupt):
+        train3d.train([item], [item], out, log=stop_after_first_epoch, **kw)
+    ckpt = tmp_path / 'cut.pt.checkpoint.pt'
+    assert ckpt.exists()
+    records = []
+    resumed = train3d.train([item], [item], out, resume=True, log=records.append, **kw)
+    epochs_run = [r['epoch'] for r in records if isinstance(r, dict) and 'epoch' in r]
+    assert epochs_run == [2, 3]                       # epoch 1 was not trained again
+    assert any(isinstance(r, str) and r.startswith(f'train3d: resuming from {ckpt} after epoch 1') for r in records)
+    assert resumed['resumed_after_epoch'] == 1 and resumed['steps_run'] == whole['steps_run'] == 12
+    assert not ckpt.exists()                          # removed when training ends
+    rows = list(csv.DictReader(open(str(out) + '.history.csv')))
+    whole_rows = list(csv.DictReader(open(str(tmp_path / 'whole.pt') + '.history.csv')))
+    assert [int(r['epoch']) for r in rows] == [1, 2, 3]
+    # restored weights, optimiser, schedule and random states: the same steps as the uninterrupted run
+    assert [float(r['train_loss']) for r in rows] == pytest.approx([float(r['train_loss']) for r in whole_rows],
+                                                                    rel=1e-5)
+    assert resumed['best_epoch'] == whole['best_epoch']
+    _, a, _ = model_io.load_model(out, 'deepetpicker')
+    _, b, _ = model_io.load_model(tmp_path / 'whole.pt', 'deepetpicker')
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+
+
+def test_validation_f1_stuck_at_zero_is_warned_about(tmp_path, one_thread, caplog):
+    item = _small_item(tmp_path)
+    with caplog.at_level('WARNING'):
+        # t_seg above 1: nothing can ever be picked, as with thresholds far off or wrong labels
+        meta = train3d.train([item], [item], tmp_path / 'z.pt', epochs=3, val_every=1, tune=False,
+                             thresholds={'t_seg': 1.01}, log=lambda r: None, **TINY)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+    assert any('validation F1 is 0 at the last 3 validations (epochs 1, 2, 3)' in w and 'no picks at all' in w
+               and 'label diameter' in w for w in warned), warned
+    assert any(w.startswith('validation F1 is 0') for w in meta['warnings'])
+    assert any('lowest validation loss' in w for w in meta['warnings'])
