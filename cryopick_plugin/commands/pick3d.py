@@ -63,12 +63,15 @@ def main(args):
     device = resolve_device(args.device)
     model = pick3d.load_picker(args.model, device)
     frames = []
+    from ..engine.progress import Progress
+    # a line after every tomogram (each takes minutes): how many are done and when the last will be
+    progress = Progress('pick3d', len(args.tomograms), unit='tomogram', say=log.info, every=0)
     for tomo, name in zip(args.tomograms, names):
         frames.append(pick3d.pick(tomo, args.model, device=device, t_seg=args.t_seg, t_lm=args.t_lm,
                                   t_dist=args.t_dist, pad=args.pad, batch_size=args.batch_size,
                                   rescale=args.rescale, kernel=args.kernel, iterations=args.iterations,
                                   padding=args.padding, work_dir=args.work_dir, model=model, tomo_name=name,
                                   precision=args.precision, flip_average=args.flip_average))
-        log.info('%s: %d picks', tomo, len(frames[-1]))
+        progress.update(note=f'{tomo}: {len(frames[-1])} picks')
     star.write_coordinates(args.out, pd.concat(frames, ignore_index=True))
     return 0
