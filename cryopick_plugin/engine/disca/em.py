@@ -56,6 +56,7 @@ from sklearn.decomposition import PCA
 from . import yopo
 from ..errors import InputError
 from ..io.mrc import atomic_path
+from ..progress import Progress, compute_summary, duration
 from ..settings import resolve_device
 from .checks import check_kept, refine
 from .features import random_rotations, spectral_embedding
@@ -128,8 +129,9 @@ def _train_head(head, features, targets, options, generator, device):
             opt.step()
 
 
-def _train_epoch(net, head, opt, data, targets, options, generator, device):
-    """One epoch over (data, targets) in random order; returns the mean loss."""
+def _train_epoch(net, head, opt, data, targets, options, generator, device, progress=None):
+    """One epoch over (data, targets) in random order; returns the mean loss. `progress`: a
+    `progress.Progress` counting batches."""
     net.train()
     head.train()
     order = torch.randperm(len(data), generator=generator).numpy()
@@ -147,7 +149,29 @@ def _train_epoch(net, head, opt, data, targets, options, generator, device):
         opt.step()
         total += float(loss.detach()) * len(idx)
         count += len(idx)
+        if progress is not None:
+            progress.update(note=lambda: f'loss {total / max(count, 1):.4f}')
     return total / max(count, 1)
+
+
+def _precision(opts, device):
+    """The precision a run's options ask for, resolved (None: the network runs in fp32, no option)."""
+    if not opts.get('precision'):
+        return None
+    from ..settings import resolve_precision
+    return resolve_precision(opts['precision'], device)
+
+
+def _features_with_progress(net, data, device, batch_size, say, label):
+    """`yopo.extract_features` in chunks of whole batches — the same batches, so the same features — with
+    a progress line every few seconds."""
+    progress = Progress(label, len(data), unit='subtomogram', say=say)
+    chunk = 8 * batch_size
+    out = []
+    for start in range(0, len(data), chunk):
+        out.append(yopo.extract_features(net, data[start:start + chunk], device, batch_size=batch_size))
+        progress.update(len(out[-1]))
+    return np.concatenate(out, axis=0)
 
 
 def _write_progress(out_dir, history, embeddings, iteration_labels):
@@ -191,6 +215,8 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
 
     data = yopo.prepare_stack(stack, arch)
     n = len(data)
+    say(f"DISCA: {n} subtomograms (network box {data.shape[-1]}³, preset {preset_name}), at most {max_iter} "
+        f"iterations; {compute_summary(device, _precision(opts, device))}")
     ks = candidate_ks(n, k_range, opts['min_per_cluster'])
     # A full covariance in d dimensions is singular with fewer than d + 1 members; with small data the PCA
     # is narrowed so that even the largest K leaves every cluster more members than dimensions.
@@ -210,9 +236,9 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
                 'smoothing': float(opts['label_smoothing']), 'lr': float(opts['lr'])}
         history, embeddings, iteration_labels = [], [], []
 
-        def train(features, labels, k, rebuild):
+        def train(features, labels, k, rebuild, label='training'):
             """One epoch on smoothed labels (augmented by random rotations), a new head first when K
-            changed; returns the history fields of the training."""
+            changed; returns the history fields of the training. `label` heads its progress lines."""
             loop['smoothing'] *= 0.9
             one_hot = np.eye(k, dtype=np.float32)[labels]
             targets = one_hot * (1.0 - loop['smoothing']) + loop['smoothing'] / k
@@ -228,7 +254,9 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
                                                                tilt_range=opts.get('wedge_tilt')
                                                                if opts.get('wedge_training', True) else None)])
             loss = _train_epoch(net, loop['head'], loop['opt'], augmented, np.tile(targets, (2, 1)), opts,
-                                generator, device)
+                                generator, device,
+                                Progress(label, -(-len(augmented) // opts['batch_size']), unit='batch',
+                                         units='batches', say=say))
             return {'loss': loss, 'lr': loop['lr'], 'smoothing': loop['smoothing'], 'head_k': loop['head'].k,
                     'head_rebuilt': bool(rebuild)}
 
@@ -236,9 +264,13 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
             """EM iterations first .. first + count - 1 (features → PCA → mixtures → training); returns the
             eligible iteration with the lowest DDBI (None when none was eligible)."""
             best = None
+            # counts iterations for the ETA of the iteration lines (no lines of its own)
+            done = Progress(phase, count, unit='iteration', say=say, every=float('inf'))
             for it in range(first, first + count):
                 t0 = time.time()
-                features = yopo.extract_features(net, data, device, batch_size=max(opts['batch_size'], 64))
+                features = _features_with_progress(net, data, device, max(opts['batch_size'], 64), say,
+                                                   f'iteration {it}: features')
+                t_features = time.time() - t0
                 pca = PCA(n_components=pca_dim, random_state=seed).fit(features)
                 x = pca.transform(features)
                 if it == 0 and count > 1 and opts.get('init') == 'spectral':
@@ -247,7 +279,9 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
                     # kept (its mixture lives in another feature space than the network's), so a
                     # one-iteration run clusters the network's features as the reference does.
                     x = spectral_embedding(stack, pca_dim, seed)
+                t1 = time.time()
                 new_labels, gmm, components, bics = fit_mixtures(x, ks, opts, seed + it, loop['k'], loop['labels'])
+                t_mixtures = time.time() - t1
                 new_k = int(new_labels.max()) + 1
                 same_k = new_k == loop['k']
                 if same_k:
@@ -275,13 +309,17 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
                             'features': features, 'x': x, 'probabilities': posterior(x, state)}
                 converged = (it - first >= min_iter and same_k and (1.0 - changed) > opts['stable_fraction'])
                 last = converged or it == first + count - 1
+                t2 = time.time()
                 if not last:
-                    entry.update(train(features, labels, k, not same_k))
+                    entry.update(train(features, labels, k, not same_k, label=f'iteration {it}: training'))
                 entry['time_s'] = time.time() - t0
                 history.append(entry)
+                done.update()
                 say(f"iteration {it}: K={k} BIC={entry['bic']:.1f} DDBI={score:.4f} changed={changed:.3f} "
                     f"loss={entry['loss'] if entry['loss'] is None else round(entry['loss'], 4)} "
-                    f"sizes={entry['sizes']} {entry['time_s']:.1f}s")
+                    f"sizes={entry['sizes']} {entry['time_s']:.1f}s (features {duration(t_features)}, mixtures "
+                    f"{duration(t_mixtures)}, training {duration(time.time() - t2)})"
+                    + ('' if last else f", ETA ≤ {duration(done.eta)} for the {phase} phase"))
                 if out_dir:
                     _write_progress(out_dir, history, embeddings, iteration_labels)
                 if last:
