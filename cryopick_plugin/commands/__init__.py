@@ -66,6 +66,21 @@ def main(argv=None):
     return int(result or 0)
 
 
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that ends every option's text with its default, unless the text already says it.
+
+    A command opts in with ``parser.formatter_class = DefaultsHelpFormatter`` in its add_args. Options whose
+    default is None must say in words what happens then (the test of train3d checks that they do).
+    """
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if (not action.option_strings or action.nargs == 0 or action.default in (None, argparse.SUPPRESS)
+                or 'default' in text.lower()):
+            return text
+        return text + ' (default: %(default)s)'
+
+
 def add_threads_arg(parser):
     """The --threads option of every command that computes (networks, filters, clustering)."""
     parser.add_argument('--threads', type=int, default=None, metavar='N',

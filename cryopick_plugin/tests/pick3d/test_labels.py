@@ -122,3 +122,58 @@ def test_labels_command_filters_by_tomogram_and_rejects_bad_input(tmp_path):
     with pytest.raises(InputError):
         _run([tomo, coords, '--diameter', 5, '--diameter-per-class', '1=3', '--out', tmp_path / 'bad.mrc'])
     assert not (tmp_path / 'bad.mrc').exists()
+
+
+@pytest.mark.parametrize('particle, label', [(22, 11), (33.6, 17), (20.4, 11), (38.2, 19), (16.75, 9),
+                                             (24, 13), (4, 3), (2, 3)])
+def test_label_diameter_is_about_half_the_particle_and_odd(particle, label):
+    assert labels_cmd.label_diameter(particle) == label
+
+
+def test_labels_command_takes_the_particle_diameter(tmp_path):
+    tomo = tmp_path / 'TS_01.mrc'
+    mrc.write_mrc(tomo, np.random.default_rng(2).normal(size=(30, 30, 30)).astype(np.float32), 10.0)
+    coords = tmp_path / 'c.star'
+    star.write_coordinates(coords, star.coordinates_frame([[8, 8, 8], [20, 20, 20]], 'TS_01', classes=[1, 2]))
+    assert _run([tomo, coords, '--particle-diameter', 10, '--particle-diameter-per-class', '2:14',
+                 '--shape', 'cube', '--out', tmp_path / 'p.mrc']) == 0
+    lab, _ = mrc.open_volume(tmp_path / 'p.mrc')
+    # 10 → label 5 (5³ cube), 14 → label 7 (7³ cube)
+    assert np.count_nonzero(lab == 1) == 125 and np.count_nonzero(lab == 2) == 343
+    from cryopick_plugin.commands import build_parser
+    with pytest.raises(SystemExit):  # one size or the other, not both
+        build_parser().parse_args(['labels', str(tomo), str(coords), '--diameter', '5',
+                                   '--particle-diameter', '10', '--out', 'x.mrc'])
+    with pytest.raises(SystemExit):  # one of them is required
+        build_parser().parse_args(['labels', str(tomo), str(coords), '--out', 'x.mrc'])
+
+
+def _help_lines(command):
+    import argparse
+    from cryopick_plugin.commands import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return sub, sub.formatter_class(prog=command)
+
+
+def test_train3d_help_shows_every_default_the_label_diameter_and_the_cost():
+    sub, formatter = _help_lines('train3d')
+    for action in sub._actions:
+        if not action.option_strings or action.nargs == 0 or action.required:
+            continue
+        text = formatter._get_help_string(action) % {'default': action.default}
+        assert 'default' in text.lower(), f"{action.option_strings[0]} does not say its default: {text!r}"
+    text = ' '.join(sub.format_help().split())
+    assert '--particle-diameter' in text and 'half the particle diameter, odd' in text
+    assert 'per step in fp32' in text and 'bf16' in text
+    labels_help = ' '.join(_help_lines('labels')[0].format_help().split())
+    assert '--particle-diameter' in labels_help and 'half the particle diameter, odd' in labels_help
+
+
+def test_train3d_turns_particle_diameters_into_label_diameters():
+    from cryopick_plugin.commands import build_parser, train3d
+    args = build_parser().parse_args(['train3d', '--train', 'a:b:c', '--out', 'm.pt', '--particle-diameter', '22',
+                                      '--particle-diameter-per-class', '2:33.6'])
+    assert train3d.diameter_spec(args) == {'default': 11, 2: 17}
+    args = build_parser().parse_args(['train3d', '--train', 'a:b:c', '--out', 'm.pt'])
+    assert train3d.diameter_spec(args) == {}
