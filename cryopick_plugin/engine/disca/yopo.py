@@ -14,6 +14,8 @@ valid region; rotation invariance is learnt from rotated copies during training.
 orthogonally and biases with zeros, as in the reference. Batch norm uses Keras' defaults (momentum 0.99 in
 Keras' convention = 0.01 in PyTorch's, ε = 1e-3) unless the architecture says otherwise.
 
+The convolutions are `engine.conv3d.Conv3d` (nn.Conv3d parameters; a faster fp32 route on the CPU).
+
 `PRESETS` holds the two widths the commands offer: 'paper' (64…208 channels, the reference) and 'cpu'
 (a quarter of that, subtomograms binned to 24³) for machines without a GPU.
 """
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..conv3d import Conv3d
 from ..errors import InputError
 
 MIN_BOX = 21  # ten valid 3×3×3 convolutions need at least 21 voxels to leave one
@@ -78,7 +81,7 @@ class YOPOFeatures(nn.Module):
         self.norms = nn.ModuleList()
         c_in = 1
         for c in widths:
-            self.convs.append(nn.Conv3d(c_in, c, kernel_size=3, padding=0))
+            self.convs.append(Conv3d(c_in, c, kernel_size=3, padding=0))
             self.norms.append(nn.BatchNorm3d(c, momentum=bn_momentum, eps=bn_eps))
             c_in = c
         self.norm_cat = nn.BatchNorm1d(sum(widths), momentum=bn_momentum, eps=bn_eps)

@@ -17,10 +17,15 @@ Structure (as the reference runs it):
 exactly the input's spatial shape, odd sizes included.
 
 Presets: 'paper' (widths 24/48/72/108, patch 72, ≈2.43 M parameters) and 'cpu' (8/16/24/36, patch 48).
+
+The 3×3×3 and 1×1×1 convolutions are `engine.conv3d.Conv3d`: plain nn.Conv3d parameters (model files are
+unchanged), computed by a faster route in fp32 on the CPU (see that module).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..conv3d import Conv3d
 
 PRESETS = {
     'paper': {'widths': (24, 48, 72, 108), 'patch': 72, 'pad': 12, 'batch_size': 8, 'lr': 1e-3},
@@ -38,7 +43,7 @@ def _norm(kind, channels):
 
 class ConvNormAct(nn.Sequential):
     def __init__(self, cin, cout, norm):
-        super().__init__(nn.Conv3d(cin, cout, 3, padding=1, bias=False), _norm(norm, cout),
+        super().__init__(Conv3d(cin, cout, 3, padding=1, bias=False), _norm(norm, cout),
                          nn.ReLU(inplace=True))
 
 
@@ -89,7 +94,7 @@ class ResUNet3D(nn.Module):
             self.ups.append(nn.ConvTranspose3d(cin, cout, 3, stride=2, padding=1))
             self.decoders.append(ResBlock(cout + extra, cout, norm))
         self.out_channels = 1 if self.n_classes == 1 else self.n_classes + 1
-        self.head = nn.Conv3d(self.widths[0], self.out_channels, 1)
+        self.head = Conv3d(self.widths[0], self.out_channels, 1)
 
     def arch(self):
         """Constructor arguments (JSON-able), as stored in a model file."""
