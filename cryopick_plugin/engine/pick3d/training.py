@@ -24,6 +24,8 @@ gradients at the start; a little cross entropy speeds up the first epochs (ce_we
 
 Optimisation. AdamW (β = 0.9, 0.99; weight decay 0.01) with a one-cycle learning rate (10% warm-up,
 cosine annealing, start lr/30, end lr/3000) stepped every batch (constant lr for runs under 20 batches).
+With a time budget the cycle follows the training time as well as the steps (`schedule.OneCycle`): a run
+ends at the bottom of its cycle however many steps the machine managed.
 
 Validation, every `val_every` epochs: Dice loss on patches at the validation particles, then the real
 picking (overlap tiles + MP-NMS) on a validation sub-volume and one-to-one matching (Hungarian, within
@@ -68,6 +70,7 @@ from ..progress import Progress, compute_summary, duration
 from .labels import radius_of
 from .picking import METHOD, count_tiles, find_peaks, model_predictor, probability_map, read_window
 from .resunet3d import PRESETS, build
+from .schedule import OneCycle
 
 log = logging.getLogger(__name__)
 
@@ -510,11 +513,10 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
     if max_steps_per_epoch:
         steps = min(steps, int(max_steps_per_epoch))
     total_steps = epochs * steps
-    if total_steps >= 20:
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.1,
-                                                    anneal_strategy='cos', div_factor=30, final_div_factor=100)
-    else:  # too few steps for a warm-up phase: constant learning rate
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    # One cycle over the planned steps or, with a time budget, over the training time (schedule.py); too
+    # few steps for a warm-up phase without a budget: constant learning rate.
+    sched = OneCycle(opt, lr, total_steps, pct_start=0.1, div_factor=30, final_div_factor=100,
+                     constant=total_steps < 20 and deadline is None)
     n_step = 0
     # fixed validation patches for the loss
     vrng = np.random.default_rng(seed + 1)
@@ -613,6 +615,7 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
         return text
 
     t_start = time.time()
+    t_train_begin = time.monotonic()
     stop_reason = 'patience' if best is not None and since_best >= patience else 'epochs'
     epoch = first_epoch - 1
     while stop_reason == 'epochs' and epoch < epochs:
@@ -643,8 +646,9 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
             loss.backward()
             opt.step()
             n_step += 1
-            if n_step < total_steps:
-                sched.step()
+            if deadline is not None:
+                sched.set_window(t_train_begin, deadline - final_reserve(progress.seconds_per_step))
+            sched.step()
             losses.append(float(loss.detach()))
             progress.update(note=lambda: step_note(losses, progress, epoch))
             if deadline is not None and time.monotonic() + final_reserve(progress.seconds_per_step) >= deadline:
