@@ -180,8 +180,10 @@ def run_condition(args, snr):
                                  max_steps_per_epoch=args.steps_per_epoch,
                                  class_balance=not args.no_class_balance, bg_fraction=args.bg_fraction,
                                  hard_fraction=args.hard_fraction, batch_size=args.batch_size, lr=args.lr,
-                                 precision=args.precision, widths=args.widths, patch=args.patch)
-        train_rec = {'precision': meta.get('precision'), 'batch_size': meta.get('batch_size'), 'lr': meta.get('lr'),
+                                 precision=args.precision, widths=args.widths, patch=args.patch,
+                                 time_budget=args.time_budget)
+        train_rec = {'time_budget_min': args.time_budget, 'stop_reason': meta.get('stop_reason'),
+                     'steps_run': meta.get('steps_run'), 'train_seconds': meta.get('train_seconds'),'precision': meta.get('precision'), 'batch_size': meta.get('batch_size'), 'lr': meta.get('lr'),
                      'widths': args.widths, 'patch': meta.get('patch'), 'epochs_run': meta['epochs_run'], 'best_epoch': meta['best_epoch'],
                      'steps_per_epoch': args.steps_per_epoch, 'thresholds': meta['thresholds'],
                      'best_val': meta['best_val'], 'tuned_val': meta.get('tuned_val'),
@@ -250,6 +252,8 @@ def run_condition(args, snr):
 
 
 def main(argv=None):
+    import logging
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--snr', type=float, nargs='+', default=[0.02, 0.008], help='one condition per value, in order')
     p.add_argument('--shape', type=int, nargs=3, default=[96, 256, 256], help='Z Y X voxels')
@@ -273,6 +277,8 @@ def main(argv=None):
     p.add_argument('--patch', type=int, default=None, help='training patch side (default: the cpu preset, 48)')
     p.add_argument('--precision', default='auto', choices=('auto', 'fp32', 'bf16'),
                    help='network arithmetic (auto: bf16 where the CPU has it natively)')
+    p.add_argument('--time-budget', type=float, default=None, metavar='MIN',
+                   help='wall-clock minutes for the whole training call (train3d --time-budget); epochs then only bound it')
     p.add_argument('--tag', default='', help='suffix of the condition name (e.g. a longer training of the same SNR)')
     p.add_argument('--retune', action='store_true',
                    help='choose t_seg / t_lm of the trained model again on the validation tomogram with the '
