@@ -11,10 +11,20 @@ Tables are coordinate DataFrames with RELION columns (see `engine/io/star.py`). 
 rlnTomoName (3D) or rlnMicrographName (2D), rows are matched only within the same volume. Positions are
 3D when both tables have rlnCoordinateZ and 2D otherwise.
 
-Radius conventions: the command line takes the particle diameter D and uses D/4 (half the particle
-radius) by default, a strict criterion that asks a pick to sit near the centre; ``--radius-convention
-full`` uses D/2, the particle radius, which is what DeepETPicker's occupancy test amounts to.
+Radius conventions: the command line takes the particle diameter D and uses, in 3D, D/4 (half the
+particle radius) by default, a strict criterion that asks a pick to sit near the centre; ``--radius-convention
+full`` uses D/2, the particle radius, which is what DeepETPicker's occupancy test amounts to. In 2D the
+default is D/2, the usual criterion of 2D picking benchmarks (CryoPPP, CryoSegNet's F1).
+
+Per-class radii: `radius` may be a dict {class: radius} (with an optional 'default' for classes it does
+not name). A pair is admissible when it lies within the radius of the true particle's class, so a small
+complex is held to a tighter criterion than a large one in the same tomogram.
+
+Volume names are compared by file name without folder and image extension, so 'TS_01', 'TS_01.mrc' and
+'/data/TS_01.mrc' are one tomogram.
 """
+import os
+
 import numpy as np
 import pandas as pd
 from scipy import sparse
@@ -48,24 +58,32 @@ def match_points(pred_xyz, true_xyz, radius, dense_limit=DENSE_LIMIT):
     """Optimal one-to-one matching of predicted to true positions within `radius`.
 
     Among all matchings that pair points closer than or at `radius`, returns one with the largest number
-    of pairs and, among those, the smallest summed distance.
+    of pairs and, among those, the smallest summed distance. `radius` is a number or one radius per true
+    position (a pair is admissible within the radius of its true position).
 
     Returns (pairs, distances): pairs is a (K, 2) int array of (pred index, true index), sorted by pred
     index; distances is (K,) float.
     """
     pred = _as_points(pred_xyz, 'predicted positions')
     true = _as_points(true_xyz, 'true positions')
-    if not radius > 0:
-        raise InputError('radius', f"must be positive, got {radius}")
+    per_true = np.broadcast_to(np.asarray(radius, dtype=float), (len(true),))
+    if per_true.size and not np.all(per_true > 0):
+        raise InputError('radius', f"must be positive, got {float(np.min(per_true)):g}")
     empty = (np.zeros((0, 2), dtype=int), np.zeros(0))
     if len(pred) == 0 or len(true) == 0:
         return empty
     if pred.shape[1] != true.shape[1]:
         raise InputError('positions', f"predicted are {pred.shape[1]}D, true are {true.shape[1]}D")
+    radius = float(per_true.max())
     cand = cKDTree(pred).sparse_distance_matrix(cKDTree(true), radius, output_type='ndarray')
     if len(cand) == 0:
         return empty
     ci, cj, cd = cand['i'].astype(np.int64), cand['j'].astype(np.int64), cand['v'].astype(float)
+    if per_true.min() < radius:
+        ok = cd <= per_true[cj]
+        ci, cj, cd = ci[ok], cj[ok], cd[ok]
+        if len(ci) == 0:
+            return empty
     n_pred, n_true = len(pred), len(true)
     # Bipartite graph, pred nodes 0..n_pred-1 and true nodes n_pred..; solve each component on its own.
     graph = sparse.coo_matrix((np.ones(len(ci)), (ci, cj + n_pred)), shape=(n_pred + n_true,) * 2)
@@ -91,7 +109,7 @@ def match_points(pred_xyz, true_xyz, radius, dense_limit=DENSE_LIMIT):
     pi = np.concatenate(out_i)
     tj = np.concatenate(out_j)
     dist = np.linalg.norm(pred[pi] - true[tj], axis=1)
-    keep = dist <= radius
+    keep = dist <= per_true[tj]
     order = np.argsort(pi[keep], kind='stable')
     return np.stack([pi[keep], tj[keep]], axis=1)[order], dist[keep][order]
 
@@ -135,6 +153,70 @@ def _solve_sparse(ii, jj, d, n_a, n_b, radius):
 
 # ---------------------------------------------------------------------------------------------- tables
 
+# Extensions dropped from volume names before they are compared (see the module doc).
+IMAGE_EXTENSIONS = ('.mrc', '.mrcs', '.rec', '.st', '.ali', '.map', '.tif', '.tiff', '.jpg', '.jpeg', '.png',
+                    '.eer', '.star')
+
+
+def volume_key(name):
+    """A tomogram / micrograph name as compared between tables: file name without folder and extension."""
+    base = os.path.basename(str(name).strip())
+    while True:
+        stem, ext = os.path.splitext(base)
+        if not stem or ext.lower() not in IMAGE_EXTENSIONS:
+            return base
+        base = stem
+
+
+def check_radius(radius):
+    """A positive number, or a dict {class (int) or 'default': positive number}; InputError otherwise."""
+    if isinstance(radius, dict):
+        if not radius:
+            raise InputError('radius', "no per-class radius given")
+        out = {}
+        for key, value in radius.items():
+            key = 'default' if key in ('default', None) else int(key)
+            out[key] = check_radius(value)
+        return out
+    try:
+        value = float(radius)
+    except (TypeError, ValueError):
+        raise InputError('radius', f"must be a number, got {radius!r}") from None
+    if not value > 0:
+        raise InputError('radius', f"must be positive, got {value:g}")
+    return value
+
+
+def radii_of(radius, classes):
+    """The matching radius of each row from its class: (N,) array (a number applies to every class)."""
+    radius = check_radius(radius)
+    classes = np.asarray(classes, dtype=int)
+    if not isinstance(radius, dict):
+        return np.full(len(classes), radius)
+    missing = sorted(set(classes.tolist()) - set(radius)) if 'default' not in radius else []
+    if missing:
+        raise InputError('radius', f"no matching radius for class(es) {missing} (give one per class or a default)")
+    return np.array([radius.get(int(c), radius.get('default')) for c in classes], dtype=float)
+
+
+def volume_overlap(a_df, b_df, volume_col=None):
+    """Which volumes the two tables name: dict column, common, only_a, only_b (sorted `volume_key`s).
+
+    column is None when the tables do not both name their volumes; then only_a / only_b list the names of
+    the table that has them, if any (its rows are matched against every row of the other).
+    """
+    col = _volume_column(a_df, b_df, volume_col)
+
+    def names(df, c):
+        return set(df[c].map(volume_key)) if c is not None and c in df.columns and len(df) else set()
+    if col is None:
+        present = [c for c in (star.TOMO, star.MIC) if c in a_df.columns or c in b_df.columns]
+        c = present[0] if present else None
+        return {'column': None, 'common': [], 'only_a': sorted(names(a_df, c)), 'only_b': sorted(names(b_df, c))}
+    a, b = names(a_df, col), names(b_df, col)
+    return {'column': col, 'common': sorted(a & b), 'only_a': sorted(a - b), 'only_b': sorted(b - a)}
+
+
 def _volume_column(a_df, b_df, volume_col=None):
     if volume_col is not None:
         for df, what in ((a_df, 'predictions'), (b_df, 'truth')):
@@ -162,14 +244,17 @@ def _groups(df, volume_col):
     """Mapping volume name -> integer row positions of that volume."""
     if volume_col is None or len(df) == 0:
         return {None: np.arange(len(df))}
-    keys = df[volume_col].astype(str).to_numpy()
+    keys = df[volume_col].map(volume_key).to_numpy()
     return {k: np.flatnonzero(keys == k) for k in pd.unique(keys)}
 
 
 def _match_tables(a_df, b_df, radius, volume_col, cols, by_class=False):
-    """One-to-one matching of two tables within each volume (and class). Returns (pairs, distances)."""
+    """One-to-one matching of two tables within each volume (and class). Returns (pairs, distances).
+
+    radius: a number, or a per-class dict applied to the classes of b (the reference)."""
     a_xyz = a_df[cols].to_numpy(dtype=float)
     b_xyz = b_df[cols].to_numpy(dtype=float)
+    b_radii = radii_of(radius, _classes(b_df))
     a_keys = _row_keys(a_df, volume_col, by_class)
     b_keys = _row_keys(b_df, volume_col, by_class)
     b_index = {}
@@ -184,7 +269,7 @@ def _match_tables(a_df, b_df, radius, volume_col, cols, by_class=False):
         if not b_rows:
             continue
         a_rows, b_rows = np.asarray(a_rows), np.asarray(b_rows)
-        p, d = match_points(a_xyz[a_rows], b_xyz[b_rows], radius)
+        p, d = match_points(a_xyz[a_rows], b_xyz[b_rows], b_radii[b_rows])
         pairs.append(np.stack([a_rows[p[:, 0]], b_rows[p[:, 1]]], axis=1))
         dists.append(d)
     pairs, dists = np.concatenate(pairs), np.concatenate(dists)
@@ -194,7 +279,7 @@ def _match_tables(a_df, b_df, radius, volume_col, cols, by_class=False):
 
 def _row_keys(df, volume_col, by_class):
     n = len(df)
-    vol = df[volume_col].astype(str).to_numpy() if volume_col else np.full(n, '')
+    vol = df[volume_col].map(volume_key).to_numpy() if volume_col else np.full(n, '')
     if by_class:
         cls = _classes(df)
         return list(zip(vol, cls))
@@ -220,10 +305,12 @@ def counts_to_metrics(tp, n_pred, n_true, distances=()):
             'recall': recall, 'f1': f1, 'mean_distance': mean_d}
 
 
-def evaluate_picks(pred_df, true_df, radius, volume_col=None, pr_method='ranking', n_thresholds=100):
+def evaluate_picks(pred_df, true_df, radius, volume_col=None, pr_method='ranking', n_thresholds=100,
+                   with_classes=True):
     """Compare predicted picks with the truth.
 
-    pred_df, true_df: coordinate tables (RELION columns). radius: matching radius in voxels (pixels).
+    pred_df, true_df: coordinate tables (RELION columns). radius: matching radius in voxels (pixels), or
+    {class: radius} (optional 'default') applied by the class of the true particle.
     volume_col: column naming the volume of each row; by default rlnTomoName, else rlnMicrographName,
     when both tables have it (otherwise every row is taken to belong to one volume).
 
@@ -245,19 +332,24 @@ def evaluate_picks(pred_df, true_df, radius, volume_col=None, pr_method='ranking
     localisation numbers themselves always come from the optimal matching, which can find a few more pairs
     than this greedy pass. pr_method='hungarian' re-runs the optimal matching at up to `n_thresholds`
     score quantiles instead (slower, consistent with 'localisation' at the lowest threshold).
+
+    with_classes=False (a truth without classes) leaves out 'classification', 'per_class' and 'confusion'.
+    'radius' in the result is the number, or the per-class dict with int keys.
     """
-    if not radius > 0:
-        raise InputError('radius', f"must be positive, got {radius}")
+    radius = check_radius(radius)
     volume_col = _volume_column(pred_df, true_df, volume_col)
     cols = _coord_columns(pred_df, true_df)
     pred_df = pred_df.reset_index(drop=True)
     true_df = true_df.reset_index(drop=True)
 
     pairs, dists = _match_tables(pred_df, true_df, radius, volume_col, cols)
-    result = {'radius': float(radius), 'dims': len(cols), 'volume_column': volume_col,
+    result = {'radius': radius, 'dims': len(cols), 'volume_column': volume_col,
               'localisation': counts_to_metrics(len(pairs), len(pred_df), len(true_df), dists)}
 
     pred_cls, true_cls = _classes(pred_df), _classes(true_df)
+    if not with_classes:
+        _add_pr_curve(result, pred_df, true_df, radius, volume_col, cols, pr_method, n_thresholds)
+        return result
     cpairs, cdists = _match_tables(pred_df, true_df, radius, volume_col, cols, by_class=True)
     result['classification'] = counts_to_metrics(len(cpairs), len(pred_df), len(true_df), cdists)
     per_class = {}
@@ -272,7 +364,11 @@ def evaluate_picks(pred_df, true_df, radius, volume_col=None, pr_method='ranking
         row = confusion.setdefault(int(t), {})
         row[int(p)] = row.get(int(p), 0) + 1
     result['confusion'] = confusion
+    _add_pr_curve(result, pred_df, true_df, radius, volume_col, cols, pr_method, n_thresholds)
+    return result
 
+
+def _add_pr_curve(result, pred_df, true_df, radius, volume_col, cols, pr_method, n_thresholds):
     if star.SCORE in pred_df.columns and len(pred_df):
         scores = pd.to_numeric(pred_df[star.SCORE], errors='coerce').to_numpy(dtype=float)
         if not np.all(np.isfinite(scores)):
@@ -287,12 +383,13 @@ def evaluate_picks(pred_df, true_df, radius, volume_col=None, pr_method='ranking
         result['average_precision'] = average_precision(curve['precision'], curve['recall'])
         best = int(np.argmax(curve['f1']))
         result['best'] = {k: float(v[best]) for k, v in curve.items()}
-    return result
 
 
 def _ranking_curve(pred_df, true_df, scores, radius, volume_col, cols):
     pred_xyz = pred_df[cols].to_numpy(dtype=float)
     true_xyz = true_df[cols].to_numpy(dtype=float)
+    true_radii = radii_of(radius, _classes(true_df))
+    reach = float(true_radii.max()) if len(true_radii) else 1.0
     hit = np.zeros(len(pred_df), dtype=bool)
     true_groups = _groups(true_df, volume_col)
     for key, p_rows in _groups(pred_df, volume_col).items():
@@ -302,10 +399,13 @@ def _ranking_curve(pred_df, true_df, scores, radius, volume_col, cols):
         tree = cKDTree(true_xyz[t_rows])
         taken = np.zeros(len(t_rows), dtype=bool)
         for r in p_rows[np.argsort(-scores[p_rows], kind='stable')]:
-            near = tree.query_ball_point(pred_xyz[r], radius)
-            free = [j for j in near if not taken[j]]
-            if free:
+            near = tree.query_ball_point(pred_xyz[r], reach)
+            free = np.array([j for j in near if not taken[j]], dtype=np.int64)
+            if len(free):
                 d = np.linalg.norm(true_xyz[t_rows[free]] - pred_xyz[r], axis=1)
+                within = d <= true_radii[t_rows[free]]
+                free, d = free[within], d[within]
+            if len(free):
                 taken[free[int(np.argmin(d))]] = True
                 hit[r] = True
     order = np.argsort(-scores, kind='stable')
@@ -363,10 +463,10 @@ def compare_sets(a_df, b_df, radius, volume_col=None):
     Returns (intersection_df, only_a_df, only_b_df, metrics): intersection_df are the rows of a that
     found a partner in b (with an extra column 'matchDistance'), only_a_df / only_b_df the unmatched rows of
     each. metrics: n_a, n_b, n_both, only_a, only_b, jaccard (n_both / size of the union) and the
-    localisation metrics of a taken as predictions against b taken as truth.
+    localisation metrics of a taken as predictions against b taken as truth. radius: a number or a
+    per-class dict (classes of b).
     """
-    if not radius > 0:
-        raise InputError('radius', f"must be positive, got {radius}")
+    radius = check_radius(radius)
     volume_col = _volume_column(a_df, b_df, volume_col)
     cols = _coord_columns(a_df, b_df)
     a_df = a_df.reset_index(drop=True)

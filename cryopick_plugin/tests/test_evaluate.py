@@ -203,3 +203,90 @@ def test_command_line(tmp_path, capsys):
     # bad input: one-line error, exit status 2
     assert cli(['evaluate', str(tmp_path / 'missing.star'), str(tmp_path / 'truth.star'), '--radius', '2']) == 2
     assert 'missing.star' in capsys.readouterr().err
+
+
+def test_per_class_radius_follows_the_class_of_the_true_particle():
+    truth = star.coordinates_frame([[10, 10, 10], [50, 10, 10], [90, 10, 10]], 'TS_01', classes=[1, 2, 2])
+    picks = star.coordinates_frame([[13, 10, 10], [53, 10, 10], [90.5, 10, 10]], 'TS_01', classes=[1, 2, 2])
+    picks[star.SCORE] = [0.9, 0.8, 0.7]
+    # class 1 within 4, class 2 within 1: the pick 3 off the class-2 particle no longer counts
+    res = ev.evaluate_picks(picks, truth, radius={1: 4.0, 2: 1.0})
+    assert res['localisation']['tp'] == 2 and res['classification']['tp'] == 2
+    assert res['per_class'][1]['tp'] == 1 and res['per_class'][2]['tp'] == 1
+    assert res['best']['f1'] == pytest.approx(2 * 2 / 6)  # the ranking pass honours the same radii
+    assert ev.evaluate_picks(picks, truth, radius=4.0)['localisation']['tp'] == 3
+    assert ev.evaluate_picks(picks, truth, radius={2: 1.0, 'default': 4.0})['localisation']['tp'] == 2
+    with pytest.raises(InputError, match='class'):
+        ev.evaluate_picks(picks, truth, radius={1: 4.0})
+    pairs, _ = ev.match_points([[0, 0], [10, 0]], [[2, 0], [12, 0]], [3.0, 1.0])
+    assert pairs.tolist() == [[0, 0]]
+
+
+def test_volume_names_are_compared_without_folder_and_extension():
+    truth = grid_truth(tomo='TS_01')
+    picks = shifted_picks(grid_truth(tomo='/data/tomos/TS_01.mrc'))
+    assert ev.evaluate_picks(picks, truth, radius=3)['localisation']['tp'] == 8
+    assert ev.volume_overlap(picks, truth)['common'] == ['TS_01']
+    assert ev.volume_key('a/b/TS_01.rec.mrc') == 'TS_01' and ev.volume_key('Falcon_2012_06_12-15_07') \
+        == 'Falcon_2012_06_12-15_07'
+
+
+def _mic_frame(xy, classes=None):
+    df = star.coordinates_frame(np.column_stack([np.asarray(xy, float), np.zeros(len(xy))]), classes=classes)
+    return df.drop(columns=[star.Z] + ([] if classes is not None else [star.CLASS]))
+
+
+def test_command_reads_folders_of_per_micrograph_files_with_the_2d_default(tmp_path, capsys, caplog):
+    # Two micrographs with particles at the same places: matched across micrographs, a wrong pick in
+    # micrograph b would pair with a's particle; per micrograph it must not.
+    (tmp_path / 'picks').mkdir()
+    (tmp_path / 'truth').mkdir()
+    star.write_coordinates(tmp_path / 'truth' / 'mic_a.star', _mic_frame([[100, 100], [300, 100]]))
+    star.write_coordinates(tmp_path / 'truth' / 'mic_b.star', _mic_frame([[500, 500]]))
+    star.write_coordinates(tmp_path / 'picks' / 'mic_a_picks.star', _mic_frame([[120, 100], [300, 140]]))
+    star.write_coordinates(tmp_path / 'picks' / 'mic_b_picks.star', _mic_frame([[300, 100], [500, 530]]))
+    out = tmp_path / 's.json'
+    assert cli(['evaluate', str(tmp_path / 'picks'), str(tmp_path / 'truth'), '--diameter', '100',
+                '--json', str(out)]) == 0
+    res = json.loads(out.read_text())
+    # 2D default: half the diameter (50 px) — the picks 20, 40 and 30 px off count, mic_b's (300, 100) does not
+    assert res['radius'] == 50.0 and 'D/2' in res['radius_used'] and '2D default' in res['radius_used']
+    assert (res['localisation']['tp'], res['localisation']['fp'], res['localisation']['fn']) == (3, 1, 0)
+    assert res['volume_column'] == star.MIC and len(res['picks']) == 2
+    text = capsys.readouterr().out
+    assert text.splitlines()[0].startswith('matching radius 50 pixels = D/2 (full convention, the 2D default)')
+    # the truth has no rlnClassNumber: no classification row, none in the JSON
+    assert not [line for line in text.splitlines() if line.startswith('classification')]
+    assert 'no classification scores' in text and 'classification' not in res and 'per_class' not in res
+    assert not res['warnings']
+    # several pick files with --truth, and the strict convention on request
+    assert cli(['evaluate', str(tmp_path / 'picks' / 'mic_a_picks.star'), str(tmp_path / 'picks' / 'mic_b_picks.star'),
+                '--truth', str(tmp_path / 'truth' / '*.star'), '--diameter', '100', '--radius-convention', 'half',
+                '--json', str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res['radius'] == 25.0 and res['localisation']['tp'] == 1  # only the pick 20 px off
+    # three paths without --truth is ambiguous
+    capsys.readouterr()
+    assert cli(['evaluate', str(tmp_path / 'picks'), str(tmp_path / 'truth'), str(tmp_path / 'truth'),
+                '--diameter', '100']) == 2
+    assert '--truth' in capsys.readouterr().err
+
+
+def test_command_warns_when_volume_names_do_not_overlap(tmp_path, caplog, capsys):
+    truth = pd.concat([grid_truth(tomo='TS_01'), grid_truth(tomo='TS_02')], ignore_index=True)
+    star.write_coordinates(tmp_path / 'truth.star', truth)
+    star.write_coordinates(tmp_path / 'other.star', grid_truth(tomo='tomo1'))
+    star.write_coordinates(tmp_path / 'part.star', grid_truth(tomo='TS_01.mrc'))
+    with caplog.at_level('WARNING'):
+        assert cli(['evaluate', str(tmp_path / 'other.star'), str(tmp_path / 'truth.star'), '--radius', '2']) == 0
+    assert any('no tomogram name is shared' in r.getMessage() and 'tomo1' in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    capsys.readouterr()
+    with caplog.at_level('WARNING'):
+        assert cli(['evaluate', str(tmp_path / 'part.star'), str(tmp_path / 'truth.star'), '--radius', '2',
+                    '--radius-per-class', '1:3']) == 0
+    messages = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+    assert len(messages) == 1 and 'TS_02' in messages[0] and 'missed' in messages[0]
+    out = capsys.readouterr().out
+    # the truth has classes here: classification is reported; radius per class in the first line
+    assert 'classification' in out and 'class 1: 3' in out.splitlines()[0]
