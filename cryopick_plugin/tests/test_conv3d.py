@@ -13,7 +13,7 @@ from cryopick_plugin.engine.disca import yopo
 from cryopick_plugin.engine.pick3d.resunet3d import ResUNet3D
 
 CASES = [  # batch, c_in, c_out, (D, H, W), kernel, padding, bias
-    (1, 3, 5, (9, 8, 7), 3, (1, 1, 1), False),   # the ResUNet's padded convolution, odd sizes
+    (1, 3, 5, (9, 8, 9), 3, (1, 1, 1), False),   # the ResUNet's padded convolution, odd sizes
     (1, 2, 4, (8, 9, 10), 3, (0, 0, 0), True),   # YOPO's valid convolution
     (2, 3, 4, (7, 7, 7), 3, (1, 1, 1), True),    # batched (oneDNN channels-last route)
     (3, 2, 3, (6, 8, 7), 3, (0, 0, 0), False),
@@ -69,13 +69,15 @@ def test_a_wrong_shift_would_be_caught():
 def test_module_takes_the_fast_route_only_for_fp32_cpu_and_can_be_switched_off(monkeypatch):
     torch.manual_seed(0)
     conv = Conv3d(2, 3, 3, padding=1)
-    x = torch.randn(1, 2, 6, 7, 5)
+    x = torch.randn(1, 2, 6, 9, 8)
     ref = F.conv3d(x, conv.weight, conv.bias, 1, 1)
     with torch.no_grad():
         fast = conv(x)
         # the batch-1 route returns channels-last: the sign that it was taken
         assert fast.is_contiguous(memory_format=torch.channels_last_3d) and not fast.is_contiguous()
         assert _close(fast, ref)
+        small = conv(x[:, :, :, :7, :7])  # slices under 8×8: torch's own route
+        assert small.is_contiguous() and _close(small, F.conv3d(x[:, :, :, :7, :7], conv.weight, conv.bias, 1, 1))
         use_fast_fp32(conv, False)
         plain = conv(x)
         assert plain.is_contiguous() and torch.equal(plain, ref)
