@@ -38,6 +38,10 @@ class CryopickTrain3D(CryopickProtocol, ProtTomoBase):
         form.addParam('validationTsIds', params.StringParam, default='', label='Validation tomograms (tsIds)',
                       help='Comma-separated tsIds kept out of training and used to choose the best epoch and the '
                            'thresholds. Empty: a slab of the first training tomogram is held out.')
+        form.addParam('trainTsIds', params.StringParam, default='', label='Training tomograms (tsIds)',
+                      expertLevel=params.LEVEL_ADVANCED,
+                      help='Comma-separated tsIds to train on. Empty: every label map not used for validation. '
+                           'Leave test tomograms out here to score the picker on data it never saw.')
         form.addSection(label='Training')
         form.addParam('preset', params.EnumParam, choices=PRESETS, default=0, label='Network size',
                       display=params.EnumParam.DISPLAY_HLIST,
@@ -84,7 +88,13 @@ class CryopickTrain3D(CryopickProtocol, ProtTomoBase):
     # ------------------------------------------------------------------ steps
     def _tsIds(self):
         # iterItems reuses one object per row: read the ids first, then sort
-        return sorted(m.getTsId() for m in self.inputLabels.get().iterItems())
+        tsIds = sorted(m.getTsId() for m in self.inputLabels.get().iterItems())
+        chosen = self._listed(self.trainTsIds) | self._listed(self.validationTsIds)
+        return [ts for ts in tsIds if ts in chosen] if self._listed(self.trainTsIds) else tsIds
+
+    @staticmethod
+    def _listed(param):
+        return {t.strip() for t in (param.get() or '').split(',') if t.strip()}
 
     def _insertAllSteps(self):
         self._insertFunctionStep(self.convertInputStep, self._tsIds(), needsGPU=False)
@@ -171,10 +181,14 @@ class CryopickTrain3D(CryopickProtocol, ProtTomoBase):
         missing = sorted(tsIds - have)
         if missing:
             errors.append(f'No particle centres for the label maps of: {", ".join(missing)}.')
-        validation = {t.strip() for t in self.validationTsIds.get().split(',') if t.strip()}
+        validation = self._listed(self.validationTsIds)
         unknown = sorted(validation - tsIds)
         if unknown:
             errors.append(f'Validation tsIds not among the label maps: {", ".join(unknown)}.')
+        all_maps = {m.getTsId() for m in masks.iterItems()}
+        unknown = sorted(self._listed(self.trainTsIds) - all_maps)
+        if unknown:
+            errors.append(f'Training tsIds not among the label maps: {", ".join(unknown)}.')
         if validation and not tsIds - validation:
             errors.append('Keep at least one tomogram for training (every tomogram is listed for validation).')
         if self.timeBudget.get() is not None and not self.timeBudget.get() > 0:
