@@ -47,6 +47,8 @@ CONDITIONS = {
     'snr0.03_w60': (0.03, 60, None, 'cluster'),
     'snr0.01_w60': (0.01, 60, None, 'cluster'),
     'snr0.03_w40': (0.03, 40, None, 'cluster'),
+    'snr0.1_w40': (0.1, 40, None, 'cluster'),
+    'snr0.01_w40': (0.01, 40, None, 'cluster'),
     'time_1k': (0.1, 60, 200, 'time'),
     'time_2k': (0.1, 60, 400, 'time'),
     'time_5k': (0.1, 60, 1000, 'time'),
@@ -159,12 +161,16 @@ def run_condition(name, args):
               'simulated_voxel_size': meta['voxel_size'], 'binning': meta['binning'],
               'defocus_um': meta['defocus_um'], 'threads': args.threads, 'date': time.strftime('%Y-%m-%d %H:%M'),
               'disca_options': {k: em.TRAINING[args.preset].get(k) for k in ('init', 'min_iter', 'lr', 'gmm_init')}}
+    # By default DISCA reads the tilt range from the data (as `cryopick disca` on a STAR file without one);
+    # --orientation-check / --wedge give the condition's own, --no-wedge turns the wedge handling off.
     options = {'wedge_tilt': float(tilt)} if args.wedge or args.orientation_check else {}
+    if args.no_wedge:
+        options['wedge_tilt'] = 0.0
     options['split_check'] = args.split_check
     if args.refine_iter is not None:
         options['refine_iter'] = args.refine_iter
-    if args.orientation_check and not args.wedge:
-        options['wedge_training'] = False   # the check alone: training as without the tilt range
+    if args.wedge:
+        options['wedge_training'] = True
     record['disca_options'].update(options)
     k_range = (args.k_min, args.k_max)
     if kind == 'time':
@@ -185,6 +191,7 @@ def run_condition(name, args):
                            contingency={f'cluster {c}': np.bincount(truth[result.labels == c],
                                                                     minlength=len(TEMPLATES)).tolist()
                                         for c in range(result.k)})
+    record['disca']['wedge'] = result.meta.get('wedge')
     for key in ('orientation_merge', 'split_check', 'refine'):
         if key in result.meta:
             record['disca'][key] = result.meta[key]
@@ -233,7 +240,11 @@ def main(argv=None):
                         help="give DISCA the condition's tilt range for the orientation check only (training "
                              "copies without the wedge, as by default)")
     parser.add_argument('--wedge', action='store_true',
-                        help="re-impose the condition's missing wedge on the rotated training copies")
+                        help="give the condition's tilt range and re-impose its missing wedge on the rotated "
+                             "training copies too")
+    parser.add_argument('--no-wedge', action='store_true',
+                        help="DISCA without any tilt range (wedge_tilt 0: no orientation checks), as before the "
+                             "tilt range was read from the data")
     parser.add_argument('--no-split-check', dest='split_check', action='store_false',
                         help="DISCA without the final split check (the reference's behaviour)")
     parser.add_argument('--refine-iter', type=int, default=None,

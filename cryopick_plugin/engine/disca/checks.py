@@ -2,13 +2,15 @@
 
 - Orientation check (with the acquisition's tilt range): clusters whose members, rotated with the missing
   wedge put back, cross into each other are one molecule split by its orientation to the wedge; merged
-  (`orientation_transfer`, `orientation_groups`, `merge_orientations`).
+  (`orientation_transfer`, `orientation_groups`, `merge_orientations`) — unless the split check would
+  split their union again (`split_decision`), which keeps noisy mixtures of different molecules apart.
 - Split check: a cluster whose members' rotation-invariant spectral features fall in two clearly separated
   groups (BIC and separation) holds two molecules; split (`split_cluster`, `split_mixed`), pieces of one
   molecule left apart joined again (`_rejoin`); with the tilt range a split must not be one molecule in two
   ranges of orientations (`split_crossing`). Stored splits are replayed on new data (`apply_splits`).
 - Refinement: after an accepted split the network is trained on the corrected clusters and the EM loop
-  runs again (`refine`).
+  runs again (`refine`). A split whose two sides the refined network puts back into one cluster is not
+  supported by the network's own features: it is rejected, and not made again by the checks that follow.
 """
 import warnings
 
@@ -22,16 +24,21 @@ from .features import random_rotations, spectral_features
 from .mixtures import _gmm, ddbi, mixture_state, posterior
 
 
-def check_kept(best, stack, data, arch, opts, ks, rng, seed, device, say, meta):
+def check_kept(best, stack, data, arch, opts, ks, rng, seed, device, say, meta, rejected=()):
     """The checks on a kept clustering: clusters that are one molecule in different orientations are
-    merged (with the tilt range given), then clusters holding two molecules are split (`split_mixed`).
-    What each check did goes into meta (replacing an earlier pass's record)."""
+    merged (with the tilt range known), then clusters holding two molecules are split (`split_mixed`;
+    splits that reproduce one of `rejected` — (side, side) member index pairs the refinement undid — are
+    refused). What each check did goes into meta (replacing an earlier pass's record). When a split was
+    made, the returned dict also holds 'before_split' (the clustering the split check started from) and
+    'split_pieces' (per accepted split: the index of its test in meta['split_check'] and its two sides)."""
     meta.pop('orientation_merge', None)
     meta.pop('split_check', None)
     if opts.get('wedge_tilt') and opts.get('orientation_merge', True) and best['k'] > 1:
-        best, meta['orientation_merge'] = merge_orientations(best, data, arch, opts, rng, device, say)
+        best, meta['orientation_merge'] = merge_orientations(best, data, stack, arch, opts, rng, seed, device,
+                                                             say)
     if opts.get('split_check', True):
-        best, meta['split_check'] = split_mixed(best, stack, opts, ks[-1] if ks else best['k'], seed, say)
+        best, meta['split_check'] = split_mixed(best, stack, opts, ks[-1] if ks else best['k'], seed, say,
+                                                rejected=rejected)
         if any(t.get('accepted') for t in meta['split_check']):
             meta['prediction'] = ('network features -> PCA -> Gaussian mixture posterior'
                                   ' -> split tests on spectral features (split_check)')
@@ -39,16 +46,27 @@ def check_kept(best, stack, data, arch, opts, ks, rng, seed, device, say, meta):
 
 
 def refine(best, net, loop, train, iterate, data, first, count, stack, arch, opts, ks, rng, seed, device,
-            say, meta):
-    """EM iterations again after the split check changed the clusters.
+           say, meta):
+    """EM iterations again after the split check changed the clusters, and the network's verdict on them.
 
     The self-training had taught the network to call the molecules of a split cluster one class, so its
     features still merge them and only the spectral split tests tell them apart. Here the network starts
     from the kept iteration, gets a new head for the corrected clusters and is trained on them, and the
-    EM loop goes on for at most `count` iterations from those labels (K free again). The refined
-    clustering replaces the split one when its DDBI is lower than the split labels' DDBI in the kept
-    iteration's feature space (the criterion that chose the kept iteration); the checks then run again on
-    it. meta['refine'] records the comparison."""
+    EM loop goes on for at most `count` iterations from those labels (K free again).
+
+    A split is then judged by the network's own features: when the refined clustering puts most of both
+    its sides into one cluster the split is rejected (`undone_splits`) — two molecules stay apart once the
+    network is taught them, one molecule seen in two ranges of orientations to the missing wedge does not
+    (the rotated training copies teach it that both are one) — and no later check makes it again. At low
+    SNR the network may not learn two molecules within these iterations either; a split whose rotated
+    members clearly keep their side (tilt range known) then stands.
+
+    The refined clustering replaces the split one when its DDBI is lower than the split labels' DDBI in the
+    kept iteration's feature space (the criterion that chose the kept iteration); the checks then run again
+    on it, refusing the rejected splits. When the split labels win but hold a rejected split, the split
+    check runs again on the clustering it started from, refusing the rejected splits. meta['refine']
+    records the comparison and meta['refine']['split_check_before'] the first pass, each accepted test
+    marked with the network's verdict ('undone_by_refinement', 'rejected_by_refinement')."""
     split = best
     split_score = ddbi(split['x'], split['labels'], opts['reg_covar'])
     net.load_state_dict({key[4:]: v for key, v in split['state'].items() if key.startswith('net.')})
@@ -60,22 +78,92 @@ def refine(best, net, loop, train, iterate, data, first, count, stack, arch, opt
     # Its first clustering still sees features trained on the merged clusters for all but one epoch (as
     # the untrained network's at iteration 0 of the main loop): not eligible when there are later ones.
     refined = iterate(first, count, first + 1 if count > 1 else first, 0, 'refine')
+    first_pass = meta.get('split_check')
     info = {'from_iteration': int(split['iteration']), 'k_split': int(split['k']), 'ddbi_split': split_score,
-            'first_iteration': int(first), 'training_loss': fitted['loss'],
-            'split_check_before': meta.get('split_check')}
+            'first_iteration': int(first), 'training_loss': fitted['loss'], 'split_check_before': first_pass}
+    rejected = []
+    if refined is not None:
+        rejected = undone_splits(split.get('split_pieces', []), refined['labels'], first_pass, say)
+    info['rejected'] = len(rejected)
     if refined is None or refined['ddbi'] >= split_score:
         info['kept'] = False
-        say(f"refinement: split clustering kept (DDBI {split_score:.4f} ≤ "
-            f"{'-' if refined is None else round(refined['ddbi'], 4)})")
         meta['refine'] = info
-        return split
+        if not rejected:
+            say(f"refinement: split clustering kept (DDBI {split_score:.4f} ≤ "
+                f"{'-' if refined is None else round(refined['ddbi'], 4)})")
+            return split
+        say(f"refinement: split clustering better by DDBI ({split_score:.4f} ≤ {refined['ddbi']:.4f}), but "
+            f"the network undid {len(rejected)} of its splits: split check again without them")
+        before = split['before_split']
+        again, meta['split_check'] = split_mixed(before, stack, opts, ks[-1] if ks else before['k'], seed, say,
+                                                 rejected=rejected)
+        if not any(t.get('accepted') for t in meta['split_check']):
+            meta['prediction'] = 'network features -> PCA -> Gaussian mixture posterior'
+        meta['refine'] = info
+        return again
     info.update({'kept': True, 'iteration': int(refined['iteration']), 'k_refined': int(refined['k']),
                  'ddbi_refined': refined['ddbi']})
     say(f"refinement: kept iteration {refined['iteration']}: K={refined['k']} DDBI={refined['ddbi']:.4f} "
         f"(split labels {split_score:.4f})")
-    refined = check_kept(refined, stack, data, arch, opts, ks, rng, seed, device, say, meta)
+    meta['prediction'] = 'network features -> PCA -> Gaussian mixture posterior'
+    refined = check_kept(refined, stack, data, arch, opts, ks, rng, seed, device, say, meta, rejected=rejected)
     meta['refine'] = info
     return refined
+
+
+# A split the refinement undid stands only when its rotated members clearly stay on their sides: two
+# molecules crossed 0.00–0.34 in the runs of bench/README.md §2, one molecule split by its orientation
+# 0.44–1.10, so the bar sits below the guard's 0.5 where the network's verdict adds its evidence.
+UNDONE_MAX_CROSSING = 0.35
+
+
+def undone_splits(pieces, refined_labels, tests, say, max_crossing=UNDONE_MAX_CROSSING):
+    """The accepted splits that the refined network does not support.
+
+    pieces: per accepted split, {'test': index into tests, 'sides': (members of side 0, members of side 1)}
+    (global indices, as the split made them). A split is undone when the refined cluster holding the most
+    of one side is also the one holding the most of the other. An undone split is rejected unless the
+    tilt range was known and its rotated members stayed on their sides (`split_crossing` below
+    `max_crossing`): then it is two molecules that the network, taught them for a few iterations only,
+    does not tell apart yet (noisy data), not one molecule in two orientations. The test dicts get
+    'refined_shares' (share of each side in its own most common refined cluster), 'undone_by_refinement'
+    and 'rejected_by_refinement'. Returns the (side 0, side 1) pairs of the rejected splits."""
+    rejected = []
+    for piece in pieces:
+        p, q = (np.asarray(v) for v in piece['sides'])
+        lp, lq = refined_labels[p], refined_labels[q]
+        home_p, home_q = int(np.bincount(lp).argmax()), int(np.bincount(lq).argmax())
+        undone = home_p == home_q
+        test = tests[piece['test']] if tests is not None else {}
+        crossing = test.get('crossing')
+        reject = undone and (crossing is None or crossing >= max_crossing)
+        test.update({'refined_shares': [round(float(np.mean(lp == home_p)), 4), round(float(np.mean(lq == home_q)), 4)],
+                     'undone_by_refinement': bool(undone), 'rejected_by_refinement': bool(reject)})
+        if reject:
+            rejected.append((p, q))
+            say(f"refinement: the network put the two sides of the split of cluster {test.get('cluster')} "
+                f"({len(p)} + {len(q)}) back into one cluster: split rejected (not supported by its features"
+                + ('' if crossing is None else f"; rotated members change side: {crossing:.2f}") + ')')
+        elif undone:
+            say(f"refinement: the network put the two sides of the split of cluster {test.get('cluster')} "
+                f"({len(p)} + {len(q)}) back into one cluster, but rotated members keep their side "
+                f"({crossing:.2f} < {max_crossing:g}): two molecules, split kept")
+    return rejected
+
+
+def _reproduces(members, side, rejected, min_agreement=0.8):
+    """Whether a proposed split (members, side 0/1) separates again the two sides of a rejected split:
+    it holds at least half of that split's members, and at least `min_agreement` of those fall on the
+    sides as before (either way round)."""
+    for p, q in rejected:
+        in_p, in_q = np.isin(members, p), np.isin(members, q)
+        covered = int(in_p.sum() + in_q.sum())
+        if covered == 0 or covered < 0.5 * (len(p) + len(q)):
+            continue
+        agree = (np.sum(side[in_p] == 0) + np.sum(side[in_q] == 1)) / covered
+        if max(agree, 1.0 - agree) >= min_agreement:
+            return True
+    return False
 
 
 # ------------------------------------------------------------------------- orientation-split clusters
@@ -112,12 +200,13 @@ def orientation_transfer(data, net, state, labels, tilt_range, rng, device='cpu'
     return transfer, control
 
 
-def orientation_groups(transfer, control, min_share=ORIENTATION_MIN_SHARE):
+def orientation_groups(transfer, control, min_share=ORIENTATION_MIN_SHARE, allowed=None):
     """Clusters to merge: a and b are one molecule seen in different orientations when turning the
     members of each sends at least `min_share` more of them into the other than the unrotated control
     does — in both directions (different molecules stay put however they are turned; the views of one
-    molecule cross over both ways). Returns a list of groups (sorted lists of cluster indices), one per
-    resulting cluster, ordered by their smallest member."""
+    molecule cross over both ways). allowed (optional): callable (group a, group b) -> bool, asked before
+    two groups (lists of cluster indices) are joined; a refusal keeps them apart. Returns a list of groups
+    (sorted lists of cluster indices), one per resulting cluster, ordered by their smallest member."""
     k = len(transfer)
     gain = np.asarray(transfer) - np.asarray(control)
     parent = list(range(k))
@@ -128,10 +217,14 @@ def orientation_groups(transfer, control, min_share=ORIENTATION_MIN_SHARE):
             i = parent[i]
         return i
 
+    def members(r):
+        return sorted(i for i in range(k) if root(i) == r)
+
     for a in range(k):
         for b in range(a + 1, k):
-            if gain[a, b] >= min_share and gain[b, a] >= min_share:
-                parent[root(b)] = root(a)
+            if gain[a, b] >= min_share and gain[b, a] >= min_share and root(a) != root(b):
+                if allowed is None or allowed(members(root(a)), members(root(b))):
+                    parent[root(b)] = root(a)
     groups = {}
     for i in range(k):
         groups.setdefault(root(i), []).append(i)
@@ -233,39 +326,55 @@ def split_crossing(stack, members, side, state, tilt_range, rng, copies=2):
     return float(turned - control)
 
 
-def split_mixed(best, stack, opts, k_max, seed, say):
+def split_decision(stack, features, members, opts, seed, rng):
+    """Whether the split check splits these members: `split_cluster` on their spectral features and, with
+    the tilt range known (option `wedge_tilt`), `split_crossing` below `SPLIT_MAX_CROSSING`. The one rule
+    shared by the split check and the orientation check's merges. Returns split_cluster's tuple, with
+    'crossing' in the info when measured."""
+    accepted, side, state, info = split_cluster(features[members], opts, seed, min_size=int(opts['min_per_cluster']))
+    tilt_range = opts.get('wedge_tilt')
+    if accepted and tilt_range:
+        info['crossing'] = split_crossing(stack, members, side, state, tilt_range, rng)
+        if info['crossing'] >= SPLIT_MAX_CROSSING:
+            accepted = info['accepted'] = False
+            info['reason'] = (f"one molecule in two ranges of orientations (rotated members change side: "
+                              f"{info['crossing']:.2f} ≥ {SPLIT_MAX_CROSSING:g})")
+    return accepted, side, state, info
+
+
+def split_mixed(best, stack, opts, k_max, seed, say, rejected=()):
     """Run `split_cluster` on every kept cluster, and again on the two sides of an accepted split (to
     `SPLIT_MAX_DEPTH` levels, K at most k_max). An accepted split gives the second side a new label; the
     node (parent label, child label, state) is stored in the model so that prediction replays the splits
     in the same order. With the acquisition's tilt range (option `wedge_tilt`) a split must also pass
-    `split_crossing` (not one molecule split by its orientation to the wedge). Returns (updated best, one
-    info dict per test)."""
+    `split_crossing` (not one molecule split by its orientation to the wedge), and a split that separates
+    again the sides of one of `rejected` (pairs of member indices whose split the refinement undid) is
+    refused. Returns (updated best, one info dict per test); when something was split, the updated best
+    also holds 'before_split' (best as given) and 'split_pieces' (see `check_kept`)."""
     features = spectral_features(stack)
-    tilt_range = opts.get('wedge_tilt')
     rng = np.random.default_rng(seed + 7919)
     labels = best['labels'].copy()
     prob = best['probabilities'].copy()
     state = dict(best['state'])
     k = int(best['k'])
-    tests, nodes = [], 0
+    tests, nodes, pieces = [], 0, []
     queue = [(c, 0) for c in range(k)]
     while queue:
         c, depth = queue.pop(0)
         if depth >= SPLIT_MAX_DEPTH or k >= k_max:
             continue
         members = np.flatnonzero(labels == c)
-        accepted, side, node_state, info = split_cluster(features[members], opts, seed,
-                                                         min_size=int(opts['min_per_cluster']))
+        accepted, side, node_state, info = split_decision(stack, features, members, opts, seed, rng)
         info.update({'kind': 'split', 'cluster': int(c), 'depth': depth})
         tests.append(info)
-        if accepted and tilt_range:
-            info['crossing'] = split_crossing(stack, members, side, node_state, tilt_range, rng)
-            if info['crossing'] >= SPLIT_MAX_CROSSING:
-                accepted = info['accepted'] = False
-                info['reason'] = (f"one molecule in two ranges of orientations (rotated members change side: "
-                                  f"{info['crossing']:.2f} ≥ {SPLIT_MAX_CROSSING:g})")
+        if accepted and len(rejected) and _reproduces(members, side, rejected):
+            accepted = info['accepted'] = False
+            info['reason'] = 'the refined network put these two groups back into one cluster (split undone)'
+            say(f"split check: cluster {c} ({len(members)}) would be split as before the refinement, which "
+                f"undid that split: kept whole")
         if not accepted:
             continue
+        pieces.append({'test': len(tests) - 1, 'sides': (members[side == 0], members[side == 1])})
         labels[members[side == 1]] = k
         q = split_side(features, node_state)
         prob = np.concatenate([prob, prob[:, c:c + 1] * q[:, 1:2]], axis=1)
@@ -286,7 +395,8 @@ def split_mixed(best, stack, opts, k_max, seed, say):
     tests += rejoins
     state['splitmap.final_of'] = torch.from_numpy(final_of)
     labels, prob = _relabel(final_of, labels, prob)
-    best = dict(best, labels=labels, k=prob.shape[1], state=state, probabilities=prob)
+    best = dict(best, labels=labels, k=prob.shape[1], state=state, probabilities=prob, before_split=best,
+                split_pieces=pieces)
     return best, tests
 
 
@@ -357,18 +467,40 @@ def apply_splits(stack, state, labels, prob):
 
 
 
-def merge_orientations(best, data, arch, opts, rng, device, say):
+def merge_orientations(best, data, stack, arch, opts, rng, seed, device, say):
     """Merge the kept clusters that `orientation_groups` finds to be one molecule in different
-    orientations; returns (updated best, details for the model's meta)."""
+    orientations, unless the split check would split their union again (`split_decision`: two groups on
+    spectral features that rotated members do not cross between). On noisy data rotated copies scatter
+    across impure clusters of the same molecules, and the transfer test alone merged different molecules
+    (bench/README.md §2, SNR 0.01); the spectral test keeps such a union apart, as the split check would.
+    Returns (updated best, details for the model's meta; 'vetoed' lists the refused joins)."""
     net = yopo.build_features(arch)
     net.load_state_dict({key[4:]: v for key, v in best['state'].items() if key.startswith('net.')})
     net.to(device)
     with yopo.DeterministicTorch(device):
         transfer, control = orientation_transfer(data, net, best['state'], best['labels'], opts['wedge_tilt'],
                                                  rng, device, max(opts['batch_size'], 64))
-    groups = orientation_groups(transfer, control, opts.get('orientation_min_share', ORIENTATION_MIN_SHARE))
+    features, vetoed = None, []
+    check_rng = np.random.default_rng(seed + 104729)
+
+    def allowed(group_a, group_b):
+        nonlocal features
+        if features is None:
+            features = spectral_features(stack)
+        members = np.flatnonzero(np.isin(best['labels'], group_a + group_b))
+        split, _, _, test = split_decision(stack, features, members, opts, seed, check_rng)
+        if split:
+            vetoed.append({'clusters': [group_a, group_b], 'separation': test.get('separation'),
+                           'crossing': test.get('crossing'), 'sizes': test.get('sizes')})
+            say(f"orientation check: clusters {group_a} and {group_b} cross when turned, but their union is two "
+                f"groups on spectral features (separation {test['separation']:.2f}): kept apart")
+        return not split
+
+    groups = orientation_groups(transfer, control, opts.get('orientation_min_share', ORIENTATION_MIN_SHARE),
+                                allowed=allowed)
     info = {'tilt_range': float(opts['wedge_tilt']), 'transfer': np.round(transfer, 4).tolist(),
-            'control': np.round(control, 4).tolist(), 'groups': groups, 'k_before': int(best['k'])}
+            'control': np.round(control, 4).tolist(), 'groups': groups, 'k_before': int(best['k']),
+            'vetoed': vetoed}
     if len(groups) == best['k']:
         say("orientation check: no two clusters are one molecule in different orientations")
         return best, info

@@ -28,17 +28,20 @@ training then entrenches — and it does not accept convergence before iteration
 labels are trivially stable while the network has barely moved. The 'paper' preset keeps the reference's
 start. Both presets seed each Gaussian mixture with k-means++ instead of the reference's random
 responsibilities (option `gmm_init`; 'random' reproduces the reference), which can leave EM on the saddle
-where all components coincide (see `_gmm`). With the acquisition's tilt range (option `wedge_tilt`) the
-rotated training copies get the missing wedge back (`wedge_training`), and the kept clusters go through an
-orientation check (`orientation_merge`; `orientation_transfer`, `orientation_groups`): clusters whose
-members, rotated, cross into each other are one molecule split by its orientation to the wedge and are
-merged. At the end every kept cluster is tested for being two molecules the network has learnt to call
-one (`split_check`, on by default): its members' rotation-invariant spectral features, a view the
+where all components coincide (see `_gmm`). The acquisition's tilt range (option `wedge_tilt`; when not
+given, read from the subtomograms' mean power spectrum — `features.known_tilt_range`; 0 turns it off)
+drives an orientation check of the kept clusters (`orientation_merge`; `orientation_transfer`,
+`orientation_groups`): clusters whose members, rotated with the wedge put back, cross into each other are
+one molecule split by its orientation to the wedge and are merged, unless the split check would split
+their union; with `wedge_training` (off by default) the rotated training copies get the wedge back too.
+At the end every kept cluster is tested for being two molecules the network has learnt to call one
+(`split_check`, on by default): its members' rotation-invariant spectral features, a view the
 network's self-training cannot have merged, are split in two when BIC and a clear separation both say so
 (`split_cluster`), and pieces of one molecule that splits of different clusters left apart are joined
 again (`_rejoin`; bench/README.md §2). When the split check changed the clusters, the network — still
 taught to merge them — is trained on the corrected clusters and the EM loop runs again from them for at
-most `refine_iter` iterations (`_refine`); the refined clustering is kept when its DDBI beats that of the
+most `refine_iter` iterations (`refine`); a split whose sides the refined network puts back into one
+cluster is rejected and not made again, the refined clustering is kept when its DDBI beats that of the
 split labels, and the checks run once more on it. Further: rotations are uniform on SO(3) (scipy) instead of the SVD
 of a random matrix; each subtomogram is normalised to zero mean and unit variance; the 'cpu' preset bins
 subtomograms to 24³ and uses a quarter of the width; candidate K is a range capped by the data size.
@@ -59,7 +62,7 @@ from ..io.mrc import atomic_path
 from ..progress import Progress, compute_summary, duration
 from ..settings import resolve_device
 from .checks import check_kept, refine
-from .features import random_rotations, spectral_embedding
+from .features import known_tilt_range, random_rotations, spectral_embedding
 from .mixtures import GMM_INITS, align_labels, bic_dim, candidate_ks, ddbi, fit_mixtures, mixture_state, posterior
 
 logger = logging.getLogger(__name__)
@@ -71,13 +74,13 @@ TRAINING = {
     'paper': {'lr': 1e-5, 'batch_size': 64, 'pca_dim': 16, 'reg_covar': 1e-5, 'n_init': 5,
               'gmm_max_iter': 100, 'label_smoothing': 0.2, 'head_epochs': 10, 'head_lr': 1e-4,
               'stable_fraction': 0.999, 'min_per_cluster': 10, 'init': 'network', 'min_iter': 1,
-              'wedge_tilt': None, 'wedge_training': True, 'orientation_merge': True, 'gmm_init': 'k-means++',
+              'wedge_tilt': None, 'wedge_training': False, 'orientation_merge': True, 'gmm_init': 'k-means++',
               'split_check': True, 'refine_iter': 5},
     # Fewer, shorter iterations on a CPU: a larger learning rate gets the features moving within them.
     'cpu': {'lr': 5e-4, 'batch_size': 16, 'pca_dim': 16, 'reg_covar': 1e-5, 'n_init': 3,
             'gmm_max_iter': 100, 'label_smoothing': 0.2, 'head_epochs': 10, 'head_lr': 1e-3,
             'stable_fraction': 0.999, 'min_per_cluster': 10, 'init': 'spectral', 'min_iter': 4,
-            'wedge_tilt': None, 'wedge_training': True, 'orientation_merge': True, 'gmm_init': 'k-means++',
+            'wedge_tilt': None, 'wedge_training': False, 'orientation_merge': True, 'gmm_init': 'k-means++',
             'split_check': True, 'refine_iter': 5},
 }
 # 20 for the cpu preset too: at SNR 0.1 and 0.03 a run stops on label stability by iteration 9–11 anyway,
@@ -217,6 +220,7 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
     n = len(data)
     say(f"DISCA: {n} subtomograms (network box {data.shape[-1]}³, preset {preset_name}), at most {max_iter} "
         f"iterations; {compute_summary(device, _precision(opts, device))}")
+    opts['wedge_tilt'], wedge = known_tilt_range(stack, opts.get('wedge_tilt'), say, opts.get('wedge_estimate', True))
     ks = candidate_ks(n, k_range, opts['min_per_cluster'])
     # A full covariance in d dimensions is singular with fewer than d + 1 members; with small data the PCA
     # is narrowed so that even the largest K leaves every cluster more members than dimensions.
@@ -332,7 +336,7 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
         meta = {'input_box': int(np.asarray(stack).shape[-1]), 'network_box': int(data.shape[-1]),
                 'n_train': n, 'seed': seed, 'preset': preset_name, 'pca_dim': pca_dim, 'k_candidates': ks,
                 'normalisation': 'per-subtomogram zero mean, unit variance',
-                'prediction': 'network features -> PCA -> Gaussian mixture posterior'}
+                'prediction': 'network features -> PCA -> Gaussian mixture posterior', 'wedge': wedge}
         best = check_kept(best, stack, data, arch, opts, ks, rng, seed, device, say, meta)
         refine_iter = int(opts.get('refine_iter', 0) or 0)
         unrefined = None

@@ -61,6 +61,110 @@ def random_rotations(stack, rng, order=1, tilt_range=None, matrices=None):
 
 
 
+# ------------------------------------------------------------------------------------ missing wedge
+
+# A wedge is reported only when the power the data lack there is at least this factor below the power
+# they hold at the same frequencies elsewhere (log scale): a reconstructed tomogram's wedge is a few
+# times to orders of magnitude darker, a set without one (or wedge-compensated) differs by noise only.
+WEDGE_MIN_CONTRAST = np.log(2.0)
+
+
+def estimate_tilt_range(stack, band=(0.08, 0.42), max_count=2000):
+    """The missing wedge the subtomograms carry, read from their mean power spectrum (tilt axis Y).
+
+    Every subtomogram cut from a tomogram of a ±θ tilt series lacks the Fourier components with
+    |kz| > |kx|·tan θ (`geometry.wedge_mask`), in the same place for all of them. The log power, relative
+    to its mean over each frequency shell (so that CTF and molecule spectra cancel), is averaged in 1°
+    bins of the angle atan(|kz| / |kx|) over a band of mid frequencies; a step from "sampled" to
+    "missing" is fitted, and its position is θ. Returns (θ in degrees or None, info dict): None when the
+    step is weaker than `WEDGE_MIN_CONTRAST` (no wedge, a wedge-compensated set, or subtomograms that were
+    rotated after extraction, whose wedges no longer coincide) or sits at the ends of the range.
+    """
+    data = np.asarray(stack)
+    if data.ndim != 4 or len(set(data.shape[1:])) != 1:
+        raise InputError('subtomograms', f"expected a stack of cubes (N, b, b, b), got shape {data.shape}")
+    if len(data) > max_count:
+        data = data[np.linspace(0, len(data) - 1, max_count).astype(int)]
+    b = data.shape[-1]
+    power = np.zeros((b, b, b // 2 + 1))
+    for v in data:
+        v = v.astype(np.float64)
+        v = (v - v.mean()) / (v.std() + 1e-12)
+        power += np.abs(np.fft.rfftn(v)) ** 2
+    log_power = np.log(power / len(data) + 1e-12 * power.max() + 1e-30)
+    kz = np.fft.fftfreq(b).reshape(-1, 1, 1)
+    ky = np.fft.fftfreq(b).reshape(1, -1, 1)
+    kx = np.fft.rfftfreq(b).reshape(1, 1, -1)
+    radius = np.sqrt(kz ** 2 + ky ** 2 + kx ** 2)
+    shell = np.minimum((radius * b).round().astype(int), b)
+    in_band = (radius >= band[0]) & (radius <= band[1]) & (np.hypot(kz, kx) > 0.5 / b)
+    shell_mean = np.bincount(shell[in_band], log_power[in_band], b + 1) / \
+        np.maximum(np.bincount(shell[in_band], None, b + 1), 1)
+    relative = (log_power - shell_mean[shell])[in_band]
+    angle = np.degrees(np.arctan2(np.abs(np.broadcast_to(kz, in_band.shape)[in_band]),
+                                  np.broadcast_to(kx, in_band.shape)[in_band]))
+    bins = np.minimum(angle.astype(int), 89)
+    count = np.bincount(bins, None, 90)
+    total = np.bincount(bins, relative, 90)
+    best = None
+    # Step fit: θ splits the angles into sampled (below) and missing (above); least squares over voxels.
+    for theta in range(10, 89):
+        lo_n, hi_n = count[:theta].sum(), count[theta:].sum()
+        if lo_n == 0 or hi_n == 0:
+            continue
+        lo, hi = total[:theta].sum() / lo_n, total[theta:].sum() / hi_n
+        gain = lo_n * hi_n / (lo_n + hi_n) * (lo - hi) ** 2   # between-group sum of squares
+        if best is None or gain > best[0]:
+            best = (gain, theta, lo - hi)
+    info = {'method': 'step in the mean log power spectrum against atan(|kz|/|kx|), tilt axis Y',
+            'subtomograms_used': int(len(data))}
+    if best is None:
+        info['reason'] = 'box too small to measure'
+        return None, info
+    _, theta, contrast = best
+    info.update({'step_deg': int(theta), 'contrast': round(float(contrast), 3)})
+    if contrast < WEDGE_MIN_CONTRAST:
+        info['reason'] = (f'no missing wedge: the power beyond {theta}° is only {np.exp(contrast):.2f}× lower '
+                          f'(at least {np.exp(WEDGE_MIN_CONTRAST):.1f}× expected)')
+        return None, info
+    if theta >= 85:
+        info['reason'] = f'the step sits at {theta}°: no wedge worth handling'
+        return None, info
+    return float(theta), info
+
+
+def known_tilt_range(stack, tilt_range=None, say=None, estimate=True):
+    """The tilt range DISCA works with, and where it came from: (θ in degrees or None, info dict).
+
+    tilt_range: the acquisition's largest tilt when known (the CLI's --wedge-tilt or the STAR file, the
+    protocol's acquisition); 0 turns the wedge handling off. None: read from the data
+    (`estimate_tilt_range`) unless `estimate` is False. One line goes to `say` either way, so a log always
+    tells which wedge the checks used, or that none was known.
+    """
+    say = say or (lambda line: None)
+    if tilt_range is not None:
+        theta = float(tilt_range)
+        if theta == 0:
+            say('missing wedge: off (tilt range 0): no orientation checks')
+            return None, {'source': 'off', 'tilt_range': None}
+        if not 0 < theta < 90:
+            raise InputError('wedge tilt range', f"must be between 0 and 90 degrees, got {theta:g}")
+        say(f'missing wedge: ±{theta:g}° about Y (given)')
+        return theta, {'source': 'given', 'tilt_range': theta}
+    if not estimate:
+        say('missing wedge: none given: no orientation checks')
+        return None, {'source': 'none', 'tilt_range': None}
+    theta, info = estimate_tilt_range(stack)
+    info.update({'source': 'estimated', 'tilt_range': theta})
+    if theta is None:
+        say(f"missing wedge: none given, none found in the subtomograms ({info['reason']}): no orientation "
+            f"checks")
+    else:
+        say(f"missing wedge: none given; the subtomograms' mean power spectrum shows ±{theta:g}° about Y "
+            f"(power {np.exp(info['contrast']):.3g}× lower beyond it), used by the orientation checks")
+    return theta, info
+
+
 # ------------------------------------------------------------------------------------------ baseline
 
 def spectral_features(stack, n_shells=None):
