@@ -7,9 +7,11 @@ predicted IoU > --iou whose box is near the most frequent box size (--size-facto
 pick. Without one, picks are maxima of the distance transform of the map thresholded at --threshold.
 
 Writes DIR/<micrograph>_picks.star with rlnMicrographName, rlnCoordinateX (column), rlnCoordinateY (row of
-the micrograph array as read; no flip), rlnClassNumber, rlnAutopickFigureOfMerit (SAM predicted IoU, or
-the smoothed U-Net probability) and rlnDiameter, in pixels of the micrograph; with --save-maps also
-DIR/<micrograph>_prob.mrc.
+the micrograph array as read; no flip), rlnClassNumber, rlnAutopickFigureOfMerit and rlnDiameter, in
+pixels of the micrograph; with --save-maps also DIR/<micrograph>_prob.mrc. The score is the value the
+picking threshold was applied to: SAM's predicted IoU (kept above --iou) or the U-Net probability at the
+pick (kept at or above --threshold), so keeping rows with a score at or above that threshold keeps every
+pick, and a higher one is a stricter picking.
 
 Examples:
   cryopick cryosegnet mics/*.mrc --model csn.pt --out picks/ --sam-checkpoint sam_vit_h_4b8939.pth

@@ -11,6 +11,14 @@ Coordinates: one STAR file per micrograph (same order), or one STAR file with rl
 each micrograph (file name with or without extension). rlnCoordinateX = column, rlnCoordinateY = row of
 the micrograph array as read, in its pixels.
 
+Masks instead (--masks): one image per micrograph (same order, same size), or a folder holding
+<micrograph>_mask.<ext> or <micrograph>.<ext> for each, with a filled circle of --diameter pixels on every
+particle (the shared β-gal data and CryoPPP ship such masks). The mask is thresholded (--mask-threshold,
+default halfway between its lowest and highest value: 127.5 for 8-bit masks, which JPEG blurs at the
+edges) and every circle's centre is found by a circular Hough transform of the blob outlines, so touching
+and border-cut circles give one centre each (`betagal.mask_centres`); training then proceeds from those
+centres exactly as from STAR coordinates.
+
 Presets: cpu (base width 8, ≈2 M parameters, input 512) and paper (base width 64, ≈131 M parameters, input
 1024, as published; needs a GPU). --init fine-tunes a saved model (its architecture, input size and
 preprocessing are kept).
@@ -20,10 +28,13 @@ Examples:
       --out csn.pt --epochs 50
   cryopick train-cryosegnet --micrographs a.jpg b.jpg --coords a.star b.star --diameter 108 --no-preprocess \\
       --init csn.pt --out csn_ft.pt --epochs 10
+  cryopick train-cryosegnet --micrographs betagal/micrographs/*.jpg --masks betagal/masks --diameter 108 \\
+      --no-preprocess --out csn.pt
 """
 import logging
 import os
 
+import numpy as np
 
 from ..engine.pick2d.cryosegnet import picker as cryosegnet
 from ..engine.io import star
@@ -35,8 +46,15 @@ log = logging.getLogger(__name__)
 
 def add_args(parser):
     parser.add_argument('--micrographs', nargs='+', required=True, help='micrographs (MRC, TIFF, JPG/PNG greyscale)')
-    parser.add_argument('--coords', nargs='+', required=True,
+    labels = parser.add_mutually_exclusive_group(required=True)
+    labels.add_argument('--coords', nargs='+',
                         help='one STAR file per micrograph, or one STAR file with rlnMicrographName')
+    labels.add_argument('--masks', nargs='+',
+                        help='instead of --coords: one particle mask image per micrograph (a filled circle of '
+                             '--diameter on each particle), or a folder with <micrograph>_mask.<ext>')
+    parser.add_argument('--mask-threshold', type=float, default=None,
+                        help='mask pixels at or above this are particle (default: halfway between the '
+                             "mask's lowest and highest value)")
     parser.add_argument('--diameter', type=float, required=True, help='particle diameter in pixels of the micrographs')
     parser.add_argument('--out', required=True, help='model file to write')
     parser.add_argument('--preset', choices=sorted(cryosegnet.attention_unet.PRESETS), default='cpu',
@@ -113,11 +131,70 @@ def coordinates_per_micrograph(mic_paths, star_paths):
 
 def main(args):
     from ..engine.pick2d.micrograph_io import read_micrograph
-    for path in args.micrographs + args.coords + ([args.init] if args.init else []):
+    for path in args.micrographs + (args.coords or []) + ([args.init] if args.init else []):
         if not os.path.exists(path):
             raise InputError(path, "file not found")
-    coords = coordinates_per_micrograph(args.micrographs, args.coords)
+    masks = mask_paths(args.micrographs, args.masks) if args.masks else None
+    coords = coordinates_per_micrograph(args.micrographs, args.coords) if args.coords else None
     images, pixel_sizes = [], []
+def mask_paths(mic_paths, specs):
+    """One mask file per micrograph: the files in order, or found in a folder by the micrograph's name."""
+    if len(specs) == 1 and os.path.isdir(specs[0]):
+        folder = specs[0]
+        files = sorted(f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)))
+        by_stem = {}
+        for f in files:
+            by_stem.setdefault(os.path.splitext(f)[0], f)
+        out = []
+        for mic in mic_paths:
+            stem = os.path.splitext(os.path.basename(mic))[0]
+            found = by_stem.get(stem + '_mask') or by_stem.get(stem)
+            if found is None:
+                raise InputError(folder, f"holds no mask for {os.path.basename(mic)} (looked for {stem}_mask.* "
+                                         f"and {stem}.*)")
+            out.append(os.path.join(folder, found))
+        return out
+    if len(specs) != len(mic_paths):
+        raise InputError('--masks', f"give one mask per micrograph ({len(mic_paths)}) or a folder; got {len(specs)}")
+    for path in specs:
+        if not os.path.isfile(path):
+            raise InputError(path, "file not found")
+    return list(specs)
+
+
+def read_mask(path):
+    """A mask image as float32 (y, x); unlike a micrograph it may be constant (no particle)."""
+    from ..engine.io.mrc import open_volume
+    from ..engine.pick2d.micrograph_io import IMAGE_EXTENSIONS, _read_image
+    if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+        mask = _read_image(path)
+    else:
+        mask = np.array(open_volume(path, ndim=2)[0], dtype=np.float32)
+    if not np.all(np.isfinite(mask)):
+        raise InputError(path, "contains NaN or infinite values")
+    return mask
+
+
+def centres_from_masks(mask_files, shapes, diameter, threshold=None):
+    """(N, 2) x, y particle centres per mask: circles of `diameter` found in the thresholded mask."""
+    from ..engine.pick2d.betagal import mask_centres
+    out = []
+    for path, shape in zip(mask_files, shapes):
+        mask = read_mask(path)
+        if mask.shape != tuple(shape):
+            raise InputError(path, f"mask is {mask.shape[1]} × {mask.shape[0]} pixels, its micrograph "
+                                   f"{shape[1]} × {shape[0]}")
+        lo, hi = float(mask.min()), float(mask.max())
+        thr = 0.5 * (lo + hi) if threshold is None else float(threshold)
+        fg = mask >= thr if hi > lo or threshold is not None else np.zeros(mask.shape, bool)
+        if fg.all():
+            raise InputError(path, f"every pixel is at or above the threshold {thr:g}: not a particle mask")
+        centres = mask_centres(fg, float(diameter) / 2.0)
+        log.info('%s: %d particle centres (mask ≥ %g, circles of %g px)', path, len(centres), thr, diameter)
+        out.append(centres)
+    return out
+
+
     for path in args.micrographs:
         image, pixel = read_micrograph(path)
         images.append(image)
@@ -129,6 +206,8 @@ def main(args):
         device=args.device, seed=args.seed, input_size=args.input_size, crop_size=args.crop_size,
         preprocess=not args.no_preprocess, pixel_size=pixel, lr_schedule=args.lr_schedule,
         names=[os.path.basename(p) for p in args.micrographs])
+    if masks is not None:
+        coords = centres_from_masks(masks, [im.shape for im in images], args.diameter, args.mask_threshold)
     best = max(history, key=lambda row: row['val_dice'])
     log.info('%d micrographs, %d particles: best validation Dice %.3f (epoch %d) → %s', len(images),
              int(sum(len(c) for c in coords)), best['val_dice'], best['epoch'], args.out)

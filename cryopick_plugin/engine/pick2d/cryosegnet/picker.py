@@ -484,7 +484,8 @@ def picks_from_map(prob, diameter_px, threshold=0.5, min_radius=0.3, max_radius=
     times the particle radius. Works on a copy scaled so the diameter is about 24 pixels (fast on 4k²
     maps). Picks closer than `edge_margin` diameters to the map's edge are dropped (a cut particle;
     `micrograph_io.away_from_edge`). Returns a DataFrame with rlnCoordinateX/Y (pixels of `prob`),
-    rlnAutopickFigureOfMerit (the map smoothed over a third of the radius, at the pick) and rlnDiameter.
+    rlnAutopickFigureOfMerit (the map at the pick, the value `threshold` was applied to, so keeping the
+    picks with score ≥ threshold keeps them all) and rlnDiameter.
     """
     import cv2
     from scipy import ndimage
@@ -510,7 +511,9 @@ def picks_from_map(prob, diameter_px, threshold=0.5, min_radius=0.3, max_radius=
     keep = (radius >= min_radius * r) & (radius <= max_radius * r)
     peaks = peaks[keep]
     xy = np.stack([(peaks[:, 1] + 0.5) / sx - 0.5, (peaks[:, 0] + 0.5) / sy - 0.5], axis=1)
-    scores = smooth[peaks[:, 0], peaks[:, 1]]
+    # The thresholded value itself (a peak lies in the foreground, so ≥ threshold): a smoothed score fell
+    # below the threshold on narrow blobs, and filtering the STAR at the picking threshold lost picks.
+    scores = small[peaks[:, 0], peaks[:, 1]]
     inside = away_from_edge(xy, prob.shape, edge_margin * d)
     xy, scores = xy[inside], scores[inside]
     order = np.argsort(-scores, kind='stable')

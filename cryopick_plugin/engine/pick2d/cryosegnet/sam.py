@@ -9,7 +9,10 @@
    width and height (w_m, h_m); with r = ½·√(w_m² + h_m²) and t = size_factor·r keep boxes with
    w_m − t/3 < w < w_m + t and the same for h. All in the SAM frame: CryoSegNet computed t in original
    pixels and compared it with widths in the 1024 frame (a four times wider window on 4k micrographs).
-4. Box centres are mapped back to the micrograph's pixels. Unlike CryoSegNet, no second, randomly
+4. Each pick's score (rlnAutopickFigureOfMerit) is the predicted IoU that step 3 compared with
+   `iou_filter`, so every written pick has a score above it and filtering a STAR file at `iou_filter`
+   keeps all of them.
+5. Box centres are mapped back to the micrograph's pixels. Unlike CryoSegNet, no second, randomly
    jittered pick is added for masks with IoU > 0.9999, and the written diameter is the modal box side
    (CryoSegNet wrote its diagonal, √2 too large).
 
