@@ -83,6 +83,13 @@ def add_args(parser):
     parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N (default $CRYOPICK_DEVICE or auto)')
     add_threads_arg(parser)
     parser.add_argument('--seed', type=int, default=0)
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument('--resume', dest='resume', action='store_const', const=True, default='auto',
+                        help='continue the run saved in OUT.checkpoint.pt (written after every epoch) and fail '
+                             'when there is none; without --resume / --no-resume a checkpoint of a run with the '
+                             'same settings is continued, any other is replaced')
+    resume.add_argument('--no-resume', dest='resume', action='store_const', const=False,
+                        help='start afresh even when OUT.checkpoint.pt holds an interrupted run')
 
 
 def _names(path):
@@ -129,14 +136,6 @@ def coordinates_per_micrograph(mic_paths, star_paths):
     return out
 
 
-def main(args):
-    from ..engine.pick2d.micrograph_io import read_micrograph
-    for path in args.micrographs + (args.coords or []) + ([args.init] if args.init else []):
-        if not os.path.exists(path):
-            raise InputError(path, "file not found")
-    masks = mask_paths(args.micrographs, args.masks) if args.masks else None
-    coords = coordinates_per_micrograph(args.micrographs, args.coords) if args.coords else None
-    images, pixel_sizes = [], []
 def mask_paths(mic_paths, specs):
     """One mask file per micrograph: the files in order, or found in a folder by the micrograph's name."""
     if len(specs) == 1 and os.path.isdir(specs[0]):
@@ -195,19 +194,27 @@ def centres_from_masks(mask_files, shapes, diameter, threshold=None):
     return out
 
 
+def main(args):
+    from ..engine.pick2d.micrograph_io import read_micrograph
+    for path in args.micrographs + (args.coords or []) + ([args.init] if args.init else []):
+        if not os.path.exists(path):
+            raise InputError(path, "file not found")
+    masks = mask_paths(args.micrographs, args.masks) if args.masks else None
+    coords = coordinates_per_micrograph(args.micrographs, args.coords) if args.coords else None
+    images, pixel_sizes = [], []
     for path in args.micrographs:
         image, pixel = read_micrograph(path)
         images.append(image)
         pixel_sizes.append(pixel)
+    if masks is not None:
+        coords = centres_from_masks(masks, [im.shape for im in images], args.diameter, args.mask_threshold)
     pixel = args.pixel_size or next((p for p in pixel_sizes if p), None)
     history = cryosegnet.train_cryosegnet(
         images, coords, args.diameter, args.out, preset=args.preset, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction, init_model=args.init,
         device=args.device, seed=args.seed, input_size=args.input_size, crop_size=args.crop_size,
         preprocess=not args.no_preprocess, pixel_size=pixel, lr_schedule=args.lr_schedule,
-        names=[os.path.basename(p) for p in args.micrographs])
-    if masks is not None:
-        coords = centres_from_masks(masks, [im.shape for im in images], args.diameter, args.mask_threshold)
+        names=[os.path.basename(p) for p in args.micrographs], resume=args.resume)
     best = max(history, key=lambda row: row['val_dice'])
     log.info('%d micrographs, %d particles: best validation Dice %.3f (epoch %d) → %s', len(images),
              int(sum(len(c) for c in coords)), best['val_dice'], best['epoch'], args.out)

@@ -420,3 +420,45 @@ def test_tune_threshold_leaves_the_training_level_only_for_a_real_gain():
     prob, centres = _disk_map(100, 30, 10)
     thr, f1 = cs.tune_threshold([prob], [centres], 20.0)
     assert thr == 0.6 and f1 == pytest.approx(2 * 100 / (100 + 110))
+
+
+# ---------------------------------------------------------------------------- progress and resuming
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_progress_lines_and_an_interrupted_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv('CRYOPICK_PROGRESS_SECONDS', '0')     # a progress line at every step
+    rng = np.random.default_rng(14)
+    data = [synthetic_micrograph(rng) for _ in range(3)]
+    args = ([d[0] for d in data], [d[1] for d in data], DIAMETER)
+    kw = dict(preset=TINY, epochs=3, lr=2e-3, input_size=128, crop_size=64, min_crops_per_epoch=4, device='cpu',
+              seed=0)
+    lines = []
+    whole = cs.train_cryosegnet(*args, str(tmp_path / 'whole.pt'), log=lines.append, **kw)
+    assert lines[0].startswith('train-cryosegnet: device cpu (') and lines[0].endswith('precision fp32')
+    assert any(line.startswith('epoch 2/3: 2/2 steps (100%)') and 'ETA' in line and 'loss' in line
+               for line in lines), lines
+    assert any(line.startswith('preparing micrographs: 3/3 micrographs') for line in lines)
+
+    def stop_after_first_epoch(message):
+        if message.startswith('epoch 1:'):
+            raise _Interrupt()        # as a kill right after epoch 1 was saved
+    out = str(tmp_path / 'cut.pt')
+    with pytest.raises(_Interrupt):
+        cs.train_cryosegnet(*args, out, log=stop_after_first_epoch, **kw)
+    assert os.path.exists(out + '.checkpoint.pt') and not os.path.exists(out)
+    lines = []
+    resumed = cs.train_cryosegnet(*args, out, log=lines.append, resume=True, **kw)
+    assert any(line.startswith(f'resuming from {out}.checkpoint.pt after epoch 1') for line in lines)
+    assert not any(line.startswith(('epoch 0:', 'epoch 1:', 'epoch 1/3')) for line in lines)  # not trained again
+    assert [row['epoch'] for row in resumed] == [0, 1, 2, 3]
+    assert [row['train_loss'] for row in resumed[1:]] == pytest.approx([row['train_loss'] for row in whole[1:]],
+                                                                       rel=1e-5)
+    _, a, meta = model_io.load_model(out, 'cryosegnet')
+    _, b, _ = model_io.load_model(tmp_path / 'whole.pt', 'cryosegnet')
+    assert meta['resumed_after_epoch'] == 1 and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    assert not os.path.exists(out + '.checkpoint.pt')        # removed when training ends
+    with pytest.raises(InputError, match='no checkpoint'):
+        cs.train_cryosegnet(*args, out, resume=True, **kw)

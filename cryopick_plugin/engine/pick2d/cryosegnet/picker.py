@@ -50,7 +50,9 @@ import numpy as np
 import pandas as pd
 
 from . import attention_unet
+from ... import checkpoint
 from ...io import star
+from ...progress import Progress, compute_summary
 from ...errors import InputError
 from ...io.model_io import load_model, save_model
 from ..micrograph_io import EDGE_MARGIN, away_from_edge
@@ -198,7 +200,7 @@ def _evaluate(net, xs, ys, device, threshold=0.5):
 def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epochs=50, batch_size=None,
                      lr=None, val_fraction=0.2, init_model=None, device='auto', seed=0, log=None,
                      input_size=None, crop_size=None, preprocess=False, pixel_size=None, names=None,
-                     min_crops_per_epoch=MIN_CROPS_PER_EPOCH, lr_schedule='cosine'):
+                     min_crops_per_epoch=MIN_CROPS_PER_EPOCH, lr_schedule='cosine', resume='auto'):
     """Train (or fine-tune) the attention U-Net on micrographs and particle centres.
 
     images        list of (y, x) arrays; raw when `preprocess` is True or a dict of chain switches (the
@@ -220,7 +222,11 @@ def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epoch
     val_fraction  fraction of the micrographs held out for validation (at least one when two or more are
                   given; with one micrograph it validates on the training micrograph and says so in meta).
     init_model    fine-tune from this model file: its architecture, weights, input size and chain.
-    log           callable(str) receiving one line per epoch (default: the module logger).
+    log           callable(str) receiving one line per epoch and progress lines (device and precision at the
+                  start, steps / rate / ETA within epochs; default: the module logger).
+    resume        'auto': continue from <out_model>.checkpoint.pt, written after every epoch, when it holds a
+                  run with the same settings; True: require it; False: start afresh (`checkpoint.py`). The
+                  checkpoint is removed when training ends.
     Returns the history: a list of dicts (epoch, train_loss, val_loss, val_dice, lr at the epoch's last
     step, seconds); epoch 0 is the evaluation before training.
     """
@@ -259,6 +265,8 @@ def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epoch
         raise InputError('options', "epochs ≥ 0, batch size ≥ 1 and 0 ≤ val_fraction < 1 are required")
     if lr_schedule not in LR_SCHEDULES:
         raise InputError('lr_schedule', f"unknown schedule {lr_schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
+    ckpt_path = checkpoint.path_for(out_model)
+    checkpoint.check(ckpt_path, resume)
 
     # Check everything before the (long) preprocessing and training start.
     checked, centres = [], []
@@ -276,14 +284,17 @@ def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epoch
         centres.append(xy)
 
     device = _device(device)
+    say(f'train-cryosegnet: {compute_summary(device, None)}')
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     t0 = time.time()
     xs, ys = [], []
+    preparing = Progress('preparing micrographs', len(checked), unit='micrograph', say=say)
     for img, xy in zip(checked, centres):
         square, _ = to_network(to_unit_range(img, switches), input_size)
         xs.append(square)
         ys.append(disk_target(xy, diameter_px, img.shape, input_size))
+        preparing.update()
     say(f'prepared {len(xs)} micrograph(s) at {input_size}² in {time.time() - t0:.1f} s')
 
     n = len(xs)
@@ -310,11 +321,29 @@ def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epoch
     def snapshot():
         return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
 
-    history = []
-    val_loss, val_dice = _evaluate(net, val_x, val_y, device)
-    history.append({'epoch': 0, 'train_loss': None, 'val_loss': val_loss, 'val_dice': val_dice, 'seconds': 0.0})
-    say(f'epoch 0: val loss {val_loss:.4f}, val Dice {val_dice:.4f}')
-    best = {'epoch': 0, 'val_dice': val_dice, 'val_loss': val_loss, 'state': snapshot()}
+    # Everything that shapes the run's steps: a checkpoint made with other values is not resumed.
+    resume_settings = {
+        'micrographs': [[names[i], list(checked[i].shape), _digest(centres[i])] for i in range(n)],
+        'diameter_px': float(diameter_px), 'arch': arch, 'input_size': input_size, 'crop': crop,
+        'batch_size': batch_size, 'lr': lr, 'lr_schedule': lr_schedule, 'epochs': epochs, 'seed': seed,
+        'val_fraction': val_fraction, 'preprocess': switches, 'min_crops_per_epoch': int(min_crops_per_epoch),
+        'init_model': os.fspath(init_model) if init_model else None}
+    saved = checkpoint.load(ckpt_path, resume_settings, resume, say=logging.getLogger(__name__).warning)
+    if saved is None:
+        history = []
+        val_loss, val_dice = _evaluate(net, val_x, val_y, device)
+        history.append({'epoch': 0, 'train_loss': None, 'val_loss': val_loss, 'val_dice': val_dice,
+                        'seconds': 0.0})
+        say(f'epoch 0: val loss {val_loss:.4f}, val Dice {val_dice:.4f}')
+        best = {'epoch': 0, 'val_dice': val_dice, 'val_loss': val_loss, 'state': snapshot()}
+        step, first_epoch = 0, 1
+    else:
+        net.load_state_dict(saved['net'])
+        opt.load_state_dict(saved['optimizer'])
+        checkpoint.restore_rng(saved['rng'], rng)
+        history, best, step, first_epoch = saved['history'], saved['best'], saved['step'], saved['epoch'] + 1
+        say(f"resuming from {ckpt_path} after epoch {saved['epoch']} (best val Dice {best['val_dice']:.4f} at "
+            f"epoch {best['epoch']})")
     crops_per_image = max((input_size // crop) ** 2, -(-int(min_crops_per_epoch) // max(1, len(train_idx))))
     steps_per_epoch = -(-crops_per_image * len(train_idx) // batch_size)
     total_steps = max(1, epochs * steps_per_epoch)
@@ -327,14 +356,14 @@ def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epoch
             factor = 1.0
         for group in opt.param_groups:
             group['lr'] = lr * factor
-    step = 0
 
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first_epoch, epochs + 1):
         t_epoch = time.time()
         net.train()
         samples = np.repeat(np.asarray(train_idx), crops_per_image)
         rng.shuffle(samples)
         losses = []
+        progress = Progress(f'epoch {epoch}/{epochs}', -(-len(samples) // batch_size), say=say)
         for start in range(0, len(samples), batch_size):
             bx, by = [], []
             for i in samples[start:start + batch_size]:
@@ -351,17 +380,21 @@ def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epoch
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
+            progress.update(note=lambda: f'loss {np.mean(losses[-20:]):.4f}')
         val_loss, val_dice = _evaluate(net, val_x, val_y, device)
         row = {'epoch': epoch, 'train_loss': float(np.mean(losses)), 'val_loss': val_loss,
                'val_dice': val_dice, 'lr': float(opt.param_groups[0]['lr']),
                'seconds': round(time.time() - t_epoch, 2)}
         history.append(row)
-        say(f"epoch {epoch}: train loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, "
-            f"val Dice {val_dice:.4f} ({row['seconds']:.1f} s)")
         # Best Dice wins; at equal Dice (e.g. still 0 early in training, when nothing passes 0.5 yet) the
         # lower validation loss does, so a short run keeps what it learnt instead of the starting weights.
         if val_dice > best['val_dice'] or (val_dice == best['val_dice'] and val_loss < best['val_loss']):
             best = {'epoch': epoch, 'val_dice': val_dice, 'val_loss': val_loss, 'state': snapshot()}
+        checkpoint.save(ckpt_path, resume_settings, {
+            'epoch': epoch, 'net': net.state_dict(), 'optimizer': opt.state_dict(), 'rng': checkpoint.rng_state(rng),
+            'history': history, 'best': best, 'step': step})
+        say(f"epoch {epoch}: train loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, "
+            f"val Dice {val_dice:.4f} ({row['seconds']:.1f} s)")
 
     h, w, sy, sx = network_frame(checked[0].shape, input_size)
     meta = {
@@ -391,9 +424,18 @@ def train_cryosegnet(images, coords, diameter_px, out_model, preset='cpu', epoch
         meta.update(threshold=thr, threshold_source='F1 on the validation micrographs',
                     threshold_val_f1=round(f1, 4))
         say(f'U-Net-only threshold {thr:.2f} (validation F1 {f1:.3f})')
+    if saved is not None:
+        meta['resumed_after_epoch'] = int(saved['epoch'])
     save_model(out_model, METHOD, arch, best['state'], meta)
+    checkpoint.remove(ckpt_path)
     say(f"best val Dice {best['val_dice']:.4f} at epoch {best['epoch']} → {out_model}")
     return history
+
+
+def _digest(xy):
+    """Short fingerprint of a micrograph's coordinates (for resuming only the same training)."""
+    import hashlib
+    return hashlib.sha1(np.ascontiguousarray(xy, dtype=np.float64).tobytes()).hexdigest()[:16]
 
 
 THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
