@@ -58,9 +58,10 @@ def resolve_precision(requested=None, device='cpu'):
 
     'auto' picks bf16 where the hardware computes it natively (CPUs with AVX-512 BF16 / AMX through oneDNN,
     CUDA devices with bf16 support) and fp32 elsewhere. Weights, optimiser state, losses and the outputs
-    stay fp32; only the convolutions and matrix products run in bf16 (autocast). On this CPU PyTorch has
-    no oneDNN fp32 path for 3D convolutions (it falls back to im2col + GEMM), so bf16 trains the 3D-ResUNet
-    about ten times faster; on a CPU without native bf16 it would be slower than fp32, hence the check.
+    stay fp32; only the convolutions and matrix products run in bf16 (autocast). In fp32 on a CPU the 3D
+    networks' convolutions take the route of `engine.conv3d` (torch's own fp32 3D convolution of a single
+    volume is im2col + GEMM, a few GFLOP/s); bf16 on a CPU without native bf16 would be emulated and slower
+    than fp32, hence the check. bench/README.md ("3D convolutions in fp32") compares the three.
     """
     requested = (requested or os.environ.get(PRECISION_VAR) or 'auto').strip().lower()
     if requested not in PRECISIONS:
