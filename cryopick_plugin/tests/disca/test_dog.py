@@ -120,3 +120,72 @@ def test_command_line(tmp_path, capsys):
     mrc.write_mrc(const, np.zeros(SHAPE, np.float32))
     assert cli(['dog-pick', str(const), '--diameter', '8', '--out', str(tmp_path / 'x.star')]) == 2
     assert 'flat.mrc' in capsys.readouterr().err and not (tmp_path / 'x.star').exists()
+
+
+def scattered_blobs(seed, noise=0.5, shape=(48, 64, 64), n=16, diameter=8):
+    """n dark Gaussian blobs at least 12 voxels apart in Gaussian noise, and their centres (z, y, x)."""
+    rng = np.random.default_rng(100 + seed)
+    centres = []
+    while len(centres) < n:
+        c = rng.uniform(6, np.array(shape) - 6)
+        if all(np.linalg.norm(c - q) > 12 for q in centres):
+            centres.append(c)
+    centres = np.array(centres)
+    vol = rng.normal(0, noise, shape).astype(np.float32)
+    zz, yy, xx = np.indices(shape)
+    sigma = diameter / 2 / np.sqrt(3)
+    for c in centres:
+        vol -= np.exp(-((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) / (2 * sigma ** 2)).astype(np.float32)
+    return vol, centres
+
+
+def _f1(picks, centres, radius=2.0):
+    return 2 * len(match_points(zyx(picks), centres, radius)[0]) / (len(picks) + len(centres))
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_default_threshold_keeps_the_particles_and_drops_the_noise_maxima(seed):
+    vol, centres = scattered_blobs(seed)
+    picks = dog.dog_pick(vol, diameter=8)
+    assert len(picks) > 10 * len(centres) and _f1(picks, centres) < 0.3  # without a threshold: mostly noise
+    t = dog.default_threshold(picks[star.SCORE].to_numpy())
+    assert _f1(picks[picks[star.SCORE] >= t], centres) >= 0.9
+
+
+def test_default_threshold_keeps_everything_when_there_is_too_little_to_fit():
+    assert dog.default_threshold([5.0, 1.0, 3.0]) == 0.0
+    assert dog.default_threshold(np.full(50, 2.0)) == 0.0
+    assert dog.default_threshold([]) == 0.0
+
+
+def test_command_threshold_auto_none_and_from_validation(tmp_path, caplog):
+    vol, centres = scattered_blobs(0)
+    path = tmp_path / 'TS_01.mrc'
+    mrc.write_mrc(path, vol, voxel_size=10)
+    val, val_centres = scattered_blobs(1)
+    mrc.write_mrc(tmp_path / 'TS_02.mrc', val, voxel_size=10)
+    star.write_coordinates(tmp_path / 'val.star', star.coordinates_frame(val_centres[:, ::-1], 'TS_02'))
+    out = tmp_path / 'picks.star'
+    with caplog.at_level('INFO'):
+        assert cli(['dog-pick', str(path), '--diameter', '8', '--out', str(out)]) == 0
+    assert any('chosen from the scores' in r.getMessage() for r in caplog.records)
+    assert _f1(star.read_coordinates(out), centres) >= 0.9
+    # none: every positive maximum, as before
+    assert cli(['dog-pick', str(path), '--diameter', '8', '--threshold', 'none', '--out', str(out)]) == 0
+    assert len(star.read_coordinates(out)) > 10 * len(centres)
+    # with a cap and no threshold: the strongest up to the cap (what the Scipion protocol asks for)
+    assert cli(['dog-pick', str(path), '--diameter', '8', '--max-picks', '40', '--out', str(out)]) == 0
+    assert len(star.read_coordinates(out)) == 40
+    caplog.clear()
+    with caplog.at_level('INFO'):
+        assert cli(['dog-pick', str(path), '--diameter', '8', '--validation', f"{tmp_path / 'TS_02.mrc'}:"
+                    f"{tmp_path / 'val.star'}", '--out', str(out)]) == 0
+    assert any('chosen on 1 validation tomogram' in r.getMessage() for r in caplog.records)
+    assert _f1(star.read_coordinates(out), centres) >= 0.9
+    # bad combinations and values: one line, nothing written
+    bad = tmp_path / 'bad.star'
+    assert cli(['dog-pick', str(path), '--diameter', '8', '--threshold', '3', '--validation',
+                f"{tmp_path / 'TS_02.mrc'}:{tmp_path / 'val.star'}", '--out', str(bad)]) == 2
+    assert cli(['dog-pick', str(path), '--diameter', '8', '--threshold', 'high', '--out', str(bad)]) == 2
+    assert cli(['dog-pick', str(path), '--diameter', '8', '--validation', 'TS_02.mrc', '--out', str(bad)]) == 2
+    assert not bad.exists()
