@@ -52,7 +52,8 @@ def refine(best, net, loop, train, iterate, data, first, count, stack, arch, opt
     The self-training had taught the network to call the molecules of a split cluster one class, so its
     features still merge them and only the spectral split tests tell them apart. Here the network starts
     from the kept iteration, gets a new head for the corrected clusters and is trained on them, and the
-    EM loop goes on for at most `count` iterations from those labels (K free again).
+    EM loop goes on for at most `count` iterations from those labels (K free again), its rotated training
+    copies with the wedge put back when the tilt range is known.
 
     A split is then judged by the network's own features: when the refined clustering puts most of both
     its sides into one cluster the split is rejected (`undone_splits`) — two molecules stay apart once the
@@ -72,12 +73,22 @@ def refine(best, net, loop, train, iterate, data, first, count, stack, arch, opt
     net.load_state_dict({key[4:]: v for key, v in split['state'].items() if key.startswith('net.')})
     features = yopo.extract_features(net, data, device, batch_size=max(opts['batch_size'], 64))
     loop['labels'], loop['k'] = split['labels'].copy(), int(split['k'])
-    fitted = train(features, split['labels'], int(split['k']), True)
-    say(f"refinement: network trained on the {split['k']} clusters of the split check "
-        f"(loss {fitted['loss']:.4f}); {count} more iterations at most")
-    # Its first clustering still sees features trained on the merged clusters for all but one epoch (as
-    # the untrained network's at iteration 0 of the main loop): not eligible when there are later ones.
-    refined = iterate(first, count, first + 1 if count > 1 else first, 0, 'refine')
+    # With the tilt range known, the refinement's rotated training copies get the wedge back where the
+    # microscope leaves it: a member turned into the other side's orientations then looks like a member of
+    # the other side but keeps its own label, so the network cannot learn a split by orientation to the
+    # wedge (a plain rotation turns the wedge with the molecule and leaves that relation learnable).
+    wedge_training = opts.get('wedge_training')
+    opts['wedge_training'] = bool(opts.get('wedge_tilt')) or bool(wedge_training)
+    try:
+        fitted = train(features, split['labels'], int(split['k']), True)
+        say(f"refinement: network trained on the {split['k']} clusters of the split check "
+            f"(loss {fitted['loss']:.4f}{', wedge put back on the rotated copies' if opts['wedge_training'] else ''}); "
+            f"{count} more iterations at most")
+        # Its first clustering still sees features trained on the merged clusters for all but one epoch (as
+        # the untrained network's at iteration 0 of the main loop): not eligible when there are later ones.
+        refined = iterate(first, count, first + 1 if count > 1 else first, 0, 'refine')
+    finally:
+        opts['wedge_training'] = wedge_training
     first_pass = meta.get('split_check')
     info = {'from_iteration': int(split['iteration']), 'k_split': int(split['k']), 'ddbi_split': split_score,
             'first_iteration': int(first), 'training_loss': fitted['loss'], 'split_check_before': first_pass}
@@ -153,13 +164,13 @@ def undone_splits(pieces, refined_labels, tests, say, max_crossing=UNDONE_MAX_CR
 
 def _reproduces(members, side, rejected, min_agreement=0.8):
     """Whether a proposed split (members, side 0/1) separates again the two sides of a rejected split:
-    it holds at least half of that split's members, and at least `min_agreement` of those fall on the
-    sides as before (either way round)."""
+    it holds at least half of each of that split's sides, and at least `min_agreement` of those members
+    fall on the sides as before (either way round)."""
     for p, q in rejected:
         in_p, in_q = np.isin(members, p), np.isin(members, q)
-        covered = int(in_p.sum() + in_q.sum())
-        if covered == 0 or covered < 0.5 * (len(p) + len(q)):
+        if in_p.sum() < 0.5 * len(p) or in_q.sum() < 0.5 * len(q):
             continue
+        covered = int(in_p.sum() + in_q.sum())
         agree = (np.sum(side[in_p] == 0) + np.sum(side[in_q] == 1)) / covered
         if max(agree, 1.0 - agree) >= min_agreement:
             return True

@@ -33,7 +33,8 @@ given, read from the subtomograms' mean power spectrum — `features.known_tilt_
 drives an orientation check of the kept clusters (`orientation_merge`; `orientation_transfer`,
 `orientation_groups`): clusters whose members, rotated with the wedge put back, cross into each other are
 one molecule split by its orientation to the wedge and are merged, unless the split check would split
-their union; with `wedge_training` (off by default) the rotated training copies get the wedge back too.
+their union; with `wedge_training` (off by default, on in the refinement) the rotated training copies get
+the wedge back too.
 At the end every kept cluster is tested for being two molecules the network has learnt to call one
 (`split_check`, on by default): its members' rotation-invariant spectral features, a view the
 network's self-training cannot have merged, are split in two when BIC and a clear separation both say so
