@@ -152,6 +152,17 @@ def test_default_threshold_keeps_the_particles_and_drops_the_noise_maxima(seed):
     assert _f1(picks[picks[star.SCORE] >= t], centres) >= 0.9
 
 
+def test_default_threshold_keeps_one_population_whole_and_splits_two():
+    rng = np.random.default_rng(0)
+    # one log-normal population (a crowded tomogram: every candidate is a particle): a two-component fit
+    # would cut it at its median, the separation test keeps it whole
+    assert dog.default_threshold(rng.lognormal(1.0, 0.3, 300)) == 0.0
+    # background maxima around e^0.5 and 40 particles around e^2: the threshold falls between them
+    scores = np.concatenate([rng.lognormal(0.5, 0.3, 250), rng.lognormal(2.0, 0.2, 40)])
+    t = dog.default_threshold(scores)
+    assert np.exp(0.5 + 2 * 0.3) < t < np.exp(2.0 - 2 * 0.2)
+
+
 def test_default_threshold_keeps_everything_when_there_is_too_little_to_fit():
     assert dog.default_threshold([5.0, 1.0, 3.0]) == 0.0
     assert dog.default_threshold(np.full(50, 2.0)) == 0.0
