@@ -64,6 +64,13 @@ def add_args(parser):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N')
     add_threads_arg(parser)
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument('--resume', dest='resume', action='store_const', const=True, default='auto',
+                        help=f'continue the training saved in OUT/{MODEL_NAME}.checkpoint.pt (written after every '
+                             'epoch) and fail when there is none; without --resume / --no-resume a checkpoint of a '
+                             'run with the same settings is continued, any other is replaced')
+    resume.add_argument('--no-resume', dest='resume', action='store_const', const=False,
+                        help='start the training afresh even when a checkpoint holds an interrupted run')
 
 
 def main(args):
@@ -80,6 +87,9 @@ def main(args):
         raise InputError('--edge-margin', f"must be 0 or more diameters (below 10), got {args.edge_margin:g}")
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise InputError('--threshold', f"must be within [0, 1], got {args.threshold:g}")
+    if args.resume is True and not args.model:
+        from ..engine import checkpoint
+        checkpoint.check(checkpoint.path_for(os.path.join(args.out, MODEL_NAME)), True)
     os.makedirs(args.out, exist_ok=True)
     if args.model:
         model = dcp.load_deepcryopicker(args.model, args.device)
@@ -94,12 +104,17 @@ def main(args):
         model, info = dcp.train_deepcryopicker(
             images, diameter, args.preset, args.clustering, args.shape, args.polarity,
             per_class=args.per_class, epochs=args.epochs, seed=args.seed, device=args.device,
-            out=path, log=log.info, self_training=args.self_training, score_rotations=args.score_rotations)
+            out=path, log=log.info, self_training=args.self_training, score_rotations=args.score_rotations,
+            resume=args.resume)
         del images
         log.info('model trained in %.1f s → %s', time.time() - t0, path)
         if args.train_only:
             return 0
     total = 0
+    from ..engine.progress import Progress, compute_summary
+    log.info('picking %d micrograph(s); %s', len(args.micrographs), compute_summary(model.device, None))
+    # a line after every micrograph: how many are done and when the last will be
+    progress = Progress('picking', len(args.micrographs), unit='micrograph', say=log.info, every=0)
     for path in args.micrographs:
         image, _ = read_micrograph(path)
         picks, _, diag = dcp.deepcryopicker_pick(image, args.diameter, model=model, seed=args.seed,
@@ -110,6 +125,6 @@ def main(args):
         stem = os.path.splitext(os.path.basename(path))[0]
         star.write_coordinates(os.path.join(args.out, f'{stem}_picks.star'), table)
         total += len(table)
-        log.info('%s: %d picks in %.1f s', path, len(table), diag['times']['total'])
+        progress.update(note=f"{path}: {len(table)} picks in {diag['times']['total']:.1f} s")
     log.info('%d micrographs, %d picks → %s', len(args.micrographs), total, args.out)
     return 0

@@ -314,3 +314,56 @@ def test_commands_write_picks_model_and_stages(tmp_path):
     assert stages[0] == '00_input.png' and not any('wiener' in s for s in stages)
     assert cv2.imread(str(png), cv2.IMREAD_UNCHANGED).shape == img.shape
     assert cli(['preprocess2d', mic, '--chain', 'cryosegnet', '--no-morphology', '--out', str(png)]) == 2
+
+
+# ---------------------------------------------------------------------------- progress and resuming
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.fixture
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_progress_lines_and_an_interrupted_training_resumes_where_it_stopped(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv('CRYOPICK_PROGRESS_SECONDS', '0')     # a progress line at every step
+    img, _ = synthetic_micrograph(seed=4)
+    kw = dict(per_class=150, epochs=3, seed=0, self_training=1, device='cpu', calibrate=False)
+    lines = []
+    whole, _ = dcp.train_deepcryopicker([img], 24, out=str(tmp_path / 'whole.pt'), log=lines.append, **kw)
+    assert lines[0] == ('DeepCryoPicker training on 1 micrograph(s), 2 classifier training(s) at most; '
+                        'device cpu (1 thread), precision fp32')
+    assert any(line.startswith('epoch 2/3: ') and 'steps (' in line and 'ETA' in line for line in lines)
+    assert len(whole.meta['training']['self_training']) == 1                  # two trainings ran
+    assert not os.path.exists(tmp_path / 'whole.pt.checkpoint.pt')
+
+    summaries = []
+
+    def stop_in_the_second_training(message):
+        if 'train acc' in message:
+            summaries.append(message)
+            if len(summaries) == 5:      # epoch 2 of the self-training round, as a kill after it was saved
+                raise _Interrupt()
+    out = str(tmp_path / 'cut.pt')
+    with pytest.raises(_Interrupt):
+        dcp.train_deepcryopicker([img], 24, out=out, log=stop_in_the_second_training, **kw)
+    assert os.path.exists(out + '.checkpoint.pt') and not os.path.exists(out)
+    lines = []
+    resumed, _ = dcp.train_deepcryopicker([img], 24, out=out, log=lines.append, resume=True, **kw)
+    assert f'resuming from {out}.checkpoint.pt: 1 classifier training(s) done' in lines
+    assert f'resuming classifier training 2 from {out}.checkpoint.pt after epoch 2' in lines
+    assert [line.split(':')[0] for line in lines if 'train acc' in line] == ['epoch 3/3']   # only what was left
+    assert resumed.meta['training']['resumed'] == {'trainings_done': 1, 'epochs_done': 2}
+    # the same steps as the uninterrupted run: the same weights
+    a, b = resumed.net.state_dict(), whole.net.state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    assert not os.path.exists(out + '.checkpoint.pt') and os.path.exists(out)
+    mic = str(tmp_path / 'mic.mrc')
+    write_micrograph(mic, img, 2.0)
+    assert cli(['deepcryopicker', mic, '--diameter', '24', '--out', str(tmp_path / 'none'), '--resume']) == 2
+    assert not (tmp_path / 'none').exists()

@@ -98,9 +98,18 @@ def augment_rotations(patches, labels, per_class, rng):
 
 
 def train_classifier(net, patches, labels, epochs, batch, lr, optimizer='adam', seed=0, device='cpu',
-                     log=None, val_fraction=0.1):
-    """Cross-entropy training; returns {'train_accuracy', 'val_accuracy', 'loss'} of the last epoch."""
+                     log=None, val_fraction=0.1, resume=None, on_epoch=None):
+    """Cross-entropy training; returns {'train_accuracy', 'val_accuracy', 'loss'} of the last epoch.
+
+    Progress lines (steps, rate, ETA) go to `log` (default: this module's logger) every few seconds.
+    on_epoch: callable receiving the training state after every epoch ({'epoch', 'net', 'optimizer', 'rng',
+    'stats'}), before the epoch's line is logged; resume: such a state, to continue from that epoch.
+    """
+    import logging
+
     import torch
+    from ...checkpoint import restore_rng, rng_state
+    from ...progress import Progress
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n = len(patches)
@@ -113,11 +122,18 @@ def train_classifier(net, patches, labels, epochs, batch, lr, optimizer='adam', 
     opt = (torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9) if optimizer == 'sgd'
            else torch.optim.Adam(net.parameters(), lr=lr))
     loss_fn = torch.nn.CrossEntropyLoss()
-    stats = {}
-    for epoch in range(int(epochs)):
+    stats, first = {}, 0
+    if resume is not None:
+        net.load_state_dict(resume['net'])
+        opt.load_state_dict(resume['optimizer'])
+        restore_rng(resume['rng'], rng)
+        stats, first = dict(resume['stats']), int(resume['epoch'])
+    for epoch in range(first, int(epochs)):
         net.train()
         perm = train[rng.permutation(len(train))]
         total, correct, loss_sum = 0, 0, 0.0
+        progress = Progress(f'epoch {epoch + 1}/{epochs}', -(-len(perm) // batch),
+                            say=log or logging.getLogger(__name__).info)
         for i in range(0, len(perm), batch):
             idx = torch.from_numpy(perm[i:i + batch])
             xb, yb = x[idx].to(device), y[idx].to(device)
@@ -131,10 +147,14 @@ def train_classifier(net, patches, labels, epochs, batch, lr, optimizer='adam', 
             loss_sum += loss.item() * len(idx)
             correct += int((out.argmax(1) == yb).sum())
             total += len(idx)
+            progress.update(note=lambda: f'loss {loss_sum / max(total, 1):.3f}')
         stats = {'loss': loss_sum / max(total, 1), 'train_accuracy': correct / max(total, 1)}
         if n_val:
             stats['val_accuracy'] = float((predict(net, patches[val], device=device).argmax(1)
                                            == labels[val]).mean())
+        if on_epoch is not None:
+            on_epoch({'epoch': epoch + 1, 'net': net.state_dict(), 'optimizer': opt.state_dict(),
+                      'rng': rng_state(rng), 'stats': dict(stats)})
         if log:
             log(f"epoch {epoch + 1}/{epochs}: loss {stats['loss']:.3f}, train acc {stats['train_accuracy']:.3f}"
                 + (f", val acc {stats['val_accuracy']:.3f}" if n_val else ''))

@@ -335,7 +335,8 @@ def self_training_set(model, works, diameters, window, per_class, clustering='ib
 def train_deepcryopicker(images, diameter_px, preset='cpu', clustering='ibc', shape='irregular',
                          polarity='dark', n_shape_classes=3, per_class=None, epochs=None, seed=0,
                          device='auto', out=None, log=None, calibrate=True,
-                         self_training=SELF_TRAINING_ROUNDS, score_rotations=SCORE_ROTATIONS, **arch_overrides):
+                         self_training=SELF_TRAINING_ROUNDS, score_rotations=SCORE_ROTATIONS, resume='auto',
+                         **arch_overrides):
     """Train a DeepCryoPicker classifier from micrographs with no labels.
 
     images       list of 2D float arrays (the micrographs as read)
@@ -349,11 +350,25 @@ def train_deepcryopicker(images, diameter_px, preset='cpu', clustering='ibc', sh
                  default SELF_TRAINING_ROUNDS); 0 is the published method
     score_rotations  4: scores averaged over the four 90° turns of the micrograph (`score_image`), 1: not;
                  stored in the model, so calibration, self-training and picking score alike
+    resume       with `out`: the classifier trainings save their state after every epoch in
+                 <out>.checkpoint.pt; 'auto' continues from it when it holds a run with the same settings
+                 (finished trainings are not run again), True requires it, False starts afresh
+                 (`checkpoint.py`). It is removed when the model is written.
+    log          callable(str) for progress: device and precision at the start, the training sets, steps /
+                 rate / ETA within epochs, one line per epoch
     Returns (DeepCryoPickerModel, info dict: training-set sizes and final accuracies).
     """
+    import copy
+    import logging
+
     import torch
+    from ... import checkpoint
+    from ...progress import compute_summary
     from ...settings import resolve_device
     device = resolve_device(device)
+    ckpt = checkpoint.path_for(out) if out else None
+    if ckpt:
+        checkpoint.check(ckpt, resume)
     torch.manual_seed(seed)
     if preset not in cnn2d.PRESETS:
         raise InputError('preset', f"unknown preset '{preset}' ({', '.join(cnn2d.PRESETS)})")
@@ -365,27 +380,75 @@ def train_deepcryopicker(images, diameter_px, preset='cpu', clustering='ibc', sh
     window, particle = int(arch_overrides.pop('window', None) or p['window']), float(p['particle'])
     if 'particle' in arch_overrides:
         particle = float(arch_overrides.pop('particle'))
+    per_class = int(per_class or p['per_class'])
+    n_epochs = int(epochs or p['epochs'])
+    if log:
+        log(f'DeepCryoPicker training on {len(images)} micrograph(s), {1 + int(self_training)} classifier '
+            f'training(s) at most; {compute_summary(device, None)}')
+    # Everything that shapes the trainings: a checkpoint made with other values is not resumed.
+    resume_settings = {'micrographs': [[list(im.shape), _digest(im)] for im in images],
+                       'diameters': [float(d) for d in diameters], 'preset': preset, 'clustering': clustering,
+                       'shape': shape, 'polarity': polarity, 'n_shape_classes': int(n_shape_classes),
+                       'per_class': per_class, 'epochs': n_epochs, 'seed': int(seed),
+                       'self_training': int(self_training), 'window': window, 'particle': particle,
+                       'arch_overrides': arch_overrides}
+    saved = checkpoint.load(ckpt, resume_settings, resume, say=logging.getLogger(__name__).warning) \
+        if ckpt else None
+    run = {'done': saved['done'] if saved else None, 'partial': saved['training'] if saved else None}
     scales = [working_scale(d, particle) for d in diameters]
     works = [prepare(im, s, polarity) for im, s in zip(images, scales)]
     work_d = [d * s for d, s in zip(diameters, scales)]
-    per_class = int(per_class or p['per_class'])
-    patches, labels, info = build_training_set(works, work_d, window, shape, clustering, n_shape_classes,
-                                               per_class, seed, log)
-    n_classes = int(labels.max()) + 1
-    arch = cnn2d.arch_for(preset, n_classes, window=window, **arch_overrides)
-    net = cnn2d.build_network(arch)
-    stats = cnn2d.train_classifier(net, patches, labels, epochs or p['epochs'], p['batch'], p['lr'],
-                                   p['optimizer'], seed, device, log)
-    meta = {'preset': preset, 'window': window, 'particle_px': particle, 'polarity': polarity,
-            'clustering': clustering, 'shape': shape, 'n_shape_classes': n_classes - 1,
-            'diameter_px': float(np.median(diameters)), 'threshold': DEFAULT_THRESHOLD,
-            'score_rotations': int(score_rotations),
-            'threshold_source': 'fixed default',
-            'training': {**info, **stats, 'epochs': int(epochs or p['epochs']), 'seed': int(seed)}}
+
+    def fit(index, net, patches, labels, seed_index):
+        """Classifier training number `index` (0: on the clustering's set, then one per self-training
+        round), continued from the checkpoint when it was interrupted, saved after every epoch."""
+        partial = run['partial'] if run['partial'] is not None and run['partial']['index'] == index else None
+        if partial is not None and log:
+            log(f"resuming classifier training {index + 1} from {ckpt} after epoch {partial['epoch']}")
+
+        def on_epoch(state):
+            checkpoint.save(ckpt, resume_settings, {'done': run['done'], 'training': dict(state, index=index)})
+        return cnn2d.train_classifier(net, patches, labels, n_epochs, p['batch'], p['lr'], p['optimizer'],
+                                      seed_index, device, log, resume=partial, on_epoch=on_epoch if ckpt else None)
+
+    def finished(index, net, meta, info, rounds, known, stats):
+        """Training `index` is done: what the next ones need goes into the checkpoint."""
+        run['done'] = {'index': index, 'net': net.state_dict(), 'arch': arch, 'meta': copy.deepcopy(meta),
+                       'info': copy.deepcopy(info), 'rounds': copy.deepcopy(rounds), 'known': known,
+                       'stats': dict(stats), 'rng': checkpoint.rng_state()}
+        if ckpt:
+            checkpoint.save(ckpt, resume_settings, {'done': run['done'], 'training': None})
+
+    done = run['done']
+    if done is None:
+        patches, labels, info = build_training_set(works, work_d, window, shape, clustering, n_shape_classes,
+                                                   per_class, seed, log)
+        n_classes = int(labels.max()) + 1
+        arch = cnn2d.arch_for(preset, n_classes, window=window, **arch_overrides)
+        net = cnn2d.build_network(arch)
+        stats = fit(0, net, patches, labels, seed)
+        meta = {'preset': preset, 'window': window, 'particle_px': particle, 'polarity': polarity,
+                'clustering': clustering, 'shape': shape, 'n_shape_classes': n_classes - 1,
+                'diameter_px': float(np.median(diameters)), 'threshold': DEFAULT_THRESHOLD,
+                'score_rotations': int(score_rotations),
+                'threshold_source': 'fixed default',
+                'training': {**info, **stats, 'epochs': n_epochs, 'seed': int(seed)}}
+        known = None
+        rounds = []
+        finished(0, net, meta, info, rounds, known, stats)
+        first_round = 0
+    else:
+        arch, meta, info, rounds, known, stats = (done['arch'], done['meta'], done['info'], done['rounds'],
+                                                  done['known'], done['stats'])
+        net = cnn2d.build_network(arch)
+        net.load_state_dict(done['net'])
+        # the next network starts from the random state an uninterrupted run would have
+        checkpoint.restore_rng(done['rng'])
+        first_round = int(done['index'])
+        if log:
+            log(f"resuming from {ckpt}: {done['index'] + 1} classifier training(s) done")
     model = DeepCryoPickerModel(net.eval(), arch, meta, device)
-    known = None
-    rounds = []
-    for r in range(int(self_training)):
+    for r in range(first_round, int(self_training)):
         try:
             patches, labels, st_info, picked = self_training_set(model, works, work_d, window, per_class,
                                                                  clustering, shape, seed + r + 1, log)
@@ -397,13 +460,16 @@ def train_deepcryopicker(images, diameter_px, preset='cpu', clustering='ibc', sh
             break
         known = picked
         net = cnn2d.build_network(arch)
-        stats = cnn2d.train_classifier(net, patches, labels, epochs or p['epochs'], p['batch'], p['lr'],
-                                       p['optimizer'], seed + r + 1, device, log)
+        stats = fit(r + 1, net, patches, labels, seed + r + 1)
         model = DeepCryoPickerModel(net.eval(), arch, meta, device)
         rounds.append({**st_info, **stats})
+        finished(r + 1, net, meta, info, rounds, known, stats)
     if rounds:
         meta['training']['self_training'] = rounds
         info = {**info, 'self_training': rounds}
+    if saved is not None:
+        meta['training']['resumed'] = {'trainings_done': 0 if saved['done'] is None else saved['done']['index'] + 1,
+                                       'epochs_done': saved['training']['epoch'] if saved['training'] else 0}
     if calibrate:
         thr, calib = calibrate_threshold(model, works, work_d, clustering, shape, seed, known=known)
         meta.update(threshold=thr, threshold_source=calib.pop('source'), threshold_calibration=calib)
@@ -411,8 +477,15 @@ def train_deepcryopicker(images, diameter_px, preset='cpu', clustering='ibc', sh
             log(f"score threshold {thr:.3f} ({meta['threshold_source']})")
     if out:
         save_deepcryopicker(model, out)
+        checkpoint.remove(ckpt)
     info = {**info, **stats}
     return model, info
+
+
+def _digest(image):
+    """Short fingerprint of a micrograph (every fourth pixel), to resume only the same training."""
+    import hashlib
+    return hashlib.sha1(np.ascontiguousarray(image[::4, ::4], dtype=np.float32).tobytes()).hexdigest()[:16]
 
 
 def calibrate_threshold(model, works, diameters, clustering='ibc', shape='irregular', seed=0,
