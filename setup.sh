@@ -32,6 +32,14 @@ if [ -z "$PY" ]; then REQUIRED+=(python3.11 python3.11-venv python3-tk); fi
 command -v relion_reconstruct >/dev/null 2>&1 || OPTIONAL+=(relion)
 command -v Xvfb >/dev/null 2>&1 || OPTIONAL+=(xvfb)
 { command -v import >/dev/null 2>&1 && import -version 2>/dev/null | grep -q ImageMagick; } || OPTIONAL+=(imagemagick)
+# SLURM and munge: the cluster tests start a private single-node SLURM of their own
+# (cryopick_plugin/tests/cluster/start_slurm.sh; its job completion records make `sacct --completion`
+# report the jobs, no accounting database needed). No system-wide SLURM service is configured or used.
+SLURM_PKGS=()
+command -v slurmctld >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 && command -v sbatch >/dev/null 2>&1 \
+  || SLURM_PKGS+=(slurm-wlm)
+command -v munged >/dev/null 2>&1 || SLURM_PKGS+=(munge)
+OPTIONAL+=("${SLURM_PKGS[@]}")
 WANT_PKGS=("${REQUIRED[@]}" "${OPTIONAL[@]}")
 if [ ${#WANT_PKGS[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

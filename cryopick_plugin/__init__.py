@@ -13,6 +13,75 @@ from .constants import (__version__, DEVICE_VAR, MODELS_VAR, SAM_CHECKPOINT_VAR,
 if 'pyworkflow' not in sys.modules:
     headless.configure()
 
+# Variables read by the thread pools of OpenMP (torch), OpenBLAS, MKL, BLIS and numexpr when they load.
+THREAD_VARS = ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS', 'BLIS_NUM_THREADS',
+               'NUMEXPR_NUM_THREADS')
+
+
+def thread_allowance(environ=os.environ):
+    """CPU threads this process may use, or None (no limit known).
+
+    CRYOPICK_THREADS, set by the protocols for each job: a number, or 'job' / 'job:N' for the allowance
+    of the queue job the command runs in (N where the queue does not say). Inside a SLURM job that
+    allowance is its --cpus-per-task (SLURM_CPUS_PER_TASK), also when nothing else is said."""
+    value = environ.get('CRYOPICK_THREADS', '').strip().lower()
+    if value == '' or value.startswith('job'):
+        fallback = value.partition(':')[2]
+        value = environ.get('SLURM_CPUS_PER_TASK', '').strip() or fallback
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def _apply_thread_allowance():
+    # Before numpy and torch load (pwem imports numpy below): their pools start at this size.
+    n = thread_allowance()
+    if n:
+        for var in THREAD_VARS:
+            os.environ[var] = str(n)
+    return n
+
+
+def _record_usage_at_exit(path, threads):
+    """At exit, write what this command used (peak memory, threads, wall time, queue job) to `path` as
+    JSON, for the protocol that ran it to log: users size a job's --mem from it."""
+    import atexit
+    import time
+    started, pid = time.time(), os.getpid()
+
+    def write():
+        if os.getpid() != pid:   # a forked worker exiting
+            return
+        import json
+        import resource
+        import socket
+        peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+        usage = {'peak_rss_mb': round(peak_kb / 1024.0, 1), 'threads': threads,
+                 'wall_s': round(time.time() - started, 2), 'host': socket.gethostname(),
+                 'slurm_job_id': os.environ.get('SLURM_JOB_ID'),
+                 'slurm_cpus_per_task': os.environ.get('SLURM_CPUS_PER_TASK')}
+        if 'torch' in sys.modules:
+            usage['torch_threads'] = sys.modules['torch'].get_num_threads()
+        if 'numpy' in sys.modules:
+            try:
+                from threadpoolctl import threadpool_info
+                usage['blas_threads'] = sorted({p['num_threads'] for p in threadpool_info()
+                                                if p.get('user_api') == 'blas'})
+            except Exception:  # threadpoolctl missing or a library it cannot query
+                pass
+        try:
+            with open(path + '.tmp', 'w') as fh:
+                json.dump(usage, fh)
+            os.replace(path + '.tmp', path)
+        except OSError:
+            pass
+    atexit.register(write)
+
+
+_THREADS = _apply_thread_allowance()
+# Only the command the protocol started records its usage, not processes it starts in turn.
+if os.environ.get('CRYOPICK_USAGE_FILE'):
+    _record_usage_at_exit(os.environ.pop('CRYOPICK_USAGE_FILE'), _THREADS)
+
 import pwem  # noqa: E402
 from pyworkflow.utils import Environ  # noqa: E402
 

@@ -13,27 +13,9 @@ HOSTS_CONF = """\
 ; Scipion execution hosts, written by cryopick. Protocols run on [localhost] unless a queue is chosen.
 [localhost]
 PARALLEL_COMMAND = mpirun -np %_(JOB_NODES)d --map-by node %_(COMMAND)s
-; To send cryopick jobs to a SLURM cluster, uncomment and adapt (see README, "Running on a cluster").
-; cryopick steps are single-process Python jobs: ask for threads (JOB_THREADS) and one GPU per job.
-; NAME = SCIPION_HOST
-; MANDATORY = False
-; SUBMIT_COMMAND = sbatch %_(JOB_SCRIPT)s
-; CANCEL_COMMAND = scancel %_(JOB_ID)s
-; CHECK_COMMAND = squeue -j %_(JOB_ID)s
-; SUBMIT_PREFIX = scipion
-; JOB_DONE_REGEX =
-; QUEUE_SYSTEM = SLURM
-; QUEUES = {"gpu": [["JOB_TIME", "24", "Time (hours)", "Maximum run time"],
-;                   ["JOB_GPUS", "1", "GPUs", "GPUs per job"]]}
-; JOB_TEMPLATE = #!/bin/bash
-;         #SBATCH --job-name=%_(JOB_NAME)s
-;         #SBATCH --output=%_(JOB_LOGS)s.out
-;         #SBATCH --error=%_(JOB_LOGS)s.err
-;         #SBATCH --ntasks=%_(JOB_NODES)d
-;         #SBATCH --cpus-per-task=%_(JOB_THREADS)d
-;         #SBATCH --time=%_(JOB_TIME)s:00:00
-;         #SBATCH --gres=gpu:%_(JOB_GPUS)s
-;         %_(JOB_COMMAND)s
+; To send protocols (or each of their steps) to a SLURM cluster, replace this file with the output of
+;   cryopick cluster-config --partition NAME [--gpu-partition NAME] [--gpus-per-job N] [--time HOURS]
+; (README, "Running on a cluster"); then choose the queue in the protocol form.
 """
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import shlex
 import threading
+import uuid
 
 from pyworkflow.protocol import params
 from pwem.protocols import EMProtocol
@@ -39,28 +40,76 @@ class CryopickProtocol(EMProtocol):
 
     # ------------------------------------------------------------------ running engine commands
     def _runCryopick(self, command, args, gpu=False):
-        """Run `cryopick <command> <args>` (args: list of strings, quoted here) as a job of this protocol."""
+        """Run `cryopick <command> <args>` (args: list of strings, quoted here) as a job of this protocol.
+
+        Locally, or with the whole protocol sent to a queue, the job is a child process; with one queue job
+        per step (useQueueForSteps) Scipion submits it and only waits for it to leave the queue, so whether
+        the command finished is read back here. Either way the command's peak memory, threads and time go
+        to the protocol log."""
+        label = os.path.basename(str(args[0])) if not isinstance(args, str) and args else ''
         if not isinstance(args, str):
             args = ' '.join(shlex.quote(str(a)) for a in args)
-        threads = self.numberOfThreads.get() if hasattr(self, 'numberOfThreads') else 1
-        if getattr(self, 'stepsExecutionMode', None) == params.STEPS_PARALLEL and (threads or 1) > 1:
+        per_step_jobs = self.useQueueForSteps()
+        threads = max(1, int((self.numberOfThreads.get() if hasattr(self, 'numberOfThreads') else 1) or 1))
+        if per_step_jobs:
+            # Each step is a queue job that asked for the protocol's threads as its CPUs: use what the job
+            # got (SLURM_CPUS_PER_TASK), what it asked for under a queue that does not say.
+            threads = f'job:{threads}'
+        elif getattr(self, 'stepsExecutionMode', None) == params.STEPS_PARALLEL and threads > 1:
             # The threads already run steps side by side: one compute thread per job avoids oversubscription.
             threads = 1
-        # torch and BLAS use as many threads as the protocol was given, not every core of the node.
-        error_file = os.path.abspath(self._getTmpPath(f'{command}_error.txt'))
-        os.makedirs(os.path.dirname(error_file), exist_ok=True)
-        if os.path.exists(error_file):
-            os.remove(error_file)
+        # Files of this job only (steps of one command run side by side).
+        tmp = os.path.abspath(self._getTmpPath())
+        os.makedirs(tmp, exist_ok=True)
+        job = f'{command}-{uuid.uuid4().hex[:10]}'
+        error_file, usage_file, done_file = (os.path.join(tmp, job + ext) for ext in ('_error.txt', '_usage.json',
+                                                                                       '.done'))
+        if per_step_jobs:
+            # A queue job that is cancelled or killed leaves no error message: only success leaves this file.
+            args += f' && touch {shlex.quote(done_file)}'
+        env = {'CRYOPICK_THREADS': threads, 'CRYOPICK_ERROR_FILE': error_file, 'CRYOPICK_USAGE_FILE': usage_file}
+        if isinstance(threads, int):
+            env['OMP_NUM_THREADS'] = threads
         try:
-            Plugin.runCryopick(self, command, args, gpu=gpu,
-                               extra_env={'OMP_NUM_THREADS': max(1, int(threads or 1)),
-                                          'CRYOPICK_ERROR_FILE': error_file})
-        except Exception:
-            # Bad input: fail with the engine's one-line message (file + problem), not a shell command line.
-            if os.path.exists(error_file):
-                with open(error_file) as fh:
-                    raise RuntimeError(fh.read().strip()) from None
-            raise
+            try:
+                Plugin.runCryopick(self, command, args, gpu=gpu, extra_env=env)
+            except Exception:
+                # Bad input: fail with the engine's one-line message (file + problem), not a shell command line.
+                self._raiseEngineError(error_file)
+                raise
+            self._raiseEngineError(error_file)
+            if per_step_jobs and not os.path.exists(done_file):
+                raise RuntimeError(f'cryopick {command}{" " + label if label else ""}: the queue job ended before the '
+                                   f'command finished (cancelled, over its time or memory limit, or its node '
+                                   f'failed); its output: {os.path.abspath(self._getLogsPath())}/*.out, *.err')
+            self._logUsage(command, label, usage_file)
+        finally:
+            for path in (error_file, usage_file, done_file):
+                if os.path.exists(path):
+                    os.remove(path)
+
+    @staticmethod
+    def _raiseEngineError(error_file):
+        if os.path.exists(error_file):
+            with open(error_file) as fh:
+                raise RuntimeError(fh.read().strip()) from None
+
+    def _logUsage(self, command, label, usage_file):
+        """One log line per engine job: what it used, so that users can size a queue job's --mem."""
+        if not os.path.exists(usage_file):
+            return
+        try:
+            use = self._readJson(usage_file)
+        except (OSError, ValueError):
+            return
+        blas = use.get('blas_threads') or []
+        pools = ', '.join(f'{name} {value}' for name, value in
+                          (('torch', use.get('torch_threads')), ('BLAS', '/'.join(map(str, blas)) or None))
+                          if value is not None)
+        where = f"SLURM job {use['slurm_job_id']} on {use['host']}" if use.get('slurm_job_id') else use.get('host')
+        self.info(f"cryopick {command}{' ' + label if label else ''}: peak memory {use['peak_rss_mb']:.0f} MB, "
+                  f"threads {use.get('threads') or 'default'}{f' ({pools})' if pools else ''}, "
+                  f"{use['wall_s']:.1f} s, {where}")
 
     # ------------------------------------------------------------------ paths
     def _tsPath(self, tsId, suffix):

@@ -3,6 +3,7 @@
 Works the same under `scipion3 python script.py` (Scipion's own environment) and with the plugin's
 venv Python (the package sets up a headless Scipion when imported first).
 """
+import json
 import os
 import re
 import threading
@@ -14,6 +15,66 @@ from pyworkflow.project import Manager
 
 class PipelineError(RuntimeError):
     """A protocol of a pipeline failed; the message is the protocol's own error."""
+
+
+# The queue of hosts.conf that cryopick protocols go to ((name, parameters) or None: run here); see use_queue.
+_QUEUE = None
+
+
+def add_queue_args(parser):
+    """--queue / --queue-params: send the pipeline's cryopick protocols to a queue of hosts.conf."""
+    group = parser.add_argument_group('cluster (a hosts.conf from `cryopick cluster-config`)')
+    group.add_argument('--queue', metavar='NAME',
+                       help='run every cryopick protocol through this queue of hosts.conf (a SLURM partition) '
+                            'instead of on this machine; imports and set filters still run here')
+    group.add_argument('--queue-params', metavar='JSON',
+                       help='queue parameters, e.g. \'{"JOB_MEMORY": "32G", "JOB_TIME": "4", "QUEUE_FOR_JOBS": "Y"}\' '
+                            '(default: the queue\'s defaults in hosts.conf)')
+
+
+def use_queue(name, params_json=None):
+    """Send the cryopick protocols that `run` launches from now on to queue `name` of Scipion's hosts.conf
+    (None: run them here). Checked at once: the queue must exist and the parameters must be a JSON object."""
+    global _QUEUE
+    if not name:
+        if params_json:
+            raise PipelineError('--queue-params needs --queue NAME')
+        _QUEUE = None
+        return None
+    import pyworkflow as pw
+    from pyworkflow.protocol.hosts import HostConfig
+    try:
+        params = json.loads(params_json) if params_json else {}
+    except ValueError as e:
+        raise PipelineError(f'--queue-params: not JSON ({e})') from None
+    if not isinstance(params, dict):
+        raise PipelineError(f'--queue-params: expected a JSON object such as {{"JOB_MEMORY": "16G"}}, got {params_json}')
+    hosts_file = pw.Config.SCIPION_HOSTS
+    host = HostConfig.load(hosts_file).get('localhost') if os.path.exists(hosts_file) else None
+    queues = dict(host.getQueueSystem().getQueues() or {}) if host and host.getQueueSystem().hasName() else {}
+    if name not in queues:
+        raise PipelineError(f"{hosts_file}: no queue '{name}' (queues: {', '.join(queues) or 'none'}); write one "
+                            f"with `cryopick cluster-config --partition {name} > {hosts_file}`")
+    # The form's defaults for that queue, then what was asked for.
+    values = {var: default for var, default, *_ in queues[name]}
+    values.update({k: str(v) for k, v in params.items()})
+    _QUEUE = (name, values)
+    return _QUEUE
+
+
+def queue_protocol(prot):
+    """Mark a cryopick protocol for the queue chosen with use_queue (others always run here)."""
+    if _QUEUE and type(prot).__module__.startswith('cryopick_plugin.'):
+        prot._useQueue.set(True)
+        prot.setQueueParams([_QUEUE[0], dict(_QUEUE[1])])
+
+
+def wait_queued(project, prot, poll_s=2.0):
+    """Wait until a protocol sent to the queue as one job has left it (launchProtocol returns once it is
+    submitted); the job's state comes back through the protocol's own database."""
+    while prot.useQueue() and prot.isActive():
+        time.sleep(poll_s)
+        project._updateProtocol(prot)
 
 
 def new_project(name, overwrite=False):
@@ -38,9 +99,11 @@ def run(project, protocol_class, label=None, follow=None, **params):
     prot = project.newProtocol(protocol_class, **params)
     if label:
         prot.setObjLabel(label)
+    queue_protocol(prot)
     started = time.time()
     if follow is None:
         project.launchProtocol(prot, wait=True)
+        wait_queued(project, prot)
     else:
         _launch_following(project, prot, follow)
     prot = project.getProtocol(prot.getObjId())
@@ -65,6 +128,9 @@ def _launch_following(project, prot, follow, poll_s=1.0):
     path, offset, partial = None, 0, ''
     while True:
         finished = not launcher.is_alive()
+        if finished and prot.useQueue():
+            project._updateProtocol(prot)
+            finished = not prot.isActive()
         if path is None:
             logs = prot.getLogPaths() if prot.getObjId() else []
             path = os.path.join(project.getPath(), logs[1]) if len(logs) > 1 else None

@@ -137,8 +137,10 @@ def run_on_output(project, protocol_class, label, pointers, **params):
     for param, (source, output_name) in pointers.items():
         getattr(prot, param).set(source)
         getattr(prot, param).setExtended(output_name)
+    common.queue_protocol(prot)
     started = time.time()
     project.launchProtocol(prot, wait=True)
+    common.wait_queued(project, prot)
     prot = project.getProtocol(prot.getObjId())
     if not prot.isFinished():
         raise common.PipelineError(f"{prot.getRunName()} failed: {prot.getErrorMessage() or prot.getStatus()}")

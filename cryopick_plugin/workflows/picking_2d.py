@@ -31,7 +31,7 @@ if __package__ in (None, ''):
     except ImportError:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from cryopick_plugin.workflows.common import PipelineError, run  # noqa: E402
+from cryopick_plugin.workflows.common import PipelineError, add_queue_args, run  # noqa: E402
 from cryopick_plugin.workflows.supervised_3d import format_scores, open_project, report, run_cli  # noqa: E402
 
 PATH_ARGS = ('micrographs', 'truth', 'templates', 'coordinates', 'cryosegnet_model', 'sam_checkpoint')
@@ -241,6 +241,7 @@ def build_parser():
     proj.add_argument('--project', default='cryopick_picking_2d', help='Scipion project name (default %(default)s; '
                       'a timestamp is appended when it exists, unless --overwrite)')
     proj.add_argument('--overwrite', action='store_true', help='replace an existing project of that name')
+    add_queue_args(parser)
     return parser
 
 

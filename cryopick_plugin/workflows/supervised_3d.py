@@ -30,7 +30,8 @@ if __package__ in (None, ''):
     except ImportError:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from cryopick_plugin.workflows.common import PipelineError, describe, new_project, run  # noqa: E402
+from cryopick_plugin.workflows.common import (PipelineError, add_queue_args, describe, new_project, run,  # noqa: E402
+                                              use_queue)
 
 SIM_CLASSES = ('3j9i', '1bxn')
 TOMOGRAM_PATH_ARGS = ('tomograms', 'truth', 'templates')
@@ -62,6 +63,7 @@ def add_tomogram_args(parser, simulate_defaults):
                       help='Scipion project name (default %(default)s; a timestamp is appended when it exists, '
                            'unless --overwrite)')
     proj.add_argument('--overwrite', action='store_true', help='replace an existing project of that name')
+    add_queue_args(parser)
 
 
 def check_tomogram_args(parser, args):
@@ -193,6 +195,8 @@ def run_cli(pipeline, args):
     """Run a pipeline for a command line: 0 when it finished, 2 for bad input, 1 when a protocol failed."""
     from cryopick_plugin.engine.errors import InputError
     try:
+        # before any long work: a queue that hosts.conf lacks stops the pipeline here
+        use_queue(getattr(args, 'queue', None), getattr(args, 'queue_params', None))
         pipeline(args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
