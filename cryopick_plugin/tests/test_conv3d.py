@@ -2,6 +2,7 @@
 built on it give the same results and exchange state dicts with the plain path."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -182,3 +183,23 @@ def test_yopo_state_dicts_load_across_paths_and_run_deterministic():
         b = yopo.extract_features(plain, stack, batch_size=2)
     assert a.shape == (5, 8)
     assert abs(a - b).max() <= 1e-4 * abs(b).max()
+
+
+def test_yopo_features_and_training_epoch_follow_the_precision():
+    """DISCA's network runs in bf16 only when asked: features close to fp32's but not equal, and a bf16
+    training epoch still lowers nothing to NaN and moves the weights."""
+    from cryopick_plugin.engine.disca import em
+    torch.manual_seed(5)
+    arch = yopo.make_arch('cpu', widths=[4, 6, 8], feature_dim=8, box=None)
+    net = yopo.build_features(arch)
+    stack = torch.randn(6, 9, 9, 9).numpy()
+    a = yopo.extract_features(net, stack, batch_size=3)
+    b = yopo.extract_features(net, stack, batch_size=3, precision='bf16')
+    assert 0 < abs(a - b).max() < 0.1 * abs(a).max()
+    head = yopo.YOPOHead(arch['feature_dim'], 2)
+    opt = torch.optim.NAdam(list(net.parameters()) + list(head.parameters()), lr=1e-3)
+    before = net.convs[0].weight.detach().clone()
+    targets = torch.eye(2)[torch.tensor([0, 1, 0, 1, 0, 1])].numpy()
+    loss = em._train_epoch(net, head, opt, stack, targets, {'batch_size': 3}, torch.Generator().manual_seed(0),
+                           'cpu', precision='bf16')
+    assert np.isfinite(loss) and not torch.equal(before, net.convs[0].weight)

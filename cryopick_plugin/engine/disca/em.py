@@ -133,9 +133,10 @@ def _train_head(head, features, targets, options, generator, device):
             opt.step()
 
 
-def _train_epoch(net, head, opt, data, targets, options, generator, device, progress=None):
+def _train_epoch(net, head, opt, data, targets, options, generator, device, progress=None, precision='fp32'):
     """One epoch over (data, targets) in random order; returns the mean loss. `progress`: a
-    `progress.Progress` counting batches."""
+    `progress.Progress` counting batches; precision: the network's arithmetic ('fp32' or 'bf16' autocast)."""
+    from ..settings import autocast
     net.train()
     head.train()
     order = torch.randperm(len(data), generator=generator).numpy()
@@ -147,7 +148,9 @@ def _train_epoch(net, head, opt, data, targets, options, generator, device, prog
             continue
         x = torch.from_numpy(data[idx][:, None]).to(device)
         t = torch.from_numpy(targets[idx]).to(device)
-        loss = yopo.categorical_hinge(head(net(x)), t)
+        with autocast(device, precision):
+            p = head(net(x))
+        loss = yopo.categorical_hinge(p.float(), t)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -166,14 +169,15 @@ def _precision(opts, device):
     return resolve_precision(opts['precision'], device)
 
 
-def _features_with_progress(net, data, device, batch_size, say, label):
+def _features_with_progress(net, data, device, batch_size, say, label, precision='fp32'):
     """`yopo.extract_features` in chunks of whole batches — the same batches, so the same features — with
     a progress line every few seconds."""
     progress = Progress(label, len(data), unit='subtomogram', say=say)
     chunk = 8 * batch_size
     out = []
     for start in range(0, len(data), chunk):
-        out.append(yopo.extract_features(net, data[start:start + chunk], device, batch_size=batch_size))
+        out.append(yopo.extract_features(net, data[start:start + chunk], device, batch_size=batch_size,
+                                         precision=precision))
         progress.update(len(out[-1]))
     return np.concatenate(out, axis=0)
 
@@ -219,8 +223,10 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
 
     data = yopo.prepare_stack(stack, arch)
     n = len(data)
+    precision = _precision(opts, device)  # None: fp32, the network's arithmetic without a precision option
     say(f"DISCA: {n} subtomograms (network box {data.shape[-1]}³, preset {preset_name}), at most {max_iter} "
-        f"iterations; {compute_summary(device, _precision(opts, device))}")
+        f"iterations; {compute_summary(device, precision, opts.get('precision'))}")
+    precision = precision or 'fp32'
     opts['wedge_tilt'], wedge = known_tilt_range(stack, opts.get('wedge_tilt'), say, opts.get('wedge_estimate', True))
     ks = candidate_ks(n, k_range, opts['min_per_cluster'])
     # A full covariance in d dimensions is singular with fewer than d + 1 members; with small data the PCA
@@ -261,7 +267,7 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
             loss = _train_epoch(net, loop['head'], loop['opt'], augmented, np.tile(targets, (2, 1)), opts,
                                 generator, device,
                                 Progress(label, -(-len(augmented) // opts['batch_size']), unit='batch',
-                                         units='batches', say=say))
+                                         units='batches', say=say), precision)
             return {'loss': loss, 'lr': loop['lr'], 'smoothing': loop['smoothing'], 'head_k': loop['head'].k,
                     'head_rebuilt': bool(rebuild)}
 
@@ -274,7 +280,7 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
             for it in range(first, first + count):
                 t0 = time.time()
                 features = _features_with_progress(net, data, device, max(opts['batch_size'], 64), say,
-                                                   f'iteration {it}: features')
+                                                   f'iteration {it}: features', precision)
                 t_features = time.time() - t0
                 pca = PCA(n_components=pca_dim, random_state=seed).fit(features)
                 x = pca.transform(features)

@@ -194,13 +194,17 @@ def prepare_stack(stack, arch, source='subtomograms'):
 
 
 @torch.no_grad()
-def extract_features(net, stack, device='cpu', batch_size=64):
-    """Eval-mode features of a prepared (n, b, b, b) stack, as an (n, feature_dim) float32 array."""
+def extract_features(net, stack, device='cpu', batch_size=64, precision='fp32'):
+    """Eval-mode features of a prepared (n, b, b, b) stack, as an (n, feature_dim) float32 array;
+    precision 'bf16' runs the network under bf16 autocast."""
+    from ..settings import autocast
     net.eval()
     out = []
     for start in range(0, len(stack), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(stack[start:start + batch_size])[:, None]).to(device)
-        out.append(net(x).float().cpu().numpy())
+        with autocast(device, precision):
+            y = net(x)
+        out.append(y.float().cpu().numpy())
     return np.concatenate(out, axis=0)
 
 
