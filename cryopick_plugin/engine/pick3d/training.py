@@ -451,6 +451,8 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
     device = resolve_device(device)
     requested_precision, precision = precision, resolve_precision(precision, device)
     layout = memory_format(5, precision)
+    # said first: loading the tomograms and measuring them can take a while
+    log(f'train3d: {compute_summary(device, precision, requested_precision)}')
 
     tomos = [load_item(it, 'train') for it in train_items]
     val_tomos = [load_item(it, 'val') for it in (val_items or [])]
@@ -537,7 +539,6 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
             'train_tomograms': [t.name for t in tomos], 'val_tomograms': [v[0].name for v in vset],
             'cryopick_version': package_version(), 'model_format_version': model_io.FORMAT_VERSION}
     n_particles = sum(int(_trainable(t).sum()) for t in tomos)
-    log(f'train3d: {compute_summary(device, precision, requested_precision)}')
     log(f"train3d: {len(tomos)} training tomogram(s), {n_particles} particles, {n_classes} class(es); validation "
         f"on {', '.join(meta['val_tomograms'])}; up to {epochs} epochs × {steps} steps of {batch_size} "
         f"patch(es) of {patch}³" + (f'; time budget {duration(60.0 * float(time_budget))}' if deadline else ''))
@@ -566,7 +567,7 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
         log(f'train3d: resuming from {ckpt_path} after epoch {saved["epoch"]} ({n_step} steps done'
             + (f', best epoch {best[1]}, validation F1 {best[2]["val_f1"]:.3f})' if best else ')'))
 
-    timing = {}
+    timing, kept = {}, {}
     n_val_tiles = _n_tiles(vset, patch, pad)
     val_voxels = sum(int(np.prod(np.subtract(v[2], v[1]))) for v in vset)
 
@@ -582,9 +583,14 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
         return maps + len(val_patches) * per_patch + score, maps, score
 
     def final_reserve(step_seconds):
-        """Seconds the end of a run needs: a validation of the last weights, then the threshold tuning."""
+        """Seconds the end of a run needs: a validation of the last weights, then the threshold tuning, which
+        scores the best weights' maps again (kept since their validation; only a resumed run's earlier best
+        is mapped anew)."""
         val, maps, score = validation_seconds(step_seconds)
-        return val + ((maps + len(T_SEG_GRID) * len(T_LM_GRID) * score) if tune else 0.0)
+        if not tune:
+            return val
+        again = maps if saved is not None and 'best_maps' not in kept else 0.0
+        return val + again + len(T_SEG_GRID) * len(T_LM_GRID) * score
 
     def validate(record):
         t0 = time.monotonic()
@@ -597,7 +603,8 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
                 vl.append(float(seg_loss(logits.float(), torch.from_numpy(y[None].astype(np.int64)).to(device),
                                          n_classes, ce_weight)))
         t1 = time.monotonic()
-        maps = _val_maps(model, vset, patch, pad, n_classes, device, max(batch_size, 2), precision, say=log)
+        maps = kept['maps'] = _val_maps(model, vset, patch, pad, n_classes, device, max(batch_size, 2), precision,
+                                        say=log)
         t2 = time.monotonic()
         s = _val_scores(maps, vset, diameters, base_thr, match_radius, alpha, device)
         timing.update(vloss=t1 - t0, maps=t2 - t1, score=time.monotonic() - t2)
@@ -667,6 +674,7 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
             if best is None or key > best[0]:
                 best = (key, epoch, record)
                 best_state = copy.deepcopy(model.state_dict())
+                kept['best_maps'] = kept['maps']    # the tuning at the end needs no second map of these weights
                 since_best = 0
                 meta.update({'best_epoch': epoch, 'epochs_run': epoch, 'best_val': _summary(record)})
                 model_io.save_model(out_model, METHOD, arch, best_state, meta)
@@ -710,7 +718,8 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
     if warnings:
         meta['warnings'] = warnings
     if tune:
-        maps = _val_maps(model, vset, patch, pad, n_classes, device, max(batch_size, 2), precision, say=log)
+        maps = kept.get('best_maps') or _val_maps(model, vset, patch, pad, n_classes, device, max(batch_size, 2),
+                                                  precision, say=log)
         thr, s = tune_thresholds(maps, vset, diameters, base_thr, match_radius, alpha, device)
         meta['thresholds'] = thr
         meta['tuned_val'] = {k: round(float(v), 4) for k, v in s.items()}
