@@ -19,12 +19,12 @@ patch 72, batch 8, as DeepETPicker).
 Label diameter: the --diameter the label maps were made with, about half the particle diameter, odd (a
 22-voxel particle → 11); --particle-diameter D computes it. By default it is measured on the label maps.
 
-Expected cost (cpu preset): about 3.5 CPU-seconds per step in fp32 and 0.8 in bf16 on an AMD EPYC with
-AVX-512 BF16 (so ≈2 s and ≈0.5 s per step on two free cores; a CPU without native bf16 runs fp32);
-measured 2026-12 with 5 steps, two threads, on a loaded machine. An epoch is about (training particles ×
-(1 + --bg-fraction)) / batch size steps, so 300 particles make ≈330 steps, ≈11 minutes in fp32 on two cores;
---steps-per-epoch caps that. Each validation adds a pass over the validation tomogram. A paper-preset step
-(8 patches of 72³) costs about 230 times as much: use a GPU.
+Expected cost (cpu preset, one 48³ patch per step, ≈11.5 GFLOP): about 0.4 s per step in fp32 and 0.2 s
+in bf16 on one thread of an AMD EPYC with AVX-512 BF16 (CPU time, 2026-12-06); about 1.3 s per fp32 step on
+one thread of an AVX2-only CPU, which has no native bf16. An epoch is about (training particles × (1 +
+--bg-fraction)) / batch size steps: 300 particles make ≈330 steps, 2–7 minutes; --steps-per-epoch caps
+that, --time-budget bounds the whole run. Each validation adds a pass over the validation tomogram. A
+paper-preset step (8 patches of 72³) costs about 230 times as much: use a GPU.
 
 Example:
   cryopick train3d --train TS_01.mrc:TS_01_labels.mrc:picks.star --train TS_02.mrc:TS_02_labels.mrc:picks.star \\
