@@ -7,7 +7,9 @@ the DoG map. The tomogram is processed in tiles, so it may be larger than the me
 
 Threshold (--threshold):
   auto    chosen from this tomogram's own scores: a two-component mixture of background maxima and
-          particles (the default without --max-picks; the log says which threshold it chose);
+          particles (the default without --max-picks; the log says which threshold it chose). When the
+          scores form one population every candidate is kept, with a warning: right for a crowded
+          tomogram, not for a few particles among many background blobs (give a number or --validation);
   none    keep every positive maximum (the default with --max-picks: the strongest up to that many);
   NUMBER  keep scores at or above it.
 With --validation TOMO.mrc:TRUTH.star (repeatable) the threshold is instead the one with the best
@@ -103,9 +105,15 @@ def main(args):
                  '(precision %.3f, recall %.3f)', chosen, len(validation), curve['f1'][best], radius,
                  curve['precision'][best], curve['recall'][best])
     elif threshold == 'auto':
-        chosen = dog.default_threshold(picks[star.SCORE].to_numpy())
-        log.info('threshold %.3g chosen from the scores of %d candidates (two-component mixture; '
-                 '--threshold sets one)', chosen, len(picks))
+        chosen, how = dog.threshold_from_scores(picks[star.SCORE].to_numpy())
+        if how == 'two populations':
+            log.info('threshold %.3g chosen from the scores of %d candidates (background and particles; '
+                     '--threshold sets one)', chosen, len(picks))
+        else:
+            log.warning('no threshold: the scores of the %d candidates form %s, so all are kept. Right for a '
+                        'crowded tomogram; with few particles among many background blobs give --threshold '
+                        '(about 3-5) or --validation', len(picks),
+                        'one population' if how == 'one population' else 'too few for a choice')
     else:
         chosen = None
     if chosen is not None:

@@ -32,7 +32,9 @@ Threshold without truth (`default_threshold`). The candidates' scores are a mixt
 Gaussians are fitted to the logarithm of the scores and the threshold is where the upper one becomes the
 more probable, searched between the two means. When the two fitted components are not clearly separated
 (Ashman's D < 2) the scores are one population and every candidate is kept (0.0): in a crowded tomogram
-that population is the particles themselves. A fixed number of standard deviations does not carry over
+that population is the particles themselves; in a tomogram with a handful of particles among hundreds of
+background maxima it is the background, and --threshold or a validation tomogram is needed (the command
+says so). A fixed number of standard deviations does not carry over
 between tomograms: in a crowded one the particles themselves inflate the noise estimate and compress every
 score (best fixed thresholds ranged from 1.75 to 4.75 on simulated tomograms), while the mixture follows
 the scores' own shape (bench/README.md, "DoG threshold").
@@ -240,11 +242,16 @@ MIN_SEPARATION = 2.0
 
 
 def default_threshold(scores, min_candidates=MIN_FOR_MIXTURE):
-    """A score threshold from the candidates' scores alone (module doc): 0.0 when there are too few."""
+    """A score threshold from the candidates' scores alone (module doc): 0.0 keeps every candidate."""
+    return threshold_from_scores(scores, min_candidates)[0]
+
+
+def threshold_from_scores(scores, min_candidates=MIN_FOR_MIXTURE):
+    """(threshold, how it was found): 'too few', 'one population' (both 0.0) or 'two populations'."""
     scores = np.asarray(scores, dtype=float).ravel()
     scores = scores[np.isfinite(scores)]
     if len(scores) < int(min_candidates) or np.ptp(scores) <= 0:
-        return 0.0
+        return 0.0, 'too few'
     from sklearn.mixture import GaussianMixture
     # scores are positive maxima; the floor only keeps log() finite for the weakest ones
     x = np.log(np.maximum(scores, 0.01))[:, None]
@@ -254,14 +261,14 @@ def default_threshold(scores, min_candidates=MIN_FOR_MIXTURE):
     separation = math.sqrt(2.0) * (means[hi] - means[lo]) / math.sqrt(spreads[lo] ** 2 + spreads[hi] ** 2)
     if separation < MIN_SEPARATION:
         # One population split in two by the fit, not background plus particles: keep every candidate.
-        return 0.0
+        return 0.0, 'one population'
     grid = np.linspace(means[lo], means[hi], 1001)[:, None]
     # Between the means only: the component with the larger spread is also the more probable far out in
     # the other component's tail, which is no place for a threshold.
     upper = gmm.predict_proba(grid)[:, hi] >= 0.5
     if not upper.any():
-        return 0.0
-    return float(np.exp(grid[int(np.argmax(upper)), 0]))
+        return 0.0, 'one population'
+    return float(np.exp(grid[int(np.argmax(upper)), 0])), 'two populations'
 
 
 def choose_threshold(score_dfs, truth_dfs, radius, n_thresholds=200):

@@ -200,3 +200,14 @@ def test_command_threshold_auto_none_and_from_validation(tmp_path, caplog):
     assert cli(['dog-pick', str(path), '--diameter', '8', '--threshold', 'high', '--out', str(bad)]) == 2
     assert cli(['dog-pick', str(path), '--diameter', '8', '--validation', 'TS_02.mrc', '--out', str(bad)]) == 2
     assert not bad.exists()
+
+
+def test_command_warns_when_the_scores_form_one_population(tmp_path, caplog):
+    # noise only: one population of background maxima, all kept, and the log says what to do instead
+    path = tmp_path / 'noise.mrc'
+    mrc.write_mrc(path, np.random.default_rng(3).normal(size=(32, 48, 48)).astype(np.float32), voxel_size=10)
+    with caplog.at_level('INFO'):
+        assert cli(['dog-pick', str(path), '--diameter', '8', '--out', str(tmp_path / 'n.star')]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+    assert dog.threshold_from_scores(star.read_coordinates(tmp_path / 'n.star')[star.SCORE])[1] == 'one population'
+    assert len(warnings) == 1 and '--threshold' in warnings[0] and '--validation' in warnings[0]
