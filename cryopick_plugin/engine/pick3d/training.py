@@ -44,8 +44,8 @@ seconds a line gives the steps done in the epoch, the rate and the ETA (`progres
 maps likewise). With `time_budget` (minutes of wall clock, counted from the call) training stops when the
 budget is spent — checked after every step — leaving time for what a run always does at its end (a
 validation of the last weights unless just done, threshold tuning), estimated from the validations so
-far (before the first, from the step time); the best model so far is kept and the stop is recorded
-(meta 'stop_reason'). After every epoch the whole training state goes to <out_model>.checkpoint.pt
+far (before the first, from the step time), and the tuning stops at the budget's end (grid searched from the
+defaults outwards); the best model so far is kept and the stop is recorded (meta 'stop_reason'). After every epoch the whole training state goes to <out_model>.checkpoint.pt
 (`checkpoint.py`): a run with the same settings resumes from it (`resume='auto'`), taking the same steps
 as an uninterrupted run; it is removed when training ends, and kept after a time-budget stop so that the
 same command continues the training.
@@ -375,23 +375,32 @@ def _val_scores(maps, vset, diameters, thresholds, match_radius, alpha, device):
             'score': p * ra / (p + ra) if p + ra else 0.0, 'n_pred': n_pred, 'n_true': n_true}
 
 
-def tune_thresholds(maps, vset, diameters, base, match_radius, alpha, device):
+def tune_thresholds(maps, vset, diameters, base, match_radius, alpha, device, deadline=None):
     """Grid search of t_seg × t_lm on validation maps; returns (best thresholds, their scores).
 
     The operating point maximises F1 (ties: the recall-weighted score, then the defaults). The paper's
     P·R^α/(P+R^α) stays the checkpoint criterion, where favouring recall early in training is useful; as a
     threshold criterion it drives the thresholds down until the picks are mostly false positives (α = 3
     rewards a recall gain of 0.1 more than a precision loss of 0.3).
+
+    The grid is searched from the defaults outwards (the result is the same in any order). deadline
+    (time.monotonic() value): stop there, after the defaults at least — a poorly trained map can take long to
+    score at low thresholds, where nearly every voxel is foreground; scores['grid_points'] says how many of
+    the grid were tried.
     """
-    best = None
-    for t_seg in T_SEG_GRID:
-        for t_lm in T_LM_GRID:
-            thr = dict(base, t_seg=t_seg, t_lm=t_lm)
-            s = _val_scores(maps, vset, diameters, thr, match_radius, alpha, device)
-            key = (round(s['f1'], 6), s['score'], -abs(t_seg - 0.5), -abs(t_lm - 0.1))
-            if best is None or key > best[0]:
-                best = (key, thr, s)
-    return best[1], best[2]
+    grid = sorted(((t_seg, t_lm) for t_seg in T_SEG_GRID for t_lm in T_LM_GRID),
+                  key=lambda p: (abs(p[0] - 0.5), abs(p[1] - 0.1)))
+    best, tried = None, 0
+    for t_seg, t_lm in grid:
+        if best is not None and deadline is not None and time.monotonic() >= deadline:
+            break
+        thr = dict(base, t_seg=t_seg, t_lm=t_lm)
+        s = _val_scores(maps, vset, diameters, thr, match_radius, alpha, device)
+        tried += 1
+        key = (round(s['f1'], 6), s['score'], -abs(t_seg - 0.5), -abs(t_lm - 0.1))
+        if best is None or key > best[0]:
+            best = (key, thr, s)
+    return best[1], dict(best[2], grid_points=tried)
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -720,7 +729,10 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
     if tune:
         maps = kept.get('best_maps') or _val_maps(model, vset, patch, pad, n_classes, device, max(batch_size, 2),
                                                   precision, say=log)
-        thr, s = tune_thresholds(maps, vset, diameters, base_thr, match_radius, alpha, device)
+        thr, s = tune_thresholds(maps, vset, diameters, base_thr, match_radius, alpha, device, deadline)
+        if s['grid_points'] < len(T_SEG_GRID) * len(T_LM_GRID):
+            log(f"train3d: threshold tuning cut by the time budget after {s['grid_points']} of "
+                f"{len(T_SEG_GRID) * len(T_LM_GRID)} grid points (nearest the defaults first)")
         meta['thresholds'] = thr
         meta['tuned_val'] = {k: round(float(v), 4) for k, v in s.items()}
         log({'tuned_t_seg': thr['t_seg'], 'tuned_t_lm': thr['t_lm'], 'tuned_f1': s['f1'],
