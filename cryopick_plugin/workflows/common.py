@@ -132,9 +132,11 @@ def _launch_following(project, prot, follow, poll_s=1.0):
             project._updateProtocol(prot)
             finished = not prot.isActive()
         if path is None:
+            # The run's folder is known only once the launch has saved the protocol: ask until the file exists.
             logs = prot.getLogPaths() if prot.getObjId() else []
-            path = os.path.join(project.getPath(), logs[1]) if len(logs) > 1 else None
-        if path and os.path.exists(path):
+            found = os.path.join(project.getPath(), logs[1]) if len(logs) > 1 else None
+            path = found if found and os.path.exists(found) else None
+        if path:
             with open(path, errors='replace') as fh:
                 fh.seek(offset)
                 chunk = fh.read()

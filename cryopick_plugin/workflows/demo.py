@@ -57,6 +57,16 @@ class Console:
         self.say(f'          {line}')
 
 
+def quiet_scipion_launches():
+    """Scipion logs every protocol launch (command line, PID) at INFO: the demo says what each stage does
+    instead, so only Scipion's warnings and errors reach the console."""
+    import logging
+    import pyworkflow.protocol.launch  # noqa: F401  (its logger exists once it is imported)
+    for name in list(logging.root.manager.loggerDict):
+        if 'pyworkflow' in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def simulate_inputs(folder, count, shape, snr, seed, templates_dir=None, per_class=None):
     """Write `count` simulated tomograms + truth STARs into `folder`; return their metadata."""
     from cryopick_plugin.engine.sim.tomograms import simulate_tomogram, write_simulated_tomogram
@@ -79,6 +89,7 @@ def run_demo(project_name='cryopick_demo', count=3, shape=(64, 128, 128), snr=0.
     from cryopick_plugin.protocols import CryopickImportCoordinates3D
 
     console = Console(out, 60.0 * minutes if minutes else None)
+    quiet_scipion_launches()
     training = epochs is None or epochs > 0
     console.n_stages = 3 + (5 if training and count >= 2 else 0)
     precision = resolve_precision(None, 'cpu')
