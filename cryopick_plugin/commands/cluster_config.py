@@ -10,10 +10,13 @@ for (defaults from the options below):
   JOB_TIME        time limit per job in hours
   JOB_GPUS        GPUs per job that runs a network on a GPU (--gres=gpu:N); 0: never ask for GPUs
   QUEUE_FOR_JOBS  N: the whole protocol is one job; Y: one job per step (e.g. per tomogram)
+  STEP_THREADS    with one job per step: CPUs of each job; 0: the protocol's threads (Scipion's way)
 
 Each job asks for the protocol's threads as --cpus-per-task (cryopick commands then use exactly that
-many torch/BLAS threads) and for GPUs only when it needs them: a whole protocol that was given GPUs, or a
-step whose command Scipion gave GPUs (CUDA_VISIBLE_DEVICES); with --gpu-partition such jobs go there.
+many torch/BLAS threads). With one job per step the protocol's threads also set how many step jobs run
+at once (threads − 1), hence STEP_THREADS: e.g. threads 65 and STEP_THREADS 2 keep 64 two-CPU jobs going.
+GPUs are asked for only when a job needs them: a whole protocol that was given GPUs, or a step whose
+command Scipion gave GPUs (CUDA_VISIBLE_DEVICES); with --gpu-partition such jobs go there.
 The job script exports what cryopick needs on the node: this environment's Python first on PATH and the
 SCIPION_* / CRYOPICK_* variables set here (a job keeps the values it brings with it). Scipion polls jobs
 with squeue and cancels them with scancel.
@@ -47,6 +50,8 @@ def add_args(parser):
     parser.add_argument('--mem', default='16G', help='memory per job, sbatch --mem syntax (default 16G)')
     parser.add_argument('--per-step', action='store_true',
                         help='default to one job per step instead of one job per protocol')
+    parser.add_argument('--step-threads', type=int, default=0,
+                        help='CPUs of each job with one job per step (default 0: the protocol\'s threads)')
     parser.add_argument('--account', default=None, help='SLURM account to charge (sbatch --account)')
     parser.add_argument('--sbatch', action='append', default=[], metavar='OPTION',
                         help='extra sbatch option for every job, e.g. --sbatch=--qos=normal (repeatable)')
@@ -54,7 +59,7 @@ def add_args(parser):
 
 
 def hosts_conf(partitions, gpu_partition=None, gpus_per_job=1, hours=24, mem='16G', per_step=False,
-               account=None, sbatch_options=(), environ=None, python=None):
+               step_threads=0, account=None, sbatch_options=(), environ=None, python=None):
     """The text of a hosts.conf with a SLURM queue per partition (see the module help)."""
     environ = os.environ if environ is None else environ
     python = python or sys.executable
@@ -65,6 +70,8 @@ def hosts_conf(partitions, gpu_partition=None, gpus_per_job=1, hours=24, mem='16
             raise InputError(name, f'{value!r} is not a SLURM name')
     if gpus_per_job < 0:
         raise InputError('--gpus-per-job', f'must be 0 or more, got {gpus_per_job}')
+    if step_threads < 0:
+        raise InputError('--step-threads', f'must be 0 or more, got {step_threads}')
     if hours < 1:
         raise InputError('--time', f'must be at least 1 hour, got {hours}')
     if not mem or any(c.isspace() for c in mem):
@@ -76,18 +83,25 @@ def hosts_conf(partitions, gpu_partition=None, gpus_per_job=1, hours=24, mem='16
                'GPUs asked for (--gres=gpu:N) by jobs that run on a GPU; jobs that need none ask for none'],
               ['QUEUE_FOR_JOBS', 'Y' if per_step else 'N', 'One job per step (Y/N)',
                'N: the whole protocol runs as one job. Y: each step (e.g. each tomogram) is a job of its own, '
-               'and the protocol waits for them here']]
+               'and the protocol waits for them here'],
+              ['STEP_THREADS', str(step_threads), 'CPUs per step job (0: Threads)',
+               'With one job per step: CPUs of each job. 0: the protocol\'s Threads, which also set how many '
+               'step jobs run at once (Threads - 1)']]
     queues = {p: params for p in partitions}
     defaults = {name: value for name, value, _, _ in params}
 
     gpu_options = f'--gres=gpu:%_(JOB_GPUS)s'
     if gpu_partition:
         gpu_options = f'--partition={gpu_partition} ' + gpu_options
-    # Scipion writes a step's GPUs into its command (CUDA_VISIBLE_DEVICES=...) only for steps that need one;
-    # a whole protocol needs them when it was given any (GPU_COUNT).
-    submit = ('sbatch $(if [ "%_(QUEUE_FOR_JOBS)s" = Y ]; then grep -q CUDA_VISIBLE_DEVICES= %_(JOB_SCRIPT)s; '
-              'else [ %_(GPU_COUNT)s -gt 0 ]; fi && [ %_(JOB_GPUS)s -gt 0 ] && echo ' + gpu_options +
-              ') %_(JOB_SCRIPT)s')
+    # sbatch options on the command line win over the script's. Scipion writes a step's GPUs into its
+    # command (CUDA_VISIBLE_DEVICES=...) only for steps that need one; a whole protocol needs them when it
+    # was given any (GPU_COUNT).
+    step_cpus = ('$([ "%_(QUEUE_FOR_JOBS)s" = Y ] && [ %_(STEP_THREADS)s -gt 0 ] && '
+                 'echo --cpus-per-task=%_(STEP_THREADS)s)')
+    gpus = ('$(if [ "%_(QUEUE_FOR_JOBS)s" = Y ]; then grep -q CUDA_VISIBLE_DEVICES= %_(JOB_SCRIPT)s; '
+            'else [ %_(GPU_COUNT)s -gt 0 ]; fi && [ %_(JOB_GPUS)s -gt 0 ] && echo ' + gpu_options + ')')
+    submit = f'sbatch {step_cpus} {gpus} %_(JOB_SCRIPT)s'
+
 
     directives = ['--job-name=%_(JOB_NAME)s', '--partition=%_(JOB_QUEUE)s', '--output=%_(JOB_LOGS)s.out',
                   '--error=%_(JOB_LOGS)s.err', '--ntasks=%_(JOB_NODES)d', '--cpus-per-task=%_(JOB_THREADS)d',
@@ -107,7 +121,7 @@ def hosts_conf(partitions, gpu_partition=None, gpus_per_job=1, hours=24, mem='16
             value = _template_literal(shlex.quote(environ[var]))
             lines.append(f'[ -n "${{{var}+set}}" ] || export {var}={value}')
     lines.append('echo "SLURM job $SLURM_JOB_ID on $(hostname): partition $SLURM_JOB_PARTITION, '
-                 '$SLURM_CPUS_PER_TASK CPUs, GPUs ${SLURM_JOB_GPUS:-none}"')
+                 'CPUs $SLURM_CPUS_PER_TASK, GPUs ${SLURM_JOB_GPUS:-none}"')
     lines.append('%_(JOB_COMMAND)s')
 
     out = [
@@ -138,7 +152,8 @@ def _template_literal(text):
 
 def main(args):
     text = hosts_conf(args.partition, gpu_partition=args.gpu_partition, gpus_per_job=args.gpus_per_job,
-                      hours=args.time, mem=args.mem, per_step=args.per_step, account=args.account,
+                      hours=args.time, mem=args.mem, per_step=args.per_step, step_threads=args.step_threads,
+                      account=args.account,
                       sbatch_options=args.sbatch)
     if args.out:
         tmp = args.out + '.tmp'

@@ -37,10 +37,10 @@ def slurm():
     # /tmp rather than pytest's tmp_path: short paths (munge's socket path has a length limit)
     folder = tempfile.mkdtemp(prefix='cryopick-slurm-')
     started = subprocess.run(['bash', os.path.join(HERE, 'start_slurm.sh'), folder], capture_output=True,
-                             text=True, timeout=180)
+                             text=True, timeout=600)
     conf = os.path.join(folder, 'slurm.conf')
     if started.returncode != 0:
-        subprocess.run(['bash', os.path.join(HERE, 'stop_slurm.sh'), folder], capture_output=True, timeout=120)
+        subprocess.run(['bash', os.path.join(HERE, 'stop_slurm.sh'), folder], capture_output=True, timeout=600)
         lines = (started.stderr or started.stdout).strip().splitlines()
         pytest.fail(f"SLURM did not start: {lines[-1] if lines else started.returncode}", pytrace=False)
     old = os.environ.get('SLURM_CONF')
@@ -48,7 +48,7 @@ def slurm():
     try:
         yield conf
     finally:
-        subprocess.run(['bash', os.path.join(HERE, 'stop_slurm.sh'), folder], capture_output=True, timeout=120)
+        subprocess.run(['bash', os.path.join(HERE, 'stop_slurm.sh'), folder], capture_output=True, timeout=600)
         if old is None:
             os.environ.pop('SLURM_CONF', None)
         else:

@@ -109,7 +109,7 @@ slurmctld -f "$SLURM_CONF" || fail "slurmctld did not start (see $DIR/log/slurmc
 slurmd -f "$SLURM_CONF" || fail "slurmd did not start (see $DIR/log/slurmd.log)"
 
 # wait for the node to register and be idle
-for _ in $(seq 120); do
+for _ in $(seq 240); do
   state=$(sinfo -h -N -n "$HOST" -o '%T' 2>/dev/null | head -1 || true)
   case "$state" in
     idle) echo "start_slurm.sh: node $HOST idle ($CPUS CPUs, $MEM MB) in $DIR"; exit 0 ;;
@@ -117,4 +117,4 @@ for _ in $(seq 120); do
   esac
   sleep 0.5
 done
-fail "node $HOST not idle after 60 s (state '${state:-none}'; see $DIR/log/slurmctld.log and slurmd.log)"
+fail "node $HOST not idle after 120 s (state '${state:-none}'; see $DIR/log/slurmctld.log and slurmd.log)"

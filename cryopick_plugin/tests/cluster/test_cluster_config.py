@@ -69,6 +69,19 @@ def test_gpus_only_for_jobs_that_need_them(tmp_path, per_step, gpu_count, comman
     assert options[:-1] == (['--partition=gpu', '--gres=gpu:2'] if gres else [])
 
 
+@pytest.mark.parametrize('per_step, step_threads, expected', [
+    ('Y', '2', ['--cpus-per-task=2']),   # one job per step: its own CPUs, whatever Threads says
+    ('Y', '0', []),                      # 0: the template's --cpus-per-task, the protocol's threads
+    ('N', '2', []),                      # a whole protocol always gets its threads
+])
+def test_cpus_of_a_step_job(tmp_path, per_step, step_threads, expected):
+    host = _host(tmp_path, hosts_conf(['cpu'], environ={}))
+    _, submit = _submit(host, QUEUE_FOR_JOBS=per_step, STEP_THREADS=step_threads)
+    options = subprocess.run(['bash', '-c', submit.replace('sbatch ', 'echo ', 1)], capture_output=True,
+                             text=True).stdout.split()
+    assert options == expected + ['/p/logs/cryopick7.job']
+
+
 def test_no_gpus_asked_with_zero(tmp_path):
     host = _host(tmp_path, hosts_conf(['cpu'], gpus_per_job=0, environ={}))
     _, submit = _submit(host, GPU_COUNT=1)

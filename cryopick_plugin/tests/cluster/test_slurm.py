@@ -31,7 +31,7 @@ SHAPE = (32, 64, 64)
 TS_IDS = ['tomo_000', 'tomo_001', 'tomo_002']
 DIAMETER = 7.0
 QUEUE_PARAMS = {'JOB_MEMORY': '2G', 'JOB_TIME': '1', 'JOB_GPUS': '1'}
-TIMEOUT_S = 300
+TIMEOUT_S = 900  # guards against a hang only: a loaded machine is slow, not wrong
 
 
 def _blob_tomogram(seed):
@@ -73,12 +73,12 @@ class Cluster:
         prot.setObjLabel(label)
         return prot
 
-    def launch(self, prot, queue=None, per_step=False, wait=True):
-        """Launch here, or through `queue` as one job (per_step False) or one job per step; wait for the
-        end unless wait is False."""
+    def launch(self, prot, queue=None, per_step=False, wait=True, **params):
+        """Launch here, or through `queue` as one job (per_step False) or one job per step, with queue
+        parameters `params` on top of QUEUE_PARAMS; wait for the end unless wait is False."""
         if queue:
             prot._useQueue.set(True)
-            prot.setQueueParams([queue, dict(QUEUE_PARAMS, QUEUE_FOR_JOBS='Y' if per_step else 'N')])
+            prot.setQueueParams([queue, dict(QUEUE_PARAMS, QUEUE_FOR_JOBS='Y' if per_step else 'N', **params)])
         self.project.launchProtocol(prot, wait=wait)
         if wait:
             self.wait(prot)
@@ -100,7 +100,7 @@ def _mine(prot, name):
     return name == prot.strId() or name.startswith(prot.strId() + '-')
 
 
-def _jobs(prot, timeout=120):
+def _jobs(prot, timeout=TIMEOUT_S):
     """[(job id, job name, partition, state)] of the protocol's SLURM jobs, once none is left in the
     queue (a protocol sent as one job is finished in its database a moment before its process and job
     end). Scipion names a protocol's job after its id, and a step's job '<id>-<thread>-<n>'; jobs are
@@ -161,10 +161,10 @@ def cluster(slurm, tmp_path_factory):
     with open(hosts) as fh:
         saved = fh.read()
     cwd = os.getcwd()
-    made = subprocess.run([sys.executable, '-m', 'cryopick_plugin', 'cluster-config', '--partition', 'cpu',
-                           '--gpu-partition', 'gpu', '--mem', '2G', '--time', '1', '--out', hosts],
-                          capture_output=True, text=True, timeout=120)
-    assert made.returncode == 0, made.stderr
+    # the command as a user types it (parsed by the `cryopick` dispatcher), in this process
+    from cryopick_plugin.commands import main as cryopick
+    assert cryopick(['cluster-config', '--partition', 'cpu', '--gpu-partition', 'gpu', '--mem', '2G', '--time', '1',
+                     '--out', hosts]) == 0
     try:
         project = Manager().createProject(f'TestSlurm_{os.getpid()}')
         os.chdir(project.getPath())
@@ -236,7 +236,7 @@ def test_whole_protocol_as_one_job(cluster, dog_reference):
     assert 'Executing through the queue system' in log
     # the job got the protocol's two threads as CPUs, and no GPU
     with open(prot._getLogsPath(f'cryopick{prot.strId()}.out')) as fh:
-        assert re.search(rf'SLURM job {jobs[0][0]} on \S+: partition cpu, 2 CPUs, GPUs none', fh.read())
+        assert re.search(rf'SLURM job {jobs[0][0]} on \S+: partition cpu, CPUs 2, GPUs none', fh.read())
     # two steps side by side in the job's two CPUs: one thread each, with their peak memory in the log
     usage = _usage(prot)
     assert sorted(u['what'] for u in usage) == [f'{ts}.mrc' for ts in TS_IDS]
@@ -265,7 +265,7 @@ def test_one_job_per_step_on_the_gpu_partition(cluster):
     pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-5)
     for job_id, name, _, _ in jobs:
         with open(queued._getLogsPath(f'{name}.out')) as fh:
-            assert re.search(rf'SLURM job {job_id} on \S+: partition gpu, 2 CPUs, GPUs 0', fh.read())
+            assert re.search(rf'SLURM job {job_id} on \S+: partition gpu, CPUs 2, GPUs 0', fh.read())
     # each step used exactly the job's two CPUs (SLURM_CPUS_PER_TASK) in torch and BLAS
     usage = _usage(queued)
     assert sorted(u['what'] for u in usage) == [f'{ts}.mrc' for ts in TS_IDS]
@@ -307,8 +307,9 @@ def _finished_ts(prot):
 def test_cancelled_job_then_continue(cluster, dog_reference):
     from pyworkflow.protocol.constants import MODE_RESUME, STATUS_FINISHED
     from cryopick_plugin.constants import OUT_COORDS3D
-    prot = _dog(cluster, 'dog, a step cancelled, then continued')
-    cluster.launch(prot, queue='cpu', per_step=True, wait=False)
+    # threads 2: one step job at a time; STEP_THREADS 1: each job asks for one CPU, not the two threads
+    prot = _dog(cluster, 'dog, a step cancelled, then continued', threads=2)
+    cluster.launch(prot, queue='cpu', per_step=True, wait=False, STEP_THREADS='1')
     # once the first tomogram is done, cancel the next step's job while it runs
     cancelled, deadline = None, time.time() + TIMEOUT_S
     while cancelled is None and time.time() < deadline and len(_finished_ts(prot)) < len(TS_IDS):
@@ -330,7 +331,7 @@ def test_cancelled_job_then_continue(cluster, dog_reference):
     mtimes = {ts: os.stat(prot._getExtraPath(f'{ts}_dog.star')).st_mtime_ns for ts in done}
 
     prot.runMode.set(MODE_RESUME)
-    cluster.launch(prot, queue='cpu', per_step=True)
+    cluster.launch(prot, queue='cpu', per_step=True, STEP_THREADS='1')
     assert prot.isFinished(), prot.getErrorMessage()
     assert all(s.getStatus() == STATUS_FINISHED for s in prot.loadSteps())
     for ts, mtime in mtimes.items():
@@ -339,6 +340,14 @@ def test_cancelled_job_then_continue(cluster, dog_reference):
     states = sorted(j[3] for j in _jobs(prot))
     assert states.count('COMPLETED') == len(TS_IDS) and len(states) == len(TS_IDS) + 1, states
     pd.testing.assert_frame_equal(_sorted_picks(prot, cluster.tomos), dog_reference)
+    # every job had one CPU and its command one thread
+    for job_id, name, _, state in _jobs(prot):
+        if state == 'COMPLETED':
+            with open(prot._getLogsPath(f'{name}.out')) as fh:
+                assert re.search(rf'SLURM job {job_id} on \S+: partition cpu, CPUs 1, GPUs none', fh.read())
+    usage = _usage(prot)
+    assert sorted(u['what'] for u in usage) == [f'{ts}.mrc' for ts in TS_IDS]
+    assert all(u['n'] == '1' and u['job'] for u in usage), usage
 
 
 def test_workflow_scripts_take_the_queue(cluster, tmp_path):
@@ -359,7 +368,7 @@ def test_workflow_scripts_take_the_queue(cluster, tmp_path):
         assert imported.isFinished() and not imported.useQueue()
         assert coords.isFinished() and coords.useQueue(), coords.getErrorMessage()
         assert coords.getQueueParams() == ['cpu', {'JOB_MEMORY': '1500M', 'JOB_TIME': '1', 'JOB_GPUS': '1',
-                                                   'QUEUE_FOR_JOBS': 'N'}]
+                                                   'QUEUE_FOR_JOBS': 'N', 'STEP_THREADS': '0'}]
         assert coords.output3DCoordinates.getSize() > 0
         jobs = _jobs(coords)
         assert len(jobs) == 1 and jobs[0][2:] == ('cpu', 'COMPLETED'), jobs
