@@ -9,6 +9,14 @@ guard `checks.split_crossing`). Scores before and after against the true classes
 <out>/<condition>_split.json.
 
   .venv/bin/python bench/bench_disca_split.py --runs bench/results/disca_check --conditions snr0.03_w60,snr0.03_w40
+
+With --truth (no finished run needed) it applies the split rule (`checks.split_decision`: BIC, separation
+and, with the condition's tilt range, the orientation guard) to the true classes of a simulated set: each
+molecule alone (should not be split) and every pair of molecules (should be: that is also the test that
+keeps the orientation check from merging two clusters) — the rule's error rates on known truth, per
+condition, in <out>/<condition>_truth_seed<seed>.json.
+
+  .venv/bin/python bench/bench_disca_split.py --truth --conditions snr0.01_w60,snr0.01_w40 --n-per-class 50 --seed 0 --out bench/results/disca_truth
 """
 import argparse
 import json
@@ -44,15 +52,59 @@ def resplit(runs, name, preset='cpu', with_tilt=False, n_per_class=200, box=32, 
             'contingency_after': contingency}
 
 
+def truth_decisions(name, n_per_class, seed, box=32, preset='cpu', with_tilt=True):
+    """`checks.split_decision` on each true class and on the union of every pair of true classes."""
+    import itertools
+    from cryopick_plugin.engine.disca import features
+    snr, tilt, _, _ = bench_disca.CONDITIONS[name]
+    sim = bench_disca.simulate(n_per_class, snr, tilt, box, seed)
+    spectra = features.spectral_features(sim.stack)
+    options = dict(em.TRAINING[preset], wedge_tilt=float(tilt) if with_tilt else None)
+    rng = np.random.default_rng(seed + 7919)
+    rows = []
+    groups = [((c,), 'one molecule') for c in range(len(sim.class_names))]
+    groups += [(pair, 'two molecules') for pair in itertools.combinations(range(len(sim.class_names)), 2)]
+    for classes, kind in groups:
+        members = np.flatnonzero(np.isin(sim.labels, classes))
+        split, side, _, info = checks.split_decision(sim.stack, spectra, members, options, seed, rng)
+        row = {'classes': [sim.class_names[c] for c in classes], 'kind': kind, 'split': bool(split),
+               'right': bool(split) == (kind == 'two molecules'),
+               **{k: info.get(k) for k in ('separation', 'crossing', 'sizes', 'reason')}}
+        if side is not None:
+            row['side_purity'] = float(max(np.mean(sim.labels[members][side == 0] == classes[0]),
+                                           np.mean(sim.labels[members][side == 0] != classes[0])))
+        rows.append(row)
+        print(name, seed, row, flush=True)
+    return {'condition': name, 'seed': seed, 'n_per_class': n_per_class, 'tilt_given': with_tilt, 'rows': rows,
+            'wrong': [r for r in rows if not r['right']]}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--runs', required=True, help='folder of a bench_disca.py run (<condition>.json and '
-                                                      '<condition>_labels.npz)')
+    parser.add_argument('--runs', help='folder of a bench_disca.py run (<condition>.json and '
+                                       '<condition>_labels.npz)')
+    parser.add_argument('--truth', action='store_true',
+                        help='apply the split rule to the true classes and pairs of a fresh simulation instead')
+    parser.add_argument('--n-per-class', type=int, default=50, help='with --truth (50)')
+    parser.add_argument('--seed', type=int, default=0, help='with --truth (0)')
     parser.add_argument('--conditions', required=True, help='comma-separated condition names')
     parser.add_argument('--with-tilt', action='store_true',
                         help="give the condition's tilt range (turns on the orientation guard of each split)")
     parser.add_argument('--out', default=None, help='where the results go (default: --runs)')
     args = parser.parse_args(argv)
+    if args.truth:
+        out = args.out or 'bench/results/disca_truth'
+        os.makedirs(out, exist_ok=True)
+        for name in args.conditions.split(','):
+            result = truth_decisions(name, args.n_per_class, args.seed)
+            path = os.path.join(out, f'{name}_truth_seed{args.seed}.json')
+            with open(path + '.part', 'w') as fh:
+                json.dump(result, fh, indent=1)
+            os.replace(path + '.part', path)
+            print(name, 'wrong decisions:', [(r['classes'], r['reason'] or 'split') for r in result['wrong']])
+        return 0
+    if not args.runs:
+        parser.error('--runs is needed (or --truth)')
     out = args.out or args.runs
     os.makedirs(out, exist_ok=True)
     for name in args.conditions.split(','):

@@ -14,6 +14,12 @@ writes to --out:
 
 Needs at least 10 subtomograms per cluster of the smallest K; the largest K is lowered to N // 10.
 
+The missing wedge (tilt axis Y): --wedge-tilt when given (0: ignore the wedge); else the STAR file's
+cpTiltAngleMin / cpTiltAngleMax columns (any table; the Scipion protocol writes them from the acquisition);
+else the wedge the subtomograms' mean power spectrum shows. The log says which. With it, clusters that are
+one molecule seen in different orientations to the wedge are merged, and the split check refuses splits
+of one molecule by its orientation.
+
 Example:
   cryopick disca subtomograms.star --out disca_run --preset cpu --k-min 2 --k-max 20 --max-iter 10
 """
@@ -58,19 +64,22 @@ def add_args(parser):
                         help='EM iterations at most; a run stops earlier when the labels are stable (default 20)')
     parser.add_argument('--wedge-tilt', type=float, default=None, metavar='DEG',
                         help='largest tilt angle of the acquisition (e.g. 60 for a ±60° series, tilt axis Y): '
-                             'the rotated training copies get this missing wedge back, and at the end clusters '
-                             'that turn into each other when their members are rotated (one molecule split '
-                             'by its orientation to the wedge) are merged; at good SNR only — on noisy data (SNR 0.01) it merged '
-                             'distinct molecules (default: off, as the reference)')
+                             'clusters that turn into each other when their members are rotated with this wedge '
+                             'put back (one molecule split by its orientation to the wedge) are merged, unless '
+                             'their union is two groups on spectral features, and the split check refuses '
+                             'splits of one molecule by its orientation; 0: ignore the wedge (default: from the '
+                             'STAR file\'s cpTiltAngleMin/Max, else read from the subtomograms)')
     parser.add_argument('--no-split-check', dest='split_check', action='store_false',
                         help='do not test the final clusters for two molecules merged into one (by default each '
                              'cluster whose members fall into two clearly separated groups of rotation-invariant '
                              'spectral features is split, and pieces of one molecule left in two clusters are joined '
-                             'again; with --wedge-tilt a split must also not be one molecule seen in two ranges '
-                             'of orientations)')
+                             'again; with the tilt range known a split must also not be one molecule seen in two '
+                             'ranges of orientations, and a split that the refinement\'s network puts back '
+                             'together is rejected)')
     parser.add_argument('--refine-iter', type=int, default=None, metavar='N',
                         help='when the split check changed the clusters: train the network on the corrected '
-                             'clusters and run at most N more EM iterations from them, then check again '
+                             'clusters and run at most N more EM iterations from them (a split the network puts '
+                             'back into one cluster is rejected), then check again '
                              '(default 5; 0: keep the split clusters as they are)')
     parser.add_argument('--seed', type=int, default=0, help='random seed (0)')
     parser.add_argument('--device', default=None, help="'auto', 'cpu' or 'cuda' (default $CRYOPICK_DEVICE or auto)")
@@ -79,6 +88,7 @@ def add_args(parser):
 
 def main(args):
     from cryopick_plugin.engine.disca import em, model
+    from cryopick_plugin.engine.disca.features import tilt_range_from_star
     from cryopick_plugin.engine.io.mrc import atomic_path, write_mrc
     from cryopick_plugin.engine.io.star import write_star
     if args.wedge_tilt is not None and not 0 <= args.wedge_tilt < 90:
@@ -87,13 +97,18 @@ def main(args):
         raise InputError('--refine-iter', f"must be 0 or more, got {args.refine_iter}")
     if args.k_min < 1 or args.k_max < args.k_min:
         raise InputError('--k-min/--k-max', f"bad range {args.k_min}..{args.k_max}")
+    tilt = args.wedge_tilt
+    if tilt is None:
+        tilt, note = tilt_range_from_star(args.subtomograms)
+    else:
+        note = f'tilt range from --wedge-tilt: ±{tilt:g}°'
+    logger.info('%s', note)
     stack, table, voxel = read_subtomogram_star(args.subtomograms)
     os.makedirs(args.out, exist_ok=True)
     result = em.disca_cluster(stack, preset=args.preset, k_range=(args.k_min, args.k_max),
                                  max_iter=args.max_iter, seed=args.seed, device=args.device,
                                  log=logger.info, out_dir=args.out,
-                                 options=dict({'split_check': args.split_check},
-                                              **({'wedge_tilt': args.wedge_tilt} if args.wedge_tilt else {}),
+                                 options=dict({'split_check': args.split_check, 'wedge_tilt': tilt},
                                               **({'refine_iter': args.refine_iter}
                                                  if args.refine_iter is not None else {})))
     model_path = os.path.join(args.out, 'disca_model.pt')
@@ -110,7 +125,7 @@ def main(args):
                          'note': 'plain average of the unaligned subtomograms of the class'})
     summary = {'iterations': result.history, 'kept_iteration': result.best_iteration, 'k': result.k,
                'class_averages': averages, 'model': 'disca_model.pt', 'labels': 'labels.star',
-               'embeddings': 'embeddings.npz', 'meta': result.meta}
+               'embeddings': 'embeddings.npz', 'meta': result.meta, 'wedge_note': note}
     with atomic_path(os.path.join(args.out, 'history.json')) as tmp:
         with open(tmp, 'w') as fh:
             json.dump(summary, fh, indent=1)

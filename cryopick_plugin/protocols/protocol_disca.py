@@ -112,17 +112,19 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
         form.addParam('maxIter', params.IntParam, allowsNull=True, default=None, label='Maximum iterations',
                       help='Empty: the preset\'s default. Stops earlier when the labels are stable.')
         form.addParam('wedgeTilt', params.FloatParam, allowsNull=True, default=None,
-                      label='Missing wedge: largest tilt (°)', expertLevel=params.LEVEL_ADVANCED,
-                      help='The largest tilt angle of the acquisition (60 for a ±60° series; tilt axis Y). At '
-                           'high SNR the missing wedge can split one molecule into "top" and "side" view '
-                           'clusters. With this set, (1) the randomly rotated training copies get the wedge '
-                           'back where the microscope leaves it, and (2) after clustering, the members of '
-                           'each cluster are shown rotated (wedge put back) to the final model: two clusters '
-                           'whose rotated members cross into each other, both ways, clearly more than '
-                           'unrotated copies do are one molecule and are merged. The check is recorded in '
-                           'the model. On very noisy data the rotated copies scatter, which makes the merge '
-                           'less reliable. '
-                           'Empty or 0: off, as in the published method.')
+                      label='Missing wedge: largest tilt (°)',
+                      help='Empty (default): the tilt range of the subtomograms\' acquisition (or of their '
+                           'tomograms\'), as the summary shows before the run; where none is recorded, the wedge '
+                           'the subtomograms\' mean power spectrum shows (the log says which). A number: the '
+                           'largest tilt angle (60 for a ±60° series; tilt axis Y). 0: ignore the wedge. At high '
+                           'SNR the missing wedge can split one molecule into "top" and "side" view clusters. '
+                           'With the wedge known, after clustering the members of each cluster are shown rotated '
+                           '(wedge put back) to the final model: two clusters whose rotated members cross into '
+                           'each other, both ways, clearly more than unrotated copies do are one molecule and are '
+                           'merged — unless their union falls into two clearly separated groups of '
+                           'rotation-invariant spectral features (noisy mixtures of different molecules), which '
+                           'stay apart. The split check also refuses splits of one molecule by its orientation. '
+                           'The checks are recorded in the model.')
         form.addParam('splitCheck', params.BooleanParam, default=True, label='Split merged molecules',
                       expertLevel=params.LEVEL_ADVANCED,
                       help='After clustering, test every cluster for two molecules that the network has learnt '
@@ -130,7 +132,7 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                            'whose members fall into two clearly separated groups of rotation-invariant '
                            'spectral features (BIC and a Mahalanobis separation of at least 3) is split, '
                            'recursively; pieces of one molecule that splits of different clusters left apart '
-                           'are joined again. With the largest tilt set, a split must also not be one molecule '
+                           'are joined again. With the missing wedge known, a split must also not be one molecule '
                            'seen in two ranges of orientations (rotated members would change side). Each test '
                            'is recorded in the model, and predictions replay them. Most useful on noisy data, '
                            'where clusters of two molecules are commonest.')
@@ -139,8 +141,10 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                       condition='splitCheck',
                       help='When the split check changed the clusters, the network (which had learnt to '
                            'call the split molecules one class) is trained on the corrected clusters and the '
-                           'EM loop runs again from them for at most this many iterations; the refined '
-                           'clustering is kept when its DDBI is lower, and checked again. It costs up to this many '
+                           'EM loop runs again from them for at most this many iterations. A split whose two '
+                           'sides the refined network puts back into one cluster is rejected (not supported by '
+                           'its features) and not made again, unless rotated members clearly keep their side; the '
+                           'refined clustering is kept when its DDBI is lower, and checked again. It costs up to this many '
                            'more iterations. Empty: the preset\'s default (5). 0: keep the split clusters as '
                            'they are.')
         form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,
@@ -153,7 +157,29 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
         self._insertFunctionStep(self.createOutputStep, needsGPU=False)
 
     def convertInputStep(self):
-        self._writeSubtomoStar(self._getExtraPath('subtomograms.star'))
+        path = self._getExtraPath('subtomograms.star')
+        self._writeSubtomoStar(path)
+        known = convert.subtomograms_tilt_range(self.inputSubtomograms.get())
+        if known is not None and self.wedgeTilt.get() is None:
+            # the acquisition travels with the subtomograms, where `cryopick disca` reads it
+            from ..engine.disca.features import TILT_MAX_COLUMN, TILT_MIN_COLUMN
+            blocks = star.read_star_blocks(path)
+            table = blocks['particles']
+            table[TILT_MIN_COLUMN], table[TILT_MAX_COLUMN] = known[0], known[1]
+            star.write_star(path, {'particles': table})
+
+    def _wedgeSource(self):
+        """One line: the missing wedge the run uses and where it comes from."""
+        if self.wedgeTilt.get() is not None:
+            tilt = self.wedgeTilt.get()
+            return 'Missing wedge: ignored (0).' if tilt == 0 else f'Missing wedge: ±{tilt:g}° (given).'
+        subtomos = self.inputSubtomograms.get()
+        known = convert.subtomograms_tilt_range(subtomos) if subtomos is not None else None
+        if known is None:
+            return ('Missing wedge: no tilt range in the acquisition; read from the subtomograms\' power '
+                    'spectrum (see the log).')
+        lo, hi = known[:2]
+        return f'Missing wedge: ±{(hi - lo) / 2:g}° from the {known[2]}\' acquisition ({lo:g}…{hi:g}°).'
 
     def clusterStep(self):
         args = [os.path.abspath(self._getExtraPath('subtomograms.star')), '--out',
@@ -161,7 +187,7 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                 '--k-min', self.kMin.get(), '--k-max', self.kMax.get(), '--seed', self.seed.get()]
         if self.maxIter.get():
             args += ['--max-iter', self.maxIter.get()]
-        if self.wedgeTilt.get():
+        if self.wedgeTilt.get() is not None:
             args += ['--wedge-tilt', self.wedgeTilt.get()]
         if not self.splitCheck.get():
             args += ['--no-split-check']
@@ -203,12 +229,13 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
         return errors
 
     def _summary(self):
+        wedge = self._wedgeSource()
         if not self.hasAttribute(OUT_CLASSES):
-            return ['Clustering not ready yet.']
+            return ['Clustering not ready yet.', wedge]
         classes = getattr(self, OUT_CLASSES)
         sizes = [c.getSize() for c in classes.iterItems()]
         return [f'{len(sizes)} clusters (K chosen by BIC among {self.kMin.get()}–{self.kMax.get()}), sizes '
-                f'{sizes}. Class averages are unaligned summaries.']
+                f'{sizes}. Class averages are unaligned summaries.', wedge]
 
     def _methods(self):
         return ['Subtomograms were clustered without templates with DISCA [Zeng2023DISCA] as implemented in '

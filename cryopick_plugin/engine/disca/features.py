@@ -133,6 +133,48 @@ def estimate_tilt_range(stack, band=(0.08, 0.42), max_count=2000):
     return float(theta), info
 
 
+# The acquisition's tilt angles in a subtomogram STAR file (degrees), in the particle table or in any other
+# table of the file (an optics-like block): what the protocol writes from Scipion's TomoAcquisition.
+TILT_MIN_COLUMN, TILT_MAX_COLUMN = 'cpTiltAngleMin', 'cpTiltAngleMax'
+
+
+def tilt_range_from_star(star_path):
+    """(θ in degrees or None, note) from the tilt-angle columns of a STAR file.
+
+    θ is half the width of the tilt range, (max − min) / 2: the engine's wedge is symmetric about the
+    beam, so an asymmetric range (−54…+62) is taken as one of the same width (±58), and the note says so.
+    Rows with different ranges (tomograms acquired differently) use the range most rows have. Raises
+    InputError naming the file for values that are not numbers, or a range that is not min < max within
+    ±90°."""
+    import pandas as pd
+    from ..io import star
+    blocks = star.read_star_blocks(star_path)
+    for block in blocks.values():
+        if isinstance(block, dict):      # a one-row table written as key-value pairs
+            block = pd.DataFrame([block])
+        if not isinstance(block, pd.DataFrame) or not {TILT_MIN_COLUMN, TILT_MAX_COLUMN} <= set(block.columns):
+            continue
+        lo = pd.to_numeric(block[TILT_MIN_COLUMN], errors='coerce').to_numpy(dtype=float)
+        hi = pd.to_numeric(block[TILT_MAX_COLUMN], errors='coerce').to_numpy(dtype=float)
+        if len(lo) == 0:
+            continue
+        if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+            raise InputError(star_path, f"{TILT_MIN_COLUMN}/{TILT_MAX_COLUMN} hold values that are not numbers")
+        pairs, counts = np.unique(np.stack([lo, hi], axis=1), axis=0, return_counts=True)
+        a, b = pairs[int(np.argmax(counts))]
+        if not -90 <= a < b <= 90:
+            raise InputError(star_path, f"tilt range {a:g}…{b:g}° is not min < max within ±90°")
+        theta = (b - a) / 2.0
+        notes = [f"tilt range {a:g}…{b:g}° from {star_path}"]
+        if abs(a + b) > 1.0:
+            notes.append(f"not symmetric: taken as ±{theta:g}° (same width)")
+        if len(pairs) > 1:
+            notes.append(f"{len(pairs)} different ranges in the file; the one of {int(counts.max())} of "
+                         f"{len(lo)} rows used for all")
+        return (theta if theta < 90 else 0.0), '; '.join(notes)
+    return None, f"no {TILT_MIN_COLUMN}/{TILT_MAX_COLUMN} in {star_path}"
+
+
 def known_tilt_range(stack, tilt_range=None, say=None, estimate=True):
     """The tilt range DISCA works with, and where it came from: (θ in degrees or None, info dict).
 

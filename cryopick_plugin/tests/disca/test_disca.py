@@ -313,7 +313,7 @@ def test_save_and_predict_give_the_training_labels(clustered, tmp_path):
 
 # ---------------------------------------------------------------------------------------- commands
 
-def _write_star(folder, stack, name='subtomos.star'):
+def _write_star(folder, stack, name='subtomos.star', **columns):
     import pandas as pd
     from cryopick_plugin.engine.io.mrc import write_mrc
     from cryopick_plugin.engine.io.star import write_star
@@ -322,7 +322,7 @@ def _write_star(folder, stack, name='subtomos.star'):
     for i, v in enumerate(stack):
         write_mrc(folder / 'sub' / f'p{i:03d}.mrc', v, 10.0)
         rows.append({'rlnTomoName': 'tomo1', 'rlnCoordinateX': 10.0 + i, 'rlnCoordinateY': 20.0,
-                     'rlnCoordinateZ': 30.0, 'rlnImageName': f'sub/p{i:03d}.mrc'})
+                     'rlnCoordinateZ': 30.0, 'rlnImageName': f'sub/p{i:03d}.mrc', **columns})
     write_star(folder / name, {'particles': pd.DataFrame(rows)})
     return folder / name
 
@@ -352,9 +352,17 @@ def test_commands_end_to_end(tmp_path):
     assert emb['embeddings'].shape == (1, len(stack), 2)
 
     assert 'split_check' in history['meta']        # on by default (no test here once K reaches --k-max)
-    assert main(['disca', str(star), '--out', str(tmp_path / 'nosplit'), '--max-iter', '1', '--k-max', '3',
+    # no tilt range in the STAR file, no wedge in these subtomograms: none known, and the meta says so
+    assert history['meta']['wedge']['source'] == 'estimated' and history['meta']['wedge']['tilt_range'] is None
+    assert 'cpTiltAngleMin' in history['wedge_note']
+    # the acquisition's tilt range in the STAR file reaches the engine
+    tilted = _write_star(tmp_path, stack, name='tilted.star', cpTiltAngleMin=-60.0, cpTiltAngleMax=60.0)
+    assert main(['disca', str(tilted), '--out', str(tmp_path / 'nosplit'), '--max-iter', '1', '--k-max', '3',
                  '--device', 'cpu', '--no-split-check']) == 0
-    assert 'split_check' not in json.loads((tmp_path / 'nosplit' / 'history.json').read_text())['meta']
+    nosplit = json.loads((tmp_path / 'nosplit' / 'history.json').read_text())
+    assert 'split_check' not in nosplit['meta']
+    assert nosplit['meta']['wedge'] == {'source': 'given', 'tilt_range': 60.0} and 'tilted.star' in nosplit['wedge_note']
+    assert 'orientation_merge' in nosplit['meta']
 
     predicted = tmp_path / 'predicted.star'
     assert main(['disca-predict', str(star), '--model', str(out / 'disca_model.pt'), '--out', str(predicted),
@@ -382,6 +390,11 @@ def test_commands_reject_bad_input(tmp_path, capsys):
     assert main(['disca', str(small), '--out', str(tmp_path / 'run4'), '--refine-iter', '-1']) == 2
     assert '--refine-iter' in capsys.readouterr().err
     assert not (tmp_path / 'run4').exists()
+    bad_tilt = _write_star(tmp_path / 'tilt', stack[:12], cpTiltAngleMin='n/a', cpTiltAngleMax=60.0)
+    assert main(['disca', str(bad_tilt), '--out', str(tmp_path / 'run5')]) == 2
+    err = capsys.readouterr().err
+    assert 'subtomos.star' in err and 'cpTiltAngleMin' in err
+    assert not (tmp_path / 'run5').exists()
 
 
 def test_bic_dimension_grows_with_the_data():
@@ -410,6 +423,12 @@ def test_orientation_groups_need_a_crossing_in_both_directions_beyond_the_contro
     assert checks.orientation_groups(transfer, control) == [[0, 1], [2, 3]]
     # a crossing that the unrotated control shows as well is noise, not orientation
     assert checks.orientation_groups(transfer, transfer) == [[0], [1], [2], [3]]
+    # a join the caller refuses (the split check would split the union again) keeps the groups apart
+    asked = []
+    assert checks.orientation_groups(transfer, control, allowed=lambda a, b: asked.append((a, b))) == \
+        [[0], [1], [2], [3]]
+    assert asked == [([0], [1]), ([2], [3])]
+    assert checks.orientation_groups(transfer, control, allowed=lambda a, b: b != [3]) == [[0, 1], [2], [3]]
 
 
 def test_orientation_check_joins_a_molecule_split_by_the_wedge_and_keeps_others_apart():
@@ -417,7 +436,7 @@ def test_orientation_check_joins_a_molecule_split_by_the_wedge_and_keeps_others_
     sim = simulate_subtomograms(classes=['two_lobe', 'rod'], n_per_class=40, box=24, snr=2.0, tilt_range=60.0,
                                 seed=3, synthetic=True)
     result = em.disca_cluster(sim.stack, preset='cpu', k_range=(2, 4), max_iter=4, seed=0, device='cpu',
-                                 arch=TINY, options=dict(TINY_OPTIONS, wedge_tilt=60.0))
+                                 arch=TINY, options=dict(TINY_OPTIONS, wedge_tilt=60.0, wedge_training=True))
     info = result.meta['orientation_merge']
     transfer, control = np.array(info['transfer']), np.array(info['control'])
     assert transfer.shape == control.shape == (info['k_before'],) * 2
@@ -431,10 +450,11 @@ def test_orientation_check_joins_a_molecule_split_by_the_wedge_and_keeps_others_
     scores = mixtures.clustering_scores(sim.labels, result.labels)
     assert result.k == 2 and scores['homogeneity'] == 1.0 and scores['completeness'] == 1.0
     assert info['k_before'] >= result.k
-    # without the tilt range there is nothing to check against
+    assert result.meta['wedge'] == {'source': 'given', 'tilt_range': 60.0}
+    # with the wedge turned off there is nothing to check against
     plain = em.disca_cluster(sim.stack, preset='cpu', k_range=(2, 4), max_iter=2, seed=0, device='cpu',
-                                arch=TINY, options=TINY_OPTIONS)
-    assert 'orientation_merge' not in plain.meta
+                                arch=TINY, options=dict(TINY_OPTIONS, wedge_tilt=0))
+    assert 'orientation_merge' not in plain.meta and plain.meta['wedge']['source'] == 'off'
 
 
 # ------------------------------------------------------------------------------------- split check
@@ -552,3 +572,109 @@ def test_refinement_retrains_the_network_on_the_split_clusters(monkeypatch, tmp_
     model.save_disca_model(path, result)
     labels, _ = model.disca_predict(stack, path, device='cpu')
     assert np.array_equal(labels, result.labels)
+
+
+def test_a_split_the_refined_network_undoes_is_rejected_and_not_made_again(clustered):
+    """Rod and balls in one cluster: the split check separates them; were the refined network to put the
+    two sides back into one cluster (as it does with one molecule split by its orientation to the wedge),
+    the split is rejected and the split check does not make it again."""
+    stack, truth, result = clustered
+    kept = np.where(truth == 2, 1, 0)
+    merged = {'labels': kept, 'k': 2, 'state': {}, 'probabilities': np.eye(2)[kept]}
+    opts = dict(result.options, wedge_tilt=None)
+    best, tests = checks.split_mixed(merged, stack, opts, 6, 0, lambda line: None)
+    assert best['k'] == 3 and len(best['split_pieces']) == 1 and best['before_split'] is merged
+    piece = best['split_pieces'][0]
+    assert sorted(len(side) for side in piece['sides']) == [50, 50]
+    lines = []
+    # a refined clustering that keeps the two sides apart supports the split
+    assert checks.undone_splits(best['split_pieces'], best['labels'], tests, lines.append) == []
+    assert tests[piece['test']]['undone_by_refinement'] is False
+    # one that holds them together again rejects it (no tilt range: no other evidence)
+    rejected = checks.undone_splits(best['split_pieces'], kept, tests, lines.append)
+    assert len(rejected) == 1 and tests[piece['test']]['undone_by_refinement'] is True
+    assert 'split rejected' in lines[-1]
+    again, tests_again = checks.split_mixed(merged, stack, opts, 6, 0, lambda line: None, rejected=rejected)
+    assert again['k'] == 2 and np.array_equal(again['labels'], kept)
+    assert 'split undone' in tests_again[0]['reason'] and not tests_again[0]['accepted']
+    # ... while a split elsewhere is not refused by it
+    other = np.where(truth == 0, 0, 1)
+    elsewhere, _ = checks.split_mixed({'labels': other, 'k': 2, 'state': {}, 'probabilities': np.eye(2)[other]},
+                                      stack, opts, 6, 0, lambda line: None, rejected=rejected)
+    assert elsewhere['k'] == 3
+
+
+def test_default_run_keeps_one_molecule_split_by_its_orientation_to_the_wedge_whole():
+    """A small elongated, asymmetric molecule (two lobes) under a ±60° wedge, beside a rod. Its members fall
+    into two clearly separated groups of spectral features — how it lies to the wedge — which the split
+    check alone takes for two molecules; the default run (wedge read from the data) keeps it as one
+    cluster, and the rod apart. (The test beside it where two molecules must be split:
+    test_split_check_separates_merged_molecules_and_prediction_replays_it.)"""
+    from cryopick_plugin.engine.sim.subtomograms import simulate_subtomograms
+    sim = simulate_subtomograms(classes=['two_lobe', 'rod'], n_per_class=40, box=24, snr=2.0, tilt_range=60.0,
+                                seed=3, synthetic=True)
+    lobes = np.flatnonzero(sim.labels == 0)
+    accepted, _, _, info = checks.split_cluster(features.spectral_features(sim.stack[lobes]), em.TRAINING['cpu'])
+    assert accepted and info['separation'] > checks.SPLIT_MIN_SEPARATION + 0.5   # a clear split, by orientation
+    lines = []
+    result = em.disca_cluster(sim.stack, preset='cpu', k_range=(2, 4), max_iter=4, seed=0, device='cpu',
+                              arch=TINY, options=TINY_OPTIONS, log=lines.append)
+    assert result.meta['wedge']['source'] == 'estimated' and abs(result.meta['wedge']['tilt_range'] - 60) <= 2
+    assert any(line.startswith('missing wedge: none given') for line in lines)
+    scores = mixtures.clustering_scores(sim.labels, result.labels)
+    assert result.k == 2 and scores['homogeneity'] > 0.9 and scores['completeness'] > 0.9
+    # the split check did split the molecule, and the refined network (trained on both halves, its rotated
+    # copies with the wedge put back) undid it: rejected, and refused when the check came back to it
+    first_pass = result.meta['refine']['split_check_before']
+    made = [t for t in first_pass if t.get('accepted')]
+    assert made and all(t['undone_by_refinement'] for t in made)
+    assert any('split undone' in (t.get('reason') or '') for t in result.meta['split_check'])
+
+
+def test_tilt_range_read_from_the_subtomograms():
+    from cryopick_plugin.engine.sim.subtomograms import simulate_subtomograms
+    for tilt in (45.0, 60.0):
+        sim = simulate_subtomograms(classes=['two_lobe', 'rod'], n_per_class=10, box=24, snr=0.05,
+                                    tilt_range=tilt, seed=1, synthetic=True)
+        theta, info = features.estimate_tilt_range(sim.stack)
+        assert abs(theta - tilt) <= 2, info
+    # no wedge, or wedges turned every which way after extraction: none found
+    stack, _ = simulate(10, box=24, snr=1.0, seed=0)
+    assert features.estimate_tilt_range(stack)[0] is None
+    theta, info = features.estimate_tilt_range(features.random_rotations(sim.stack, np.random.default_rng(0)))
+    assert theta is None and 'no missing wedge' in info['reason']
+    # what a run uses, and the line that says so
+    lines = []
+    assert abs(features.known_tilt_range(sim.stack, None, lines.append)[0] - 60) <= 2
+    assert "mean power spectrum shows ±" in lines[-1]
+    assert features.known_tilt_range(sim.stack, 50.0, lines.append) == (50.0, {'source': 'given', 'tilt_range': 50.0})
+    assert features.known_tilt_range(sim.stack, 0, lines.append)[0] is None and 'off' in lines[-1]
+    assert features.known_tilt_range(stack, None, lines.append)[0] is None and 'none found' in lines[-1]
+    assert features.known_tilt_range(sim.stack, None, lines.append, estimate=False)[0] is None
+    with pytest.raises(InputError, match='between 0 and 90'):
+        features.known_tilt_range(stack, 95.0)
+
+
+def test_tilt_range_from_the_star_file(tmp_path):
+    import pandas as pd
+    from cryopick_plugin.engine.io.star import write_star
+    path = tmp_path / 'subtomos.star'
+    rows = {'rlnImageName': ['a.mrc', 'b.mrc', 'c.mrc']}
+    write_star(path, {'particles': pd.DataFrame(dict(rows, cpTiltAngleMin=-60.0, cpTiltAngleMax=60.0))})
+    theta, note = features.tilt_range_from_star(path)
+    assert theta == 60.0 and '-60…60' in note
+    # an optics-like table, an asymmetric range: the same width about the beam
+    write_star(path, {'optics': pd.DataFrame({'cpTiltAngleMin': [-54.0, -54.0], 'cpTiltAngleMax': [62.0, 62.0]}),
+                      'particles': pd.DataFrame(rows)})
+    theta, note = features.tilt_range_from_star(path)
+    assert theta == 58.0 and 'not symmetric' in note
+    # rows acquired differently: the range most rows have
+    write_star(path, {'particles': pd.DataFrame(dict(rows, cpTiltAngleMin=[-60.0, -60.0, -40.0],
+                                                     cpTiltAngleMax=[60.0, 60.0, 40.0]))})
+    theta, note = features.tilt_range_from_star(path)
+    assert theta == 60.0 and '2 different ranges' in note
+    write_star(path, {'particles': pd.DataFrame(rows)})
+    assert features.tilt_range_from_star(path)[0] is None
+    write_star(path, {'particles': pd.DataFrame(dict(rows, cpTiltAngleMin=60.0, cpTiltAngleMax=-60.0))})
+    with pytest.raises(InputError, match='subtomos.star.*min < max'):
+        features.tilt_range_from_star(path)
