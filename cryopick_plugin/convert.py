@@ -175,6 +175,33 @@ def subtomograms_to_frame(subtomos):
     return pd.DataFrame(rows, columns=['rlnImageName', 'cpSubtomoId'])
 
 
+def subtomograms_tilt_range(subtomos):
+    """(angle min, angle max, where it was read) of the acquisition the subtomograms come from, or None.
+
+    The TomoAcquisition of the set, else of its first subtomogram, else of the tomograms their coordinates
+    refer to (set, then first tomogram): extraction protocols do not always copy the acquisition.
+    """
+    def of(obj):
+        acq = obj.getAcquisition() if obj is not None and hasattr(obj, 'getAcquisition') else None
+        if acq is None or not hasattr(acq, 'getAngleMin'):
+            return None
+        lo, hi = acq.getAngleMin(), acq.getAngleMax()
+        return (float(lo), float(hi)) if lo is not None and hi is not None and lo < hi else None
+
+    candidates = [('subtomograms', lambda: subtomos), ('first subtomogram', subtomos.getFirstItem)]
+    if subtomos.hasCoordinates3D():
+        tomograms = lambda: subtomos.getCoordinates3D().getPrecedents()  # noqa: E731
+        candidates += [('tomograms', tomograms), ('first tomogram', lambda: tomograms().getFirstItem())]
+    for source, get in candidates:
+        try:
+            found = of(get())
+        except Exception:   # a set without items or precedents says nothing about the acquisition
+            found = None
+        if found:
+            return found[0], found[1], source
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- 2D
 def mic_name(mic):
     """Base name (no folder, no extension) of a micrograph: the link to rlnMicrographName rows."""
