@@ -81,6 +81,18 @@ class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + ' (default: %(default)s)'
 
 
+def add_resume_args(parser, what='OUT.checkpoint.pt (written after every epoch)'):
+    """--resume / --no-resume of the trainings that checkpoint every epoch (dest 'resume': True, False or
+    'auto' — continue a checkpoint of a run with the same settings, replace any other)."""
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument('--resume', dest='resume', action='store_const', const=True, default='auto',
+                        help=f'continue the run saved in {what} and fail when there is none; without --resume / '
+                             '--no-resume a checkpoint of a run with the same settings is continued, any other '
+                             'is replaced')
+    resume.add_argument('--no-resume', dest='resume', action='store_const', const=False,
+                        help='start afresh even when a checkpoint holds an interrupted run')
+
+
 def add_threads_arg(parser):
     """The --threads option of every command that computes (networks, filters, clustering)."""
     parser.add_argument('--threads', type=int, default=None, metavar='N',

@@ -24,7 +24,7 @@ import time
 from ..engine.pick2d.deepcryopicker import cnn2d, picker as dcp, ibc
 from ..engine.io import star
 from ..engine.errors import InputError
-from . import add_threads_arg
+from . import add_threads_arg, add_resume_args
 from ..engine.pick2d.micrograph_io import EDGE_MARGIN, read_micrograph
 
 log = logging.getLogger(__name__)
@@ -64,13 +64,7 @@ def add_args(parser):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N')
     add_threads_arg(parser)
-    resume = parser.add_mutually_exclusive_group()
-    resume.add_argument('--resume', dest='resume', action='store_const', const=True, default='auto',
-                        help=f'continue the training saved in OUT/{MODEL_NAME}.checkpoint.pt (written after every '
-                             'epoch) and fail when there is none; without --resume / --no-resume a checkpoint of a '
-                             'run with the same settings is continued, any other is replaced')
-    resume.add_argument('--no-resume', dest='resume', action='store_const', const=False,
-                        help='start the training afresh even when a checkpoint holds an interrupted run')
+    add_resume_args(parser, f'OUT/{MODEL_NAME}.checkpoint.pt (written after every epoch)')
 
 
 def main(args):

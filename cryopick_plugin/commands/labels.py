@@ -60,17 +60,8 @@ def add_diameter_args(parser, required=False, default_text=None):
 
 def parse_particle_diameters(text):
     """'1:33.6,2:20' → {1: 33.6, 2: 20.0}; InputError on anything else."""
-    out = {}
-    for pair in str(text or '').replace(' ', '').split(','):
-        if not pair:
-            continue
-        try:
-            cls_, dia = pair.split(':')
-            out['default' if cls_ == 'default' else int(cls_)] = float(dia)
-        except ValueError:
-            raise InputError('--particle-diameter-per-class', f"expected class:diameter pairs like "
-                                                              f"'1:33.6,2:20', got {text!r}") from None
-    return out
+    from ..engine.pick3d.labels import parse_class_diameters
+    return parse_class_diameters(text, float, '--particle-diameter-per-class', '1:33.6,2:20')
 
 
 def diameter_spec(args):

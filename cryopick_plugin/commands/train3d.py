@@ -36,7 +36,7 @@ from ..engine.pick3d import labels
 from ..engine import settings
 from ..engine.io import star
 from ..engine.errors import InputError
-from . import DefaultsHelpFormatter, add_threads_arg
+from . import DefaultsHelpFormatter, add_threads_arg, add_resume_args
 from .labels import add_diameter_args, diameter_spec
 
 log = logging.getLogger(__name__)
@@ -80,13 +80,7 @@ def add_args(parser):
                         help='stop after this many minutes of wall clock with the best model so far, leaving time '
                              'for the final validation and threshold tuning (default: no limit); the training '
                              'state stays in OUT.checkpoint.pt, so the same command continues the training')
-    resume = parser.add_mutually_exclusive_group()
-    resume.add_argument('--resume', dest='resume', action='store_const', const=True, default='auto',
-                        help='continue the run saved in OUT.checkpoint.pt (written after every epoch) and fail '
-                             'when there is none; without --resume / --no-resume a checkpoint of a run with the '
-                             'same settings is continued, any other is replaced')
-    resume.add_argument('--no-resume', dest='resume', action='store_const', const=False,
-                        help='start afresh even when OUT.checkpoint.pt holds an interrupted run')
+    add_resume_args(parser)
     parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N (default $CRYOPICK_DEVICE)')
     parser.add_argument('--precision', choices=settings.PRECISIONS, default=None,
                         help='network arithmetic: auto (bf16 where the CPU/GPU has it natively), fp32 or bf16 (default $CRYOPICK_PRECISION or auto)')

@@ -39,7 +39,7 @@ import numpy as np
 from ..engine.pick2d.cryosegnet import picker as cryosegnet
 from ..engine.io import star
 from ..engine.errors import InputError
-from . import add_threads_arg
+from . import add_threads_arg, add_resume_args
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,7 @@ def add_args(parser):
     parser.add_argument('--device', default=None, help='auto, cpu, cuda or cuda:N (default $CRYOPICK_DEVICE or auto)')
     add_threads_arg(parser)
     parser.add_argument('--seed', type=int, default=0)
-    resume = parser.add_mutually_exclusive_group()
-    resume.add_argument('--resume', dest='resume', action='store_const', const=True, default='auto',
-                        help='continue the run saved in OUT.checkpoint.pt (written after every epoch) and fail '
-                             'when there is none; without --resume / --no-resume a checkpoint of a run with the '
-                             'same settings is continued, any other is replaced')
-    resume.add_argument('--no-resume', dest='resume', action='store_const', const=False,
-                        help='start afresh even when OUT.checkpoint.pt holds an interrupted run')
+    add_resume_args(parser)
 
 
 def _names(path):

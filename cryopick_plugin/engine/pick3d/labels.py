@@ -76,8 +76,9 @@ def diameters_by_class(classes, diameters):
     return out
 
 
-def parse_class_diameters(text):
-    """'1:13,2:7' → {1: 13, 2: 7} ('default:11' → {'default': 11}); InputError on anything else."""
+def parse_class_diameters(text, cast=int, option='--diameter-per-class', example='1:13,2:7'):
+    """'1:13,2:7' → {1: 13, 2: 7} ('default:11' → {'default': 11}); values through `cast` (int for label
+    diameters, float for particle diameters); InputError naming `option` on anything else."""
     out = {}
     if not text:
         return out
@@ -87,10 +88,9 @@ def parse_class_diameters(text):
         try:
             cls_, dia = pair.split(':')
             # 'default:D' is accepted so a spec recorded as "default:11,2:7" can be passed back as is
-            out['default' if cls_ == 'default' else int(cls_)] = int(dia)
+            out['default' if cls_ == 'default' else int(cls_)] = cast(dia)
         except ValueError:
-            raise InputError('--diameter-per-class', f"expected class:diameter pairs like '1:13,2:7', "
-                                                     f"got {text!r}") from None
+            raise InputError(option, f"expected class:diameter pairs like '{example}', got {text!r}") from None
     return out
 
 
