@@ -123,9 +123,10 @@ class TestProtocols3D(BaseTest):
         subtomos = ext.outputSubtomograms
         n = subtomos.getSize()
         self.assertGreaterEqual(n, 20)
-        # the rotated training copies get the ±60° wedge back (the simulated acquisition's)
+        # no tilt given: the missing wedge comes from the tomograms' acquisition (imported at -60…60°)
         disca = self.newProtocol(CryopickDisca, inputSubtomograms=subtomos, kMin=2, kMax=3, maxIter=2,
-                                 wedgeTilt=60.0, refineIter=2)
+                                 refineIter=2)
+        self.assertRegex(' '.join(disca.summary()), r"±60° from the .*acquisition \(-60…60°\)")
         self.launchProtocol(disca)
         classes = disca.outputClasses
         sizes = [c.getSize() for c in classes.iterItems()]
@@ -146,6 +147,9 @@ class TestProtocols3D(BaseTest):
         # the split check ran by default and is recorded with the model's meta
         history = json.load(open(disca._getExtraPath('disca', 'history.json')))
         self.assertIn('split_check', history['meta'])
+        self.assertEqual(history['meta']['wedge'], {'source': 'given', 'tilt_range': 60.0})
+        self.assertIn('-60…60', history['wedge_note'])
+        self.assertIn('orientation_merge', history['meta'])
         self.assertEqual(history['k'], len(sizes))
         # the refinement setting reached the engine (it runs only after an accepted split)
         described = json.load(open(disca._getExtraPath('disca', 'disca_model.pt.json')))
