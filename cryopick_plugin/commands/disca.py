@@ -84,6 +84,10 @@ def add_args(parser):
     parser.add_argument('--seed', type=int, default=0, help='random seed (0)')
     parser.add_argument('--device', default=None, help="'auto', 'cpu' or 'cuda' (default $CRYOPICK_DEVICE or auto)")
     add_threads_arg(parser)
+    parser.add_argument('--precision', choices=('auto', 'fp32', 'bf16'), default='fp32',
+                        help='arithmetic of the network in the EM loop: fp32 (default, the precision the '
+                             'clustering was validated in), bf16 (autocast: faster where the CPU/GPU has it '
+                             'natively, emulated and much slower elsewhere) or auto (bf16 where native)')
 
 
 def main(args):
@@ -108,7 +112,8 @@ def main(args):
     result = em.disca_cluster(stack, preset=args.preset, k_range=(args.k_min, args.k_max),
                                  max_iter=args.max_iter, seed=args.seed, device=args.device,
                                  log=logger.info, out_dir=args.out,
-                                 options=dict({'split_check': args.split_check, 'wedge_tilt': tilt},
+                                 options=dict({'split_check': args.split_check, 'wedge_tilt': tilt,
+                                               'precision': args.precision},
                                               **({'refine_iter': args.refine_iter}
                                                  if args.refine_iter is not None else {})))
     model_path = os.path.join(args.out, 'disca_model.pt')

@@ -203,3 +203,28 @@ def test_yopo_features_and_training_epoch_follow_the_precision():
     loss = em._train_epoch(net, head, opt, stack, targets, {'batch_size': 3}, torch.Generator().manual_seed(0),
                            'cpu', precision='bf16')
     assert np.isfinite(loss) and not torch.equal(before, net.convs[0].weight)
+
+
+def test_disca_command_runs_fp32_unless_asked(monkeypatch, tmp_path):
+    """`cryopick disca` hands its --precision (default fp32) to the EM loop."""
+    import argparse
+    from cryopick_plugin.commands import disca as command
+    from cryopick_plugin.engine.disca import em
+    parser = argparse.ArgumentParser()
+    command.add_args(parser)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(*args, options=None, **kwargs):
+        seen.append(options['precision'])
+        raise Stop
+    monkeypatch.setattr(command, 'read_subtomogram_star', lambda path: (np.zeros((20, 24, 24, 24), np.float32),
+                                                                        None, 10.0))
+    monkeypatch.setattr(em, 'disca_cluster', capture)
+    for extra, expected in (([], 'fp32'), (['--precision', 'bf16'], 'bf16')):
+        args = parser.parse_args(['in.star', '--out', str(tmp_path / 'out'), '--wedge-tilt', '0'] + extra)
+        with pytest.raises(Stop):
+            command.main(args)
+        assert seen[-1] == expected
