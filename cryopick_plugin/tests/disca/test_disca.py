@@ -440,15 +440,17 @@ def test_orientation_check_joins_a_molecule_split_by_the_wedge_and_keeps_others_
     info = result.meta['orientation_merge']
     transfer, control = np.array(info['transfer']), np.array(info['control'])
     assert transfer.shape == control.shape == (info['k_before'],) * 2
-    np.testing.assert_allclose(transfer.sum(axis=1), 1.0)
-    np.testing.assert_allclose(control.sum(axis=1), 1.0)
+    # shares are stored rounded to 4 decimals
+    np.testing.assert_allclose(transfer.sum(axis=1), 1.0, atol=1e-3)
+    np.testing.assert_allclose(control.sum(axis=1), 1.0, atol=1e-3)
     assert np.diag(control).min() > 0.6     # unrotated copies mostly keep their cluster
     assert result.k == len(info['groups']) == result.probabilities.shape[1]
     assert np.array_equal(result.probabilities.argmax(axis=1), result.labels)
     # Here the clustering split one molecule by its orientation to the wedge (K 3: 31 + 9 and 40); the
     # check joins the two halves and keeps the other molecule apart.
     scores = mixtures.clustering_scores(sim.labels, result.labels)
-    assert result.k == 2 and scores['homogeneity'] == 1.0 and scores['completeness'] == 1.0
+    # margins, not exact learned outcomes: a broken merge leaves K = 3 or mixes the molecules (≤ 0.7)
+    assert result.k == 2 and scores['homogeneity'] >= 0.95 and scores['completeness'] >= 0.95
     assert info['k_before'] >= result.k
     assert result.meta['wedge'] == {'source': 'given', 'tilt_range': 60.0}
     # with the wedge turned off there is nothing to check against
@@ -492,7 +494,7 @@ def test_split_check_separates_merged_molecules_and_prediction_replays_it(cluste
               'probabilities': mixtures.posterior(result.features_pca, state)}
     best, tests = checks.split_mixed(merged, stack, dict(result.options), 6, 0, lambda line: None)
     assert best['k'] == 3 and sum(t.get('accepted', False) for t in tests) == 2
-    assert mixtures.clustering_scores(truth, best['labels'])['v_measure'] == 1.0
+    assert mixtures.clustering_scores(truth, best['labels'])['v_measure'] >= 0.95
     assert best['probabilities'].shape == (len(stack), 3)
     np.testing.assert_allclose(best['probabilities'].sum(axis=1), 1.0)
     split = dataclasses.replace(result, labels=best['labels'], k=3, probabilities=best['probabilities'],
@@ -529,7 +531,7 @@ def test_split_check_joins_the_pieces_of_a_molecule_that_two_clusters_shared(clu
     best, tests = checks.split_mixed(merged, stack, dict(result.options), 6, 0, lambda line: None)
     assert sum(t.get('accepted', False) for t in tests) == 2
     assert [t['clusters'] for t in tests if t.get('joined')] and best['k'] == 3
-    assert mixtures.clustering_scores(truth, best['labels'])['v_measure'] == 1.0
+    assert mixtures.clustering_scores(truth, best['labels'])['v_measure'] >= 0.95
     np.testing.assert_allclose(best['probabilities'].sum(axis=1), 1.0)
     assert np.array_equal(best['probabilities'].argmax(axis=1), best['labels'])
     # prediction replays the splits and the join
@@ -558,7 +560,7 @@ def test_refinement_retrains_the_network_on_the_split_clusters(monkeypatch, tmp_
                               arch=TINY, options=dict(TINY_OPTIONS, refine_iter=5))
     refine = result.meta['refine']
     assert refine['k_split'] == 3 and refine['kept']
-    assert mixtures.clustering_scores(truth, result.unrefined_labels)['v_measure'] == 1.0
+    assert mixtures.clustering_scores(truth, result.unrefined_labels)['v_measure'] >= 0.95
     phases = [h['phase'] for h in result.history]
     first = phases.index('refine')
     assert first == refine['first_iteration'] and all(p == 'cluster' for p in phases[:first])
@@ -566,7 +568,7 @@ def test_refinement_retrains_the_network_on_the_split_clusters(monkeypatch, tmp_
     # the network learnt the split: a refinement iteration after the first is kept, with K 3 by BIC
     assert result.best_iteration > first and result.history[result.best_iteration]['k'] == 3
     assert refine['ddbi_refined'] < refine['ddbi_split']
-    assert result.k == 3 and mixtures.clustering_scores(truth, result.labels)['v_measure'] == 1.0
+    assert result.k == 3 and mixtures.clustering_scores(truth, result.labels)['v_measure'] >= 0.95
     assert not any(t.get('accepted') for t in result.meta['split_check'])   # nothing left to split
     path = tmp_path / 'refined.pt'
     model.save_disca_model(path, result)
