@@ -436,7 +436,8 @@ def test_orientation_check_joins_a_molecule_split_by_the_wedge_and_keeps_others_
     sim = simulate_subtomograms(classes=['two_lobe', 'rod'], n_per_class=40, box=24, snr=2.0, tilt_range=60.0,
                                 seed=3, synthetic=True)
     result = em.disca_cluster(sim.stack, preset='cpu', k_range=(2, 4), max_iter=4, seed=0, device='cpu',
-                                 arch=TINY, options=dict(TINY_OPTIONS, wedge_tilt=60.0, wedge_training=True))
+                              arch=TINY, options=dict(TINY_OPTIONS, wedge_tilt=60.0, wedge_training=True,
+                                                      split_check=False))   # the orientation check alone
     info = result.meta['orientation_merge']
     transfer, control = np.array(info['transfer']), np.array(info['control'])
     assert transfer.shape == control.shape == (info['k_before'],) * 2
@@ -557,7 +558,7 @@ def test_refinement_retrains_the_network_on_the_split_clusters(monkeypatch, tmp_
     monkeypatch.setattr(em, 'fit_mixtures', fit_held_to_two)
     monkeypatch.setattr(checks, 'split_mixed', split_and_release)
     result = em.disca_cluster(stack, preset='cpu', k_range=(2, 6), max_iter=6, seed=0, device='cpu',
-                              arch=TINY, options=dict(TINY_OPTIONS, refine_iter=5))
+                              arch=TINY, options=dict(TINY_OPTIONS, refine_iter=5, refine_epochs=1))
     refine = result.meta['refine']
     assert refine['k_split'] == 3 and refine['kept']
     assert mixtures.clustering_scores(truth, result.unrefined_labels)['v_measure'] >= 0.95
