@@ -36,8 +36,9 @@ def slurm():
         pytest.skip(problem)
     # /tmp rather than pytest's tmp_path: short paths (munge's socket path has a length limit)
     folder = tempfile.mkdtemp(prefix='cryopick-slurm-')
-    started = subprocess.run(['bash', os.path.join(HERE, 'start_slurm.sh'), folder], capture_output=True,
-                             text=True, timeout=600)
+    # this process owns it: should the session be killed, start_slurm.sh's watchdog stops it
+    started = subprocess.run(['bash', os.path.join(HERE, 'start_slurm.sh'), folder, str(os.getpid())],
+                             capture_output=True, text=True, timeout=600)
     conf = os.path.join(folder, 'slurm.conf')
     if started.returncode != 0:
         subprocess.run(['bash', os.path.join(HERE, 'stop_slurm.sh'), folder], capture_output=True, timeout=600)

@@ -2,8 +2,11 @@
 # Start a private single-node SLURM (munged, slurmctld, slurmd) for the cluster tests, then wait until
 # its node is idle.
 #
-#   start_slurm.sh DIR      DIR: a folder of its own for keys, configuration, state and logs
-#   stop_slurm.sh DIR       stops it again
+#   start_slurm.sh DIR [OWNER_PID]   DIR: a folder of its own for keys, configuration, state and logs
+#   stop_slurm.sh DIR                 stops it again
+#
+# With OWNER_PID (the test session), a watchdog stops this SLURM once that process is gone, so a session
+# that is killed before it can call stop_slurm.sh leaves no daemons behind.
 #
 # Everything lives under DIR (munge key and socket, slurm.conf, spool, logs), on ports picked free, so it
 # touches no system-wide SLURM and two instances can run side by side. Commands use it through
@@ -13,9 +16,11 @@
 # completion records in a text file, read by `sacct --completion`. Needs root (the daemons run jobs as
 # the submitting user) and Debian's slurm-wlm and munge. Exit 3 with one line when something is missing.
 set -euo pipefail
-DIR=${1:?usage: start_slurm.sh DIR}
+DIR=${1:?usage: start_slurm.sh DIR [OWNER_PID]}
+OWNER=${2:-}
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
+HERE=$(cd "$(dirname "$0")" && pwd)
 
 fail() { echo "start_slurm.sh: $*" >&2; exit 3; }
 missing=()
@@ -105,6 +110,12 @@ CONF
 printf 'export SLURM_CONF=%q\n' "$DIR/slurm.conf" > "$DIR/env"
 export SLURM_CONF="$DIR/slurm.conf"
 
+if [ -n "$OWNER" ]; then
+  setsid bash -c 'while kill -0 "$1" 2>/dev/null && [ -f "$2/slurm.conf" ]; do sleep 5; done
+                  [ -f "$2/slurm.conf" ] && exec bash "$3/stop_slurm.sh" "$2"' watchdog "$OWNER" "$DIR" "$HERE" \
+    </dev/null >/dev/null 2>&1 &
+  echo $! > "$DIR/watchdog.pid"
+fi
 slurmctld -f "$SLURM_CONF" || fail "slurmctld did not start (see $DIR/log/slurmctld.log)"
 slurmd -f "$SLURM_CONF" || fail "slurmd did not start (see $DIR/log/slurmd.log)"
 
