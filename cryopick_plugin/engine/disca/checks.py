@@ -98,9 +98,10 @@ def refine(best, net, loop, train, iterate, data, first, count, stack, arch, opt
     first_pass = meta.get('split_check')
     info = {'from_iteration': int(split['iteration']), 'k_split': int(split['k']), 'ddbi_split': split_score,
             'first_iteration': int(first), 'training_loss': fitted['loss'], 'split_check_before': first_pass}
-    rejected = []
-    if refined is not None:
-        rejected = undone_splits(split.get('split_pieces', []), refined['labels'], first_pass, say)
+    # The network's verdict: its kept refined clustering, or — when the refinement stopped at its first,
+    # ineligible iteration (labels already stable) — that iteration's clustering.
+    verdict = refined['labels'] if refined is not None else loop['labels']
+    rejected = undone_splits(split.get('split_pieces', []), verdict, first_pass, say)
     info['rejected'] = len(rejected)
     if refined is None or refined['ddbi'] >= split_score:
         info['kept'] = False
@@ -109,8 +110,9 @@ def refine(best, net, loop, train, iterate, data, first, count, stack, arch, opt
             say(f"refinement: split clustering kept (DDBI {split_score:.4f} ≤ "
                 f"{'-' if refined is None else round(refined['ddbi'], 4)})")
             return split
-        say(f"refinement: split clustering better by DDBI ({split_score:.4f} ≤ {refined['ddbi']:.4f}), but "
-            f"the network undid {len(rejected)} of its splits: split check again without them")
+        say(f"refinement: split clustering better by DDBI ({split_score:.4f} ≤ "
+            f"{'-' if refined is None else round(refined['ddbi'], 4)}), but the network undid {len(rejected)} of "
+            f"its splits: split check again without them")
         before = split['before_split']
         again, meta['split_check'] = split_mixed(before, stack, opts, ks[-1] if ks else before['k'], seed, say,
                                                  rejected=rejected)
