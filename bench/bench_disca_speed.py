@@ -39,17 +39,34 @@ def _seconds(text):
     return float(m.group(1)) if m else None
 
 
+def _rss_mib():
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith('VmRSS:')) / 1024
+
+
 def child(args):
     import numpy as np
     import torch
     torch.set_num_threads(args.threads)
+    import tempfile
     from cryopick_plugin.commands.disca import read_subtomogram_star
     from cryopick_plugin.engine.disca import em
-    stack, _, _ = read_subtomogram_star(args.star)
-    if args.n > len(stack):
-        raise SystemExit(f"{args.star}: {len(stack)} subtomograms, fewer than N = {args.n}")
-    order = np.random.default_rng(0).permutation(len(stack))[:args.n]
-    stack = np.ascontiguousarray(stack[np.sort(order)])
+    from cryopick_plugin.engine.io import star
+    # only the N subtomograms of this run are read (a STAR of them with absolute paths), so that the peak
+    # memory is this run's own
+    blocks = star.read_star_blocks(args.star)
+    name = next(k for k, b in blocks.items() if hasattr(b, 'columns') and 'rlnImageName' in b.columns)
+    table = blocks[name].reset_index(drop=True)
+    if args.n > len(table):
+        raise SystemExit(f"{args.star}: {len(table)} subtomograms, fewer than N = {args.n}")
+    rows = table.iloc[np.sort(np.random.default_rng(0).permutation(len(table))[:args.n])].copy()
+    folder = os.path.dirname(os.path.abspath(args.star))
+    rows['rlnImageName'] = [v if os.path.isabs(v) else os.path.join(folder, v) for v in rows['rlnImageName'].astype(str)]
+    with tempfile.TemporaryDirectory() as tmp:
+        subset = os.path.join(tmp, 'subset.star')
+        star.write_star(subset, {name: rows})
+        stack, _, _ = read_subtomogram_star(subset)
+    rss_before = _rss_mib()
     # CPU seconds per stage (process time: what the stage costs on an idle machine, whatever else runs)
     cpu = {}
 
@@ -84,6 +101,7 @@ def child(args):
                       'iterations': [{'iteration': h['iteration'], 'time_s': h['time_s'], 'k': h['k']}
                                      for h in result.history],
                       'stages': stages, 'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      'rss_before_mib': rss_before,
                       'conv3d': os.environ.get('CRYOPICK_CONV3D', 'auto'), 'log': lines}))
 
 
@@ -119,7 +137,8 @@ def main():
         runs.append(run)
         stages = ', '.join(f'{k.strip("_")} {v:.1f}' for k, v in run['cpu_s_by_stage'].items())
         print(f"N {n}: iterations {[round(i['time_s'], 1) for i in run['iterations']]} s wall; "
-              f"{run['total_cpu_s']:.1f} CPU-s in all ({stages}); peak RSS {run['peak_rss_mib']:.0f} MiB; "
+              f"{run['total_cpu_s']:.1f} CPU-s in all ({stages}); peak RSS {run['peak_rss_mib']:.0f} MiB "
+              f"({run['rss_before_mib']:.0f} MiB with the stack read, before the run); "
               f"conv3d {args.conv3d}; threads {args.threads}; load {load:.1f} → {run['load_average_end']:.1f}",
               flush=True)
     if args.out:
