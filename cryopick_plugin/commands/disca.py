@@ -17,8 +17,9 @@ Needs at least 10 subtomograms per cluster of the smallest K; the largest K is l
 The missing wedge (tilt axis Y): --wedge-tilt when given (0: ignore the wedge); else the STAR file's
 cpTiltAngleMin / cpTiltAngleMax columns (any table; the Scipion protocol writes them from the acquisition);
 else the wedge the subtomograms' mean power spectrum shows. The log says which. With it, clusters that are
-one molecule seen in different orientations to the wedge are merged, and the split check refuses splits
-of one molecule by its orientation.
+one molecule seen in different orientations to the wedge are merged, and the network that judges each
+split of the split check is retrained with the wedge on its rotated copies (a split it puts back together
+is rejected).
 
 Example:
   cryopick disca subtomograms.star --out disca_run --preset cpu --k-min 2 --k-max 20 --max-iter 10
@@ -66,16 +67,15 @@ def add_args(parser):
                         help='largest tilt angle of the acquisition (e.g. 60 for a ±60° series, tilt axis Y): '
                              'clusters that turn into each other when their members are rotated with this wedge '
                              'put back (one molecule split by its orientation to the wedge) are merged, unless '
-                             'their union is two groups on spectral features, and the split check refuses '
-                             'splits of one molecule by its orientation; 0: ignore the wedge (default: from the '
+                             'their union is two groups on spectral features, and the refinement that judges '
+                             'each split puts it back on its rotated training copies; 0: ignore the wedge '
+                             '(default: from the '
                              'STAR file\'s cpTiltAngleMin/Max, else read from the subtomograms)')
     parser.add_argument('--no-split-check', dest='split_check', action='store_false',
                         help='do not test the final clusters for two molecules merged into one (by default each '
                              'cluster whose members fall into two clearly separated groups of rotation-invariant '
                              'spectral features is split, and pieces of one molecule left in two clusters are joined '
-                             'again; with the tilt range known a split must also not be one molecule seen in two '
-                             'ranges of orientations, and a split that the refinement\'s network puts back '
-                             'together is rejected)')
+                             'again; a split that the refinement\'s network puts back together is rejected)')
     parser.add_argument('--refine-iter', type=int, default=None, metavar='N',
                         help='when the split check changed the clusters: train the network on the corrected '
                              'clusters and run at most N more EM iterations from them (a split the network puts '

@@ -123,8 +123,9 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                            'each other, both ways, clearly more than unrotated copies do are one molecule and are '
                            'merged — unless their union falls into two clearly separated groups of '
                            'rotation-invariant spectral features (noisy mixtures of different molecules), which '
-                           'stay apart. The split check also refuses splits of one molecule by its orientation. '
-                           'The checks are recorded in the model.')
+                           'stay apart. The network that judges each split of the split check is retrained '
+                           'with the wedge on its rotated copies, so that it cannot learn one molecule\'s '
+                           'orientations as two classes. The checks are recorded in the model.')
         form.addParam('splitCheck', params.BooleanParam, default=True, label='Split merged molecules',
                       expertLevel=params.LEVEL_ADVANCED,
                       help='After clustering, test every cluster for two molecules that the network has learnt '
@@ -132,8 +133,8 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                            'whose members fall into two clearly separated groups of rotation-invariant '
                            'spectral features (BIC and a Mahalanobis separation of at least 3) is split, '
                            'recursively; pieces of one molecule that splits of different clusters left apart '
-                           'are joined again. With the missing wedge known, a split must also not be one molecule '
-                           'seen in two ranges of orientations (rotated members would change side). Each test '
+                           'are joined again. A split must then be supported by the network (see the refinement '
+                           'below). Each test '
                            'is recorded in the model, and predictions replay them. Most useful on noisy data, '
                            'where clusters of two molecules are commonest.')
         form.addParam('refineIter', params.IntParam, allowsNull=True, default=None,
@@ -143,10 +144,11 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                            'call the split molecules one class) is trained on the corrected clusters and the '
                            'EM loop runs again from them for at most this many iterations. A split whose two '
                            'sides the refined network puts back into one cluster is rejected (not supported by '
-                           'its features) and not made again, unless rotated members clearly keep their side; the '
-                           'refined clustering is kept when its DDBI is lower, and checked again. It costs up to this many '
-                           'more iterations. Empty: the preset\'s default (5). 0: keep the split clusters as '
-                           'they are.')
+                           'its features: one molecule seen in two orientations to the missing wedge) and not '
+                           'made again; the refined clustering is kept when its DDBI is lower, and checked again. '
+                           'It costs three training epochs and up to this many more iterations. Empty: the '
+                           'preset\'s default (5). 0: keep the split clusters as they are, unchecked by the '
+                           'network.')
         form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,
                       help='Seed of the random number generators (weights, sampling), so a run can be repeated.')
         self._defineComputeParams(form, gpu=True)
