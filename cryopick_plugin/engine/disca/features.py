@@ -4,6 +4,8 @@
 acquisition's missing wedge put back), the training augmentation and the probe of the orientation checks.
 `spectral_features`: rotation-invariant radial power spectrum and radial profile, the start of the 'cpu'
 preset and the view the split check tests clusters on.
+`known_tilt_range`: the missing wedge a run works with — given, from a STAR file's tilt-angle columns
+(`tilt_range_from_star`) or read from the subtomograms' mean power spectrum (`estimate_tilt_range`).
 """
 import numpy as np
 from scipy.spatial.transform import Rotation
