@@ -3,8 +3,8 @@
 The generalised EM loop of the DISCA paper (PNAS 2023), ported from its Keras code:
 
 1. features of every subtomogram from the YOPO network (`yopo.py`, eval mode);
-2. PCA to 16 dimensions, then a full-covariance Gaussian mixture for every candidate K; the lowest BIC
-   wins. For the current K a second mixture is started from the current labels and the better of the two
+2. PCA to 16 dimensions, then a full-covariance Gaussian mixture for each candidate K, in increasing
+   order until `k_patience` (5) Ks in a row have not lowered the BIC; the lowest BIC wins. For the current K a second mixture is started from the current labels and the better of the two
    is kept, so a good solution is not lost to an unlucky random start;
 3. empty clusters are dropped and, when K is unchanged, the new labels are matched to the previous ones
    with the Hungarian method so that cluster numbers keep their meaning between iterations;
@@ -76,13 +76,13 @@ TRAINING = {
               'gmm_max_iter': 100, 'label_smoothing': 0.2, 'head_epochs': 10, 'head_lr': 1e-4,
               'stable_fraction': 0.999, 'min_per_cluster': 10, 'init': 'network', 'min_iter': 1,
               'wedge_tilt': None, 'wedge_training': False, 'orientation_merge': True, 'gmm_init': 'k-means++',
-              'split_check': True, 'refine_iter': 5},
+              'split_check': True, 'refine_iter': 5, 'k_patience': 5},
     # Fewer, shorter iterations on a CPU: a larger learning rate gets the features moving within them.
     'cpu': {'lr': 5e-4, 'batch_size': 16, 'pca_dim': 16, 'reg_covar': 1e-5, 'n_init': 3,
             'gmm_max_iter': 100, 'label_smoothing': 0.2, 'head_epochs': 10, 'head_lr': 1e-3,
             'stable_fraction': 0.999, 'min_per_cluster': 10, 'init': 'spectral', 'min_iter': 4,
             'wedge_tilt': None, 'wedge_training': False, 'orientation_merge': True, 'gmm_init': 'k-means++',
-            'split_check': True, 'refine_iter': 5},
+            'split_check': True, 'refine_iter': 5, 'k_patience': 5},
 }
 # 20 for the cpu preset too: at SNR 0.1 and 0.03 a run stops on label stability by iteration 9–11 anyway,
 # while at SNR 0.01 the clusters keep sharpening to the end (homogeneity after the split check 0.849 at 10

@@ -178,6 +178,24 @@ def test_candidate_ks_capped_or_refused():
         mixtures.candidate_ks(15, (2, 20))
 
 
+def test_mixture_scan_stops_after_k_patience_without_a_better_bic():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(0, 12.0, (4, 3))
+    truth = np.repeat(np.arange(4), 150)
+    x = rng.normal(0, 1, (600, 3)) + centres[truth]
+    full = dict(em.TRAINING['cpu'], k_patience=None)
+    labels_full, _, _, bics_full = mixtures.fit_mixtures(x, list(range(2, 13)), full, 0)
+    assert sorted(bics_full) == list(range(2, 13)) and min(bics_full, key=bics_full.get) == 4
+    labels, _, _, bics = mixtures.fit_mixtures(x, list(range(2, 13)), dict(full, k_patience=3), 0)
+    # 4 is the best; 5, 6, 7 do not beat it, so the scan ends there with the same clustering
+    assert sorted(bics) == [2, 3, 4, 5, 6, 7]
+    assert mixtures.clustering_scores(labels_full, labels)['v_measure'] == 1.0
+    # the current K is always fitted, however far past the stop
+    _, _, _, bics = mixtures.fit_mixtures(x, list(range(2, 13)), dict(full, k_patience=3), 0,
+                                          current_k=10, current_labels=np.arange(600) % 10)
+    assert sorted(bics) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+
+
 def test_mixtures_separate_clusters_where_random_starts_stall():
     rng = np.random.default_rng(0)
     truth = np.repeat([0, 1], 500)
