@@ -171,6 +171,8 @@ def run_condition(name, args):
         options['refine_iter'] = args.refine_iter
     if args.wedge:
         options['wedge_training'] = True
+    if args.precision:
+        options['precision'] = args.precision
     record['disca_options'].update(options)
     k_range = (args.k_min, args.k_max)
     if kind == 'time':
@@ -236,6 +238,8 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default='auto')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (the machine is shared)')
+    parser.add_argument('--precision', default=None, choices=['fp32', 'bf16', 'auto'],
+                        help="the network's arithmetic (default: fp32, as `cryopick disca`)")
     parser.add_argument('--orientation-check', action='store_true',
                         help="give DISCA the condition's tilt range for the orientation check only (training "
                              "copies without the wedge, as by default)")
@@ -264,7 +268,8 @@ def main(argv=None):
             parser.error(f'unknown condition {name}')
         path = os.path.join(args.out, f"{name}{'_analysis' if args.analysis else ''}.json")
         done = json.load(open(path)) if os.path.exists(path) else []
-        if any(r.get('preset') == args.preset and r.get('seed') == args.seed for r in done):
+        if any(r.get('preset') == args.preset and r.get('seed') == args.seed
+               and r.get('disca_options', {}).get('precision') == args.precision for r in done):
             print(f'{name}: done already ({path})')
             continue
         record = run_condition(name, args)
