@@ -625,10 +625,13 @@ def train(train_items, val_items, out_model, preset='cpu', epochs=30, batch_size
         left = (progress.total - progress.done) + (epochs - epoch) * steps
         val_left = sum(1 for e in range(epoch, epochs + 1) if e % val_every == 0 or e == epochs)
         run = left * (progress.seconds_per_step or 0.0) + val_left * validation_seconds(progress.seconds_per_step)[0]
-        text = f'loss {np.mean(losses[-20:]):.4f}; run ETA ≤ {duration(run)}'
-        if deadline is not None:
-            text += f' (time budget left {duration(deadline - time.monotonic())})'
-        return text
+        text = f'loss {np.mean(losses[-20:]):.4f}; '
+        budget_left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if budget_left is not None and run > budget_left:
+            # the budget ends the run: its time left is the ETA, the planned epochs only a comparison
+            return text + (f'run ETA {duration(budget_left)} (time budget; all {epochs} epochs would take '
+                           f'{duration(run)})')
+        return text + f'run ETA ≤ {duration(run)}'
 
     t_start = time.time()
     t_train_begin = time.monotonic()

@@ -266,7 +266,8 @@ def test_progress_lines_and_device_precision_are_logged(tmp_path, one_thread, mo
     assert any('ETA' in r.getMessage() and r.name.endswith('training') for r in caplog.records)
 
 
-def test_time_budget_stops_early_with_a_model_and_the_same_command_continues(tmp_path, one_thread):
+def test_time_budget_stops_early_with_a_model_and_the_same_command_continues(tmp_path, one_thread, monkeypatch):
+    monkeypatch.setenv('CRYOPICK_PROGRESS_SECONDS', '0')   # a progress line at every step
     item = _small_item(tmp_path)
     out = tmp_path / 'budget.pt'
     records = []
@@ -281,6 +282,9 @@ def test_time_budget_stops_early_with_a_model_and_the_same_command_continues(tmp
     assert saved['stop_reason'] == 'time budget' and saved['steps_run'] == meta['steps_run']
     assert len(pick3d.pick(item[0], out, device='cpu', t_seg=0.0, t_lm=0.0)) > 0
     assert any(isinstance(r, str) and 'time budget of 3.0 s spent' in r for r in records)
+    # the progress lines give the budget's end as the ETA, not the 500 planned epochs'
+    etas = [r for r in records if isinstance(r, str) and 'run ETA' in r]
+    assert etas and all('(time budget; all 500 epochs would take' in r for r in etas), etas[:3]
     ckpt = tmp_path / 'budget.pt.checkpoint.pt'
     assert ckpt.exists()                              # kept after a budget stop: the same call continues
     again = train3d.train([item], [item], out, epochs=500, val_every=50, patience=1000, time_budget=0.05,
