@@ -27,6 +27,9 @@ def test_demo_builds_project_trains_and_scores():
     assert re.search(r'precision \d\.\d+, recall \d\.\d+, F1 \d\.\d+', text)
     # the training's own progress lines reach the console, and the picker is scored against DoG
     assert re.search(r'train3d: .*(fp32|bf16)', text)
+    # the training uses every CPU the demo may use
+    cpus = len(os.sched_getaffinity(0))
+    assert re.search(rf"train3d: device cpu \({cpus} threads?\)", text), re.findall(r'train3d: device .*', text)
     assert re.search(r'for 1 min, what the budget leaves', text)
     assert re.search(r'time budget .* spent', text), text[-3000:]
     found = re.search(r'3D picker F1 (\d\.\d+) \(\d+ picks\), DoG F1 (\d\.\d+)', text)

@@ -25,6 +25,14 @@ DEMO_CLASSES = ('4v4r', '3j9i', '4v94', '1bxn')
 # small tomograms, DoG picking, the comparison and Scipion's launch of each protocol (measured 40–70 s with
 # fp32 on an idle box); a margin on top so the demo ends inside its budget on a loaded one.
 RESERVE_AFTER_TRAINING_S = 120.0
+
+
+def machine_cpus():
+    """The CPUs this process may use (its affinity; a container's or a job's, not the host's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 MIN_TRAINING_MIN = 1.0
 
 
@@ -166,14 +174,19 @@ def train_and_pick(project, prot_tomos, prot_truth, meta, names, epochs, console
     else:
         train_args.update(epochs=epochs, valEvery=2, patience=3)
         console.stage(f'training the 3D picker on {ts_ids[0]} (validation on {val}) for {epochs} epochs')
-    train = run(project, CryopickTrain3D, label='train 3D picker', follow=console.engine_line, **train_args)
+    # Every CPU of the machine: the training as threads of one job, picking and DoG as one job per
+    # tomogram side by side (Scipion runs parallel steps on threads − 1 workers: one more thread).
+    cpus = machine_cpus()
+    step_threads = cpus + 1 if cpus > 1 else 1
+    train = run(project, CryopickTrain3D, label='train 3D picker', follow=console.engine_line,
+                numberOfThreads=cpus, **train_args)
     console.stage('picking every tomogram with the trained model')
     pick = run(project, CryopickPick3D, label='3D picking', inputTomograms=tomos, inputModel=train.outputModel,
-               follow=console.engine_line)
+               follow=console.engine_line, numberOfThreads=step_threads)
     console.stage('DoG picking (template-free baseline)')
     median_d = sorted(diameters.values())[len(diameters) // 2]
     dog = run(project, CryopickDogPick, label='DoG picking (baseline)', inputTomograms=tomos,
-              diameter=float(median_d), maxPicks=2000)
+              diameter=float(median_d), maxPicks=2000, numberOfThreads=step_threads)
     console.stage('comparing the picks with the truth')
     compare = None
     if pick.output3DCoordinates.getSize():
