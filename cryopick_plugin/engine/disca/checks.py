@@ -57,11 +57,11 @@ def refine(best, net, loop, train, iterate, data, first, count, stack, arch, opt
     trained on them for `refine_epochs` epochs (option, default 3), its rotated training copies with the
     wedge put back when the tilt range is known.
 
-    A split is then judged by the network's own features: when the refined clustering puts most of both
-    its sides into one cluster the split is rejected (`undone_splits`) — two molecules stay apart once the
-    network is taught them, one molecule seen in two ranges of orientations to the missing wedge does not
-    (the rotated training copies, with the wedge put back, teach it that both are one) — and no later
-    check makes it again.
+    A split is then judged by the network's own features: when every refined clustering puts most of both
+    its sides into one cluster the split is rejected (`undone_splits`) — two molecules are kept apart once
+    the network is taught them, at least right after that training, one molecule seen in two ranges of
+    orientations to the missing wedge is not (the rotated training copies, with the wedge put back, teach
+    it that both are one) — and no later check makes it again.
 
     The refined clustering replaces the split one when its DDBI is lower than the split labels' DDBI in the
     kept iteration's feature space (the criterion that chose the kept iteration); the checks then run again
@@ -98,9 +98,9 @@ def refine(best, net, loop, train, iterate, data, first, count, stack, arch, opt
     first_pass = meta.get('split_check')
     info = {'from_iteration': int(split['iteration']), 'k_split': int(split['k']), 'ddbi_split': split_score,
             'first_iteration': int(first), 'training_loss': fitted['loss'], 'split_check_before': first_pass}
-    # The network's verdict: its kept refined clustering, or — when the refinement stopped at its first,
-    # ineligible iteration (labels already stable) — that iteration's clustering.
-    verdict = refined['labels'] if refined is not None else loop['labels']
+    # The network's verdict: every clustering of the refinement, from the first (right after its training
+    # on the split labels) to the last; a split it never kept apart is undone.
+    verdict = loop['iteration_labels'][first:] or [loop['labels']]
     rejected = undone_splits(split.get('split_pieces', []), verdict, first_pass, say)
     info['rejected'] = len(rejected)
     if refined is None or refined['ddbi'] >= split_score:
@@ -134,19 +134,28 @@ def undone_splits(pieces, refined_labels, tests, say):
     """The accepted splits that the refined network does not support.
 
     pieces: per accepted split, {'test': index into tests, 'sides': (members of side 0, members of side 1)}
-    (global indices, as the split made them). A split is undone — and rejected — when the refined cluster
-    holding the most of one side is also the one holding the most of the other. The test dicts get
-    'refined_shares' (share of each side in its own most common refined cluster) and
+    (global indices, as the split made them); refined_labels: the labels of one refined clustering, or a
+    list of them (every refinement iteration). A split is undone — and rejected — when, in every one of
+    them, the refined cluster holding the most of one side is also the one holding the most of the other:
+    one molecule split by its orientation to the wedge cannot be learnt from copies with the wedge put back,
+    so no refined clustering separates it; two molecules that the network separated once it was taught
+    them, even if its self-training merged them again later (as it does at low SNR and small N), are two.
+    The test dicts get 'refined_shares' (share of each side in its own most common cluster of the last
+    clustering), 'refined_apart' (in how many of the clusterings the sides were apart) and
     'undone_by_refinement'. Returns the (side 0, side 1) pairs of the rejected splits."""
+    labelings = [refined_labels] if isinstance(refined_labels, np.ndarray) else list(refined_labels)
     rejected = []
     for piece in pieces:
         p, q = (np.asarray(v) for v in piece['sides'])
-        lp, lq = refined_labels[p], refined_labels[q]
-        home_p, home_q = int(np.bincount(lp).argmax()), int(np.bincount(lq).argmax())
-        undone = home_p == home_q
+        apart = 0
+        for labels in labelings:
+            lp, lq = labels[p], labels[q]
+            home_p, home_q = int(np.bincount(lp).argmax()), int(np.bincount(lq).argmax())
+            apart += home_p != home_q
+        undone = apart == 0
         test = tests[piece['test']] if tests is not None else {}
         test.update({'refined_shares': [round(float(np.mean(lp == home_p)), 4), round(float(np.mean(lq == home_q)), 4)],
-                     'undone_by_refinement': bool(undone)})
+                     'refined_apart': [int(apart), len(labelings)], 'undone_by_refinement': bool(undone)})
         if undone:
             rejected.append((p, q))
             say(f"refinement: the network put the two sides of the split of cluster {test.get('cluster')} "

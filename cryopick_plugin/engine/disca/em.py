@@ -243,9 +243,9 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
 
     with yopo.DeterministicTorch(device):
         net = yopo.build_features(arch).to(device)
-        loop = {'head': None, 'opt': None, 'k': None, 'labels': None,
-                'smoothing': float(opts['label_smoothing']), 'lr': float(opts['lr'])}
         history, embeddings, iteration_labels = [], [], []
+        loop = {'head': None, 'opt': None, 'k': None, 'labels': None, 'iteration_labels': iteration_labels,
+                'smoothing': float(opts['label_smoothing']), 'lr': float(opts['lr'])}
 
         def train(features, labels, k, rebuild, label='training'):
             """One epoch on smoothed labels (augmented by random rotations), a new head first when K

@@ -611,7 +611,12 @@ def test_a_split_the_refined_network_undoes_is_rejected_and_not_made_again(clust
     # a refined clustering that keeps the two sides apart supports the split
     assert checks.undone_splits(best['split_pieces'], best['labels'], tests, lines.append) == []
     assert tests[piece['test']]['undone_by_refinement'] is False
-    # one that holds them together again rejects it (no tilt range: no other evidence)
+    # a network that kept them apart right after its training on the split labels supports it, even if its
+    # self-training merged them again later (two molecules at low SNR and small N)
+    assert checks.undone_splits(best['split_pieces'], [best['labels'], kept, kept], tests, lines.append) == []
+    assert tests[piece['test']]['refined_apart'] == [1, 3]
+    # one that never keeps them apart rejects it (no tilt range: no other evidence)
+    assert len(checks.undone_splits(best['split_pieces'], [kept, kept], tests, lines.append)) == 1
     rejected = checks.undone_splits(best['split_pieces'], kept, tests, lines.append)
     assert len(rejected) == 1 and tests[piece['test']]['undone_by_refinement'] is True
     assert 'split rejected' in lines[-1]
