@@ -181,6 +181,7 @@ def _reproduces(members, side, rejected, min_agreement=0.8):
 # ------------------------------------------------------------------------- orientation-split clusters
 
 ORIENTATION_MIN_SHARE = 0.1
+ORIENTATION_MIN_HELD = 0.8
 
 
 def orientation_transfer(data, net, state, labels, tilt_range, rng, device='cpu', batch_size=64, copies=2):
@@ -212,11 +213,12 @@ def orientation_transfer(data, net, state, labels, tilt_range, rng, device='cpu'
     return transfer, control
 
 
-def orientation_groups(transfer, control, min_share=ORIENTATION_MIN_SHARE, allowed=None):
+def orientation_groups(transfer, control, min_share=ORIENTATION_MIN_SHARE, allowed=None,
+                       min_held=ORIENTATION_MIN_HELD):
     """Clusters to merge: a and b are one molecule seen in different orientations when turning the
     members of each sends at least `min_share` more of them into the other than the unrotated control
     does — in both directions (different molecules stay put however they are turned; the views of one
-    molecule cross over both ways). allowed (optional): callable (group a, group b) -> bool, asked before
+    molecule cross over both ways) — and at least `min_held` of each one's turned members land in a or b. allowed (optional): callable (group a, group b) -> bool, asked before
     two groups (lists of cluster indices) are joined; a refusal keeps them apart. Returns a list of groups
     (sorted lists of cluster indices), one per resulting cluster, ordered by their smallest member."""
     k = len(transfer)
@@ -232,9 +234,15 @@ def orientation_groups(transfer, control, min_share=ORIENTATION_MIN_SHARE, allow
     def members(r):
         return sorted(i for i in range(k) if root(i) == r)
 
+    transfer = np.asarray(transfer)
     for a in range(k):
         for b in range(a + 1, k):
-            if gain[a, b] >= min_share and gain[b, a] >= min_share and root(a) != root(b):
+            # ... and the turned copies of each stay within the two (at SNR 0.01 a network whose features
+            # ignore the molecule scatters them over every cluster, and the gains alone merged five
+            # molecules into one cluster: bench/README.md §2, 60 per molecule)
+            held = min(transfer[a, a] + transfer[a, b], transfer[b, b] + transfer[b, a])
+            if (gain[a, b] >= min_share and gain[b, a] >= min_share and held >= min_held
+                    and root(a) != root(b)):
                 if allowed is None or allowed(members(root(a)), members(root(b))):
                     parent[root(b)] = root(a)
     groups = {}

@@ -447,6 +447,12 @@ def test_orientation_groups_need_a_crossing_in_both_directions_beyond_the_contro
         [[0], [1], [2], [3]]
     assert asked == [([0], [1]), ([2], [3])]
     assert checks.orientation_groups(transfer, control, allowed=lambda a, b: b != [3]) == [[0, 1], [2], [3]]
+    # turned copies scattered over every cluster (features blind to the molecule, SNR 0.01): crossings
+    # both ways, but neither pair holds its copies, so nothing is merged (it had made one cluster of five
+    # molecules)
+    scattered = [[0.4538, 0.2885, 0.2577], [0.1119, 0.8531, 0.035], [0.2407, 0.1481, 0.6111]]
+    assert checks.orientation_groups(scattered, np.eye(3), min_held=0.0) == [[0, 1, 2]]
+    assert checks.orientation_groups(scattered, np.eye(3)) == [[0], [1], [2]]
 
 
 def test_orientation_check_joins_a_molecule_split_by_the_wedge_and_keeps_others_apart():
