@@ -25,6 +25,7 @@ DEMO_CLASSES = ('4v4r', '3j9i', '4v94', '1bxn')
 # small tomograms, DoG picking, the comparison and Scipion's launch of each protocol (measured 40–70 s with
 # fp32 on an idle box); a margin on top so the demo ends inside its budget on a loaded one.
 RESERVE_AFTER_TRAINING_S = 120.0
+MIN_TRAINING_MIN = 1.0
 
 
 def machine_cpus():
@@ -33,7 +34,6 @@ def machine_cpus():
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
-MIN_TRAINING_MIN = 1.0
 
 
 class Console:

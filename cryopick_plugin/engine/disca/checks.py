@@ -218,9 +218,10 @@ def orientation_groups(transfer, control, min_share=ORIENTATION_MIN_SHARE, allow
     """Clusters to merge: a and b are one molecule seen in different orientations when turning the
     members of each sends at least `min_share` more of them into the other than the unrotated control
     does — in both directions (different molecules stay put however they are turned; the views of one
-    molecule cross over both ways) — and at least `min_held` of each one's turned members land in a or b. allowed (optional): callable (group a, group b) -> bool, asked before
-    two groups (lists of cluster indices) are joined; a refusal keeps them apart. Returns a list of groups
-    (sorted lists of cluster indices), one per resulting cluster, ordered by their smallest member."""
+    molecule cross over both ways) — and at least `min_held` of each one's turned members land in a or b.
+    allowed (optional): callable (group a, group b) -> bool, asked before two groups (lists of cluster
+    indices) are joined; a refusal keeps them apart. Returns a list of groups (sorted lists of cluster
+    indices), one per resulting cluster, ordered by their smallest member."""
     k = len(transfer)
     gain = np.asarray(transfer) - np.asarray(control)
     parent = list(range(k))

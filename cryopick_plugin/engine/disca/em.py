@@ -4,8 +4,9 @@ The generalised EM loop of the DISCA paper (PNAS 2023), ported from its Keras co
 
 1. features of every subtomogram from the YOPO network (`yopo.py`, eval mode);
 2. PCA to 16 dimensions, then a full-covariance Gaussian mixture for each candidate K, in increasing
-   order until `k_patience` (5) Ks in a row have not lowered the BIC; the lowest BIC wins. For the current K a second mixture is started from the current labels and the better of the two
-   is kept, so a good solution is not lost to an unlucky random start;
+   order until `k_patience` (5) Ks in a row have not lowered the BIC; the lowest BIC wins. For the
+   current K a second mixture is started from the current labels and the better of the two is kept, so a
+   good solution is not lost to an unlucky random start;
 3. empty clusters are dropped and, when K is unchanged, the new labels are matched to the previous ones
    with the Hungarian method so that cluster numbers keep their meaning between iterations;
 4. stop when fewer than 0.1 % of the labels change (same K) or after `max_iter` iterations;
