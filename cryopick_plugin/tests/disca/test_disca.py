@@ -629,11 +629,38 @@ def test_a_split_the_refined_network_undoes_is_rejected_and_not_made_again(clust
     again, tests_again = checks.split_mixed(merged, stack, opts, 6, 0, lambda line: None, rejected=rejected)
     assert again['k'] == 2 and np.array_equal(again['labels'], kept)
     assert 'split undone' in tests_again[0]['reason'] and not tests_again[0]['accepted']
+    # with the tilt range known, a split the network never kept apart is asked whether its sides stay
+    # apart when turned (`survives_turning`): kept when they do, rejected when they do not
+    asked = []
+    keep = lambda sides: (asked.append(sides) or True, {'turned': 3.0, 'ratio': 0.8})
+    assert checks.undone_splits(best['split_pieces'], [kept, kept], tests, lines.append, survives=keep) == []
+    assert len(asked) == 1 and tests[piece['test']]['undone_by_refinement'] is False
+    assert 'split kept' in lines[-1] and tests[piece['test']]['turned']['ratio'] == 0.8
+    fold = lambda sides: (False, {'turned': 1.0, 'ratio': 0.3})
+    assert len(checks.undone_splits(best['split_pieces'], [kept, kept], tests, lines.append, survives=fold)) == 1
+    # ... and not asked about a split the network kept apart
+    assert checks.undone_splits(best['split_pieces'], [best['labels']], tests, lines.append, survives=fold) == []
     # ... while a split elsewhere is not refused by it
     other = np.where(truth == 0, 0, 1)
     elsewhere, _ = checks.split_mixed({'labels': other, 'k': 2, 'state': {}, 'probabilities': np.eye(2)[other]},
                                       stack, opts, 6, 0, lambda line: None, rejected=rejected)
     assert elsewhere['k'] == 3
+
+
+def test_turned_copies_keep_two_molecules_apart_and_fold_one_molecule_split_by_its_orientation():
+    """`survives_turning`: the members of each side turned at random with the wedge put back. The two halves
+    of one molecule split by how it lies to the wedge fall back towards one group; two molecules stay two."""
+    from cryopick_plugin.engine.sim.subtomograms import simulate_subtomograms
+    sim = simulate_subtomograms(classes=['two_lobe', 'rod'], n_per_class=40, box=24, snr=2.0, tilt_range=60.0,
+                                seed=3, synthetic=True)
+    lobes, rods = np.flatnonzero(sim.labels == 0), np.flatnonzero(sim.labels == 1)
+    accepted, side, _, info = checks.split_cluster(features.spectral_features(sim.stack[lobes]), em.TRAINING['cpu'])
+    assert accepted and info['separation'] > checks.SPLIT_MIN_SEPARATION + 0.5   # a clear split, by orientation
+    kept, one = checks.survives_turning(sim.stack, (lobes[side == 0], lobes[side == 1]), 60.0, 0)
+    assert not kept and one['turned'] < checks.TURNED_MIN_SEPARATION and one['ratio'] < checks.TURNED_MIN_RATIO
+    assert abs(one['original'] - info['separation']) < 0.5
+    kept, two = checks.survives_turning(sim.stack, (lobes, rods), 60.0, 0)
+    assert kept and two['turned'] > 2 * checks.TURNED_MIN_SEPARATION and two['ratio'] > checks.TURNED_MIN_RATIO
 
 
 def test_default_run_keeps_one_molecule_split_by_its_orientation_to_the_wedge_whole():
