@@ -75,11 +75,12 @@ def add_args(parser):
                         help='do not test the final clusters for two molecules merged into one (by default each '
                              'cluster whose members fall into two clearly separated groups of rotation-invariant '
                              'spectral features is split, and pieces of one molecule left in two clusters are joined '
-                             'again; a split that the refinement\'s network never keeps apart is rejected)')
+                             'again; a split that the refinement\'s network never keeps apart is rejected, unless, with the tilt '
+                             'range known, its sides stay apart with every member turned and the wedge put back)')
     parser.add_argument('--refine-iter', type=int, default=None, metavar='N',
                         help='when the split check changed the clusters: train the network on the corrected '
                              'clusters and run at most N more EM iterations from them (a split that none of their '
-                             'clusterings keeps apart is rejected), then check again '
+                             'clusterings keeps apart, and whose sides do not stay apart when turned, is rejected), then check again '
                              '(default 5; 0: keep the split clusters as they are)')
     parser.add_argument('--seed', type=int, default=0, help='random seed (0)')
     parser.add_argument('--device', default=None, help="'auto', 'cpu' or 'cuda' (default $CRYOPICK_DEVICE or auto)")

@@ -145,7 +145,8 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                            'EM loop runs again from them for at most this many iterations. A split whose two '
                            'sides no refined clustering keeps apart is rejected (not supported by the network\'s '
                            'features: one molecule seen in two orientations to the missing wedge) and not '
-                           'made again; the refined clustering is kept when its DDBI is lower, and checked again. '
+                           'made again, unless its sides stay apart when every member is turned with the '
+                           'missing wedge put back (two molecules the network had too few examples of); the refined clustering is kept when its DDBI is lower, and checked again. '
                            'It costs three training epochs and up to this many more iterations. Empty: the '
                            'preset\'s default (5). 0: keep the split clusters as they are, unchecked by the '
                            'network.')

@@ -11,7 +11,9 @@
   data (`apply_splits`).
 - Refinement: after an accepted split the network is trained on the corrected clusters and the EM loop
   runs again (`refine`). A split whose two sides the refined network puts back into one cluster is not
-  supported by the network's own features: it is rejected, and not made again by the checks that follow.
+  supported by the network's own features: it is rejected, and not made again by the checks that follow —
+  unless, with the tilt range known, its sides stay apart when every member is turned with the wedge put
+  back (`survives_turning`: molecule identity survives turning, orientation to the wedge does not).
 """
 import warnings
 
@@ -61,7 +63,10 @@ def refine(best, net, loop, train, iterate, data, first, count, stack, arch, opt
     its sides into one cluster the split is rejected (`undone_splits`) — two molecules are kept apart once
     the network is taught them, at least right after that training, one molecule seen in two ranges of
     orientations to the missing wedge is not (the rotated training copies, with the wedge put back, teach
-    it that both are one) — and no later check makes it again.
+    it that both are one) — and no later check makes it again. With few members per molecule at low SNR
+    the network cannot learn two molecules either; so, with the tilt range known, a split it never kept
+    apart is kept when its sides stay apart with every member turned at random and the wedge put back
+    (`survives_turning`), which one molecule split by its orientation does not.
 
     The refined clustering replaces the split one when its DDBI is lower than the split labels' DDBI in the
     kept iteration's feature space (the criterion that chose the kept iteration); the checks then run again

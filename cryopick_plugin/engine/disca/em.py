@@ -43,7 +43,8 @@ network's self-training cannot have merged, are split in two when BIC and a clea
 again (`_rejoin`; bench/README.md §2). When the split check changed the clusters, the network — still
 taught to merge them — is trained on the corrected clusters and the EM loop runs again from them for at
 most `refine_iter` iterations (`refine`); a split whose sides the refined network puts back into one
-cluster is rejected and not made again, the refined clustering is kept when its DDBI beats that of the
+cluster is rejected and not made again (unless its sides stay apart with every member turned and the
+wedge put back, `survives_turning`), the refined clustering is kept when its DDBI beats that of the
 split labels, and the checks run once more on it. Further: rotations are uniform on SO(3) (scipy) instead of the SVD
 of a random matrix; each subtomogram is normalised to zero mean and unit variance; the 'cpu' preset bins
 subtomograms to 24³ and uses a quarter of the width; candidate K is a range capped by the data size.
