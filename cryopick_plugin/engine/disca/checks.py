@@ -38,7 +38,7 @@ def check_kept(best, stack, data, arch, opts, ks, rng, seed, device, say, meta, 
     meta.pop('split_check', None)
     if opts.get('wedge_tilt') and opts.get('orientation_merge', True) and best['k'] > 1:
         best, meta['orientation_merge'] = merge_orientations(best, data, stack, arch, opts, rng, seed, device,
-                                                             say)
+                                                             say, min_k=ks[0] if ks else 1)
     if opts.get('split_check', True):
         best, meta['split_check'] = split_mixed(best, stack, opts, ks[-1] if ks else best['k'], seed, say,
                                                 rejected=rejected)
@@ -214,8 +214,12 @@ def orientation_transfer(data, net, state, labels, tilt_range, rng, device='cpu'
     Every member gets `copies` uniformly random rotations with the acquisition's missing wedge put back
     (`random_rotations(tilt_range=)`), i.e. it is shown as the same molecule in other orientations; the
     kept network, PCA and mixture assign the copies. transfer[a, b] = share of cluster a's copies assigned
-    to b. control[a, b] = the same for copies rotated by the identity (same interpolation, corner noise and
-    wedge), the share that changes cluster for no change of orientation. Returns (transfer, control), K×K.
+    to b. control[a, b] = the same for copies turned by a half turn about X, Y or Z (one at random each):
+    the missing wedge (tilt axis Y) maps onto itself, so the copy is again a real view of the molecule, in
+    the same orientation to the wedge — what changes cluster there is the features' noise under turning,
+    not orientation. (Identity copies, the control until 2026-12-06, are the same data and never change
+    cluster; at SNR 0.01 turned copies of two different molecules crossed by 0.18–0.23 from that noise
+    alone and were merged into one cluster: bench/README.md §2.) Returns (transfer, control), K×K.
     """
     k = int(labels.max()) + 1
     n = len(data)
@@ -232,20 +236,25 @@ def orientation_transfer(data, net, state, labels, tilt_range, rng, device='cpu'
 
     moved = [assign(random_rotations(data, rng, tilt_range=tilt_range)) for _ in range(int(copies))]
     transfer = shares(np.concatenate(moved), np.tile(labels, int(copies)))
-    identity = np.broadcast_to(np.eye(3), (n, 3, 3))
-    control = shares(assign(random_rotations(data, rng, tilt_range=tilt_range, matrices=identity)), labels)
+    half_turns = np.array([np.diag(d) for d in ((1.0, -1.0, -1.0), (-1.0, 1.0, -1.0), (-1.0, -1.0, 1.0))])
+    matrices = half_turns[rng.integers(0, 3, size=n)]
+    control = shares(assign(random_rotations(data, rng, tilt_range=tilt_range, matrices=matrices)), labels)
     return transfer, control
 
 
 def orientation_groups(transfer, control, min_share=ORIENTATION_MIN_SHARE, allowed=None,
-                       min_held=ORIENTATION_MIN_HELD):
+                       min_held=ORIENTATION_MIN_HELD, min_groups=1):
     """Clusters to merge: a and b are one molecule seen in different orientations when turning the
     members of each sends at least `min_share` more of them into the other than the unrotated control
     does — in both directions (different molecules stay put however they are turned; the views of one
     molecule cross over both ways) — and at least `min_held` of each one's turned members land in a or b.
     allowed (optional): callable (group a, group b) -> bool, asked before two groups (lists of cluster
     indices) are joined; a refusal keeps them apart. Returns a list of groups (sorted lists of cluster
-    indices), one per resulting cluster, ordered by their smallest member."""
+    indices), one per resulting cluster, ordered by their smallest member.
+
+    Pairs are joined strongest first (by the smaller of their two gains), and never below `min_groups`
+    groups (the run's smallest K: with two clusters every turned copy stays "within the pair", and a
+    merge to one cluster undid a K the user's range excludes)."""
     k = len(transfer)
     gain = np.asarray(transfer) - np.asarray(control)
     parent = list(range(k))
@@ -260,16 +269,19 @@ def orientation_groups(transfer, control, min_share=ORIENTATION_MIN_SHARE, allow
         return sorted(i for i in range(k) if root(i) == r)
 
     transfer = np.asarray(transfer)
-    for a in range(k):
-        for b in range(a + 1, k):
-            # ... and the turned copies of each stay within the two (at SNR 0.01 a network whose features
-            # ignore the molecule scatters them over every cluster, and the gains alone merged five
-            # molecules into one cluster: bench/README.md §2, 60 per molecule)
-            held = min(transfer[a, a] + transfer[a, b], transfer[b, b] + transfer[b, a])
-            if (gain[a, b] >= min_share and gain[b, a] >= min_share and held >= min_held
-                    and root(a) != root(b)):
-                if allowed is None or allowed(members(root(a)), members(root(b))):
-                    parent[root(b)] = root(a)
+    pairs = sorted(((a, b) for a in range(k) for b in range(a + 1, k)),
+                   key=lambda ab: -min(gain[ab[0], ab[1]], gain[ab[1], ab[0]]))
+    n_groups = k
+    for a, b in pairs:
+        # ... and the turned copies of each stay within the two (at SNR 0.01 a network whose features
+        # ignore the molecule scatters them over every cluster, and the gains alone merged five
+        # molecules into one cluster: bench/README.md §2, 60 per molecule)
+        held = min(transfer[a, a] + transfer[a, b], transfer[b, b] + transfer[b, a])
+        if (gain[a, b] >= min_share and gain[b, a] >= min_share and held >= min_held
+                and root(a) != root(b) and n_groups > min_groups):
+            if allowed is None or allowed(members(root(a)), members(root(b))):
+                parent[root(b)] = root(a)
+                n_groups -= 1
     groups = {}
     for i in range(k):
         groups.setdefault(root(i), []).append(i)
@@ -561,7 +573,7 @@ def apply_splits(stack, state, labels, prob):
 
 
 
-def merge_orientations(best, data, stack, arch, opts, rng, seed, device, say):
+def merge_orientations(best, data, stack, arch, opts, rng, seed, device, say, min_k=1):
     """Merge the kept clusters that `orientation_groups` finds to be one molecule in different
     orientations, unless the split check would split their union again (`split_decision`: two clearly
     separated groups of spectral features). On noisy data rotated copies scatter
@@ -591,7 +603,7 @@ def merge_orientations(best, data, stack, arch, opts, rng, seed, device, say):
         return not split
 
     groups = orientation_groups(transfer, control, opts.get('orientation_min_share', ORIENTATION_MIN_SHARE),
-                                allowed=allowed)
+                                allowed=allowed, min_groups=max(1, int(min_k)))
     info = {'tilt_range': float(opts['wedge_tilt']), 'transfer': np.round(transfer, 4).tolist(),
             'control': np.round(control, 4).tolist(), 'groups': groups, 'k_before': int(best['k']),
             'vetoed': vetoed}

@@ -453,6 +453,33 @@ def test_orientation_groups_need_a_crossing_in_both_directions_beyond_the_contro
     scattered = [[0.4538, 0.2885, 0.2577], [0.1119, 0.8531, 0.035], [0.2407, 0.1481, 0.6111]]
     assert checks.orientation_groups(scattered, np.eye(3), min_held=0.0) == [[0, 1, 2]]
     assert checks.orientation_groups(scattered, np.eye(3)) == [[0], [1], [2]]
+    # never below the run's smallest K, the strongest pair first: with two clusters every copy stays
+    # "within the pair" (SNR 0.01 ±40°, 60 per molecule: two clusters of five molecules were merged into one)
+    two = [[0.775, 0.225], [0.1806, 0.8194]]
+    assert checks.orientation_groups(two, np.eye(2)) == [[0, 1]]
+    assert checks.orientation_groups(two, np.eye(2), min_groups=2) == [[0], [1]]
+    transfer[2, 3], transfer[3, 2] = 0.7, 0.6      # now 2-3 is the stronger pair
+    assert checks.orientation_groups(transfer, control, min_groups=3) == [[0], [1], [2, 3]]
+
+
+def test_orientation_control_turns_by_half_turns_that_keep_the_wedge():
+    """The control copies of the orientation check: a half turn about X, Y or Z is a flip of two array axes,
+    and a flip maps the missing wedge (tilt axis Y) onto itself, so the copy shows the molecule in the same
+    orientation to the wedge."""
+    from cryopick_plugin.engine import geometry
+    b = 16
+    rng = np.random.default_rng(0)
+    vol = rng.normal(size=(b, b, b)).astype(np.float32)
+    grid = np.indices((b, b, b)) - (b - 1) / 2.0
+    inside = np.sqrt((grid ** 2).sum(axis=0)) <= (b - 1) / 2.0 - 0.5   # the corners get noise
+    flips = [np.flip(vol, axes) for axes in ((0, 1), (0, 2), (1, 2))]
+    for d in ((1.0, -1.0, -1.0), (-1.0, 1.0, -1.0), (-1.0, -1.0, 1.0)):
+        turned = features.random_rotations(vol[None], rng, matrices=np.diag(d)[None])[0]
+        assert sum(np.allclose(turned[inside], f[inside], atol=1e-5) for f in flips) == 1
+    wedge = geometry.wedge_mask((b, b, b), 60.0)
+    negated = (-np.arange(b)) % b                   # index of -k on the unshifted fft grid
+    for axis in range(3):
+        assert np.array_equal(np.take(wedge, negated, axis=axis), wedge)
 
 
 def test_orientation_check_joins_a_molecule_split_by_the_wedge_and_keeps_others_apart():
