@@ -17,6 +17,12 @@ keeps the orientation check from merging two clusters) — the rule's error rate
 condition, in <out>/<condition>_truth_seed<seed>.json.
 
   .venv/bin/python bench/bench_disca_split.py --truth --conditions snr0.01_w60,snr0.01_w40 --n-per-class 50 --seed 0 --out bench/results/disca_truth
+
+With --truth --turned each group also gets the refinement's turning test (`checks.survives_turning`, the
+condition's tilt range): the two sides of its split — or, for a group the rule keeps whole, of the best
+two-Gaussian fit, so that one molecule's halves by orientation are measured too — with every member
+turned at random and the wedge put back. Separation of the copies, its ratio to the members', and the
+decision, per group.
 """
 import argparse
 import json
@@ -52,7 +58,16 @@ def resplit(runs, name, preset='cpu', with_tilt=False, n_per_class=200, box=32, 
             'contingency_after': contingency}
 
 
-def truth_decisions(name, n_per_class, seed, box=32, preset='cpu', with_tilt=True):
+def two_gaussian_side(features, options, seed):
+    """Sides of the best two-Gaussian fit (as `checks.split_cluster` fits it), whatever BIC says."""
+    from sklearn.decomposition import PCA
+    x = np.asarray(features, dtype=np.float64)
+    z = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8)
+    p = PCA(n_components=checks.SPLIT_DIM, random_state=seed).fit_transform(z)
+    return mixtures._gmm(2, options, seed, 1e-4).fit(p).predict(p)
+
+
+def truth_decisions(name, n_per_class, seed, box=32, preset='cpu', with_tilt=True, turned=False):
     """`checks.split_decision` on each true class and on the union of every pair of true classes."""
     import itertools
     from cryopick_plugin.engine.disca import features
@@ -73,6 +88,13 @@ def truth_decisions(name, n_per_class, seed, box=32, preset='cpu', with_tilt=Tru
         if side is not None:
             row['side_purity'] = float(max(np.mean(sim.labels[members][side == 0] == classes[0]),
                                            np.mean(sim.labels[members][side == 0] != classes[0])))
+        if turned:
+            sides = side if side is not None else two_gaussian_side(spectra[members], options, seed)
+            _, row['turned'] = checks.survives_turning(sim.stack, (members[sides == 0], members[sides == 1]),
+                                                       float(tilt), seed)
+            # what the refinement would decide for a split the network never kept apart: one molecule
+            # should fold back (not kept), two molecules should stay apart (kept)
+            row['turned']['right'] = row['turned']['kept'] == (kind == 'two molecules')
         rows.append(row)
         print(name, seed, row, flush=True)
     return {'condition': name, 'seed': seed, 'n_per_class': n_per_class, 'tilt_given': with_tilt, 'rows': rows,
@@ -88,6 +110,8 @@ def main(argv=None):
     parser.add_argument('--n-per-class', type=int, default=50, help='with --truth (50)')
     parser.add_argument('--seed', type=int, default=0, help='with --truth (0)')
     parser.add_argument('--conditions', required=True, help='comma-separated condition names')
+    parser.add_argument('--turned', action='store_true',
+                        help='with --truth: also the turning test of each group (checks.survives_turning)')
     parser.add_argument('--with-tilt', action='store_true',
                         help="give the condition's tilt range (turns on the orientation guard of each split)")
     parser.add_argument('--out', default=None, help='where the results go (default: --runs)')
@@ -96,12 +120,15 @@ def main(argv=None):
         out = args.out or 'bench/results/disca_truth'
         os.makedirs(out, exist_ok=True)
         for name in args.conditions.split(','):
-            result = truth_decisions(name, args.n_per_class, args.seed)
-            path = os.path.join(out, f'{name}_truth_seed{args.seed}.json')
+            result = truth_decisions(name, args.n_per_class, args.seed, turned=args.turned)
+            path = os.path.join(out, f"{name}_truth{'_turned' if args.turned else ''}_seed{args.seed}.json")
             with open(path + '.part', 'w') as fh:
                 json.dump(result, fh, indent=1)
             os.replace(path + '.part', path)
             print(name, 'wrong decisions:', [(r['classes'], r['reason'] or 'split') for r in result['wrong']])
+            if args.turned:
+                print(name, 'turning test wrong:', [(r['classes'], r['turned']) for r in result['rows']
+                                                    if not r['turned']['right']])
         return 0
     if not args.runs:
         parser.error('--runs is needed (or --truth)')

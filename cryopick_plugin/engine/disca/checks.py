@@ -361,7 +361,7 @@ def split_side(features, state):
 
 
 TURNED_MIN_SEPARATION = 2.0
-TURNED_MIN_RATIO = 0.6
+TURNED_MIN_RATIO = 0.45
 
 
 def _side_separation(features, side, dim=SPLIT_DIM, seed=0):
