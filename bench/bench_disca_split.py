@@ -58,6 +58,21 @@ def resplit(runs, name, preset='cpu', with_tilt=False, n_per_class=200, box=32, 
             'contingency_after': contingency}
 
 
+def restraggle(runs, name, n_per_class, seed, box=32, preset='cpu'):
+    """`checks.move_stragglers` on a finished run's final labels (the last step of a run, so what the run
+    would have ended with): scores before and after, and what moved."""
+    snr, tilt, _, _ = bench_disca.CONDITIONS[name]
+    sim = bench_disca.simulate(n_per_class, snr, tilt, box, seed)
+    final = np.load(os.path.join(runs, f'{name}_labels.npz'))['labels'].astype(int)
+    k = int(final.max()) + 1
+    best = {'labels': final, 'k': k, 'state': {}, 'probabilities': np.eye(k)[final]}
+    moved, tests = checks.move_stragglers(best, sim.stack, dict(em.TRAINING[preset]), seed, print)
+    return {'condition': name, 'seed': seed, 'n_per_class': n_per_class, 'runs': runs,
+            'before': mixtures.clustering_scores(sim.labels, final),
+            'after': mixtures.clustering_scores(sim.labels, moved['labels']), 'tests': tests,
+            'moved': int(np.sum(moved['labels'] != final))}
+
+
 def two_gaussian_side(features, options, seed):
     """Sides of the best two-Gaussian fit (as `checks.split_cluster` fits it), whatever BIC says."""
     from sklearn.decomposition import PCA
@@ -110,6 +125,8 @@ def main(argv=None):
     parser.add_argument('--n-per-class', type=int, default=50, help='with --truth (50)')
     parser.add_argument('--seed', type=int, default=0, help='with --truth (0)')
     parser.add_argument('--conditions', required=True, help='comma-separated condition names')
+    parser.add_argument('--stragglers', action='store_true',
+                        help='with --runs: the straggler step (checks.move_stragglers) on each run\'s final labels')
     parser.add_argument('--turned', action='store_true',
                         help='with --truth: also the turning test of each group (checks.survives_turning)')
     parser.add_argument('--with-tilt', action='store_true',
@@ -134,6 +151,17 @@ def main(argv=None):
         parser.error('--runs is needed (or --truth)')
     out = args.out or args.runs
     os.makedirs(out, exist_ok=True)
+    if args.stragglers:
+        for name in args.conditions.split(','):
+            run = json.load(open(os.path.join(args.runs, f'{name}.json')))[-1]
+            result = restraggle(args.runs, name, run['n_per_class'], run['seed'])
+            path = os.path.join(out, f'{name}_stragglers.json')
+            with open(path + '.part', 'w') as fh:
+                json.dump(result, fh, indent=1)
+            os.replace(path + '.part', path)
+            print(name, result['moved'], 'moved', {k: {m: round(result[k][m], 3) for m in ('k', 'v_measure')}
+                                                   for k in ('before', 'after')})
+        return 0
     for name in args.conditions.split(','):
         result = resplit(args.runs, name, with_tilt=args.with_tilt)
         path = os.path.join(out, f"{name}_split{'_tilt' if args.with_tilt else ''}.json")

@@ -9,6 +9,8 @@
   molecule left apart joined again (`_rejoin`); optionally (`orientation_guard`) a split must not look
   like one molecule in two ranges of orientations (`split_crossing`). Stored splits are replayed on new
   data (`apply_splits`).
+- Stragglers: at the end, members of a cluster that form a small separate group on spectral features
+  (too small for the split check's new cluster) move to the cluster they fit (`move_stragglers`).
 - Refinement: after an accepted split the network is trained on the corrected clusters and the EM loop
   runs again (`refine`). A split whose two sides the refined network puts back into one cluster is not
   supported by the network's own features: it is rejected, and not made again by the checks that follow —
@@ -554,9 +556,10 @@ def _relabel(final_of, labels, prob):
 def apply_splits(stack, state, labels, prob):
     """Replay the stored splits (`split_mixed`) on new subtomograms: labels follow the splits in order
     (a member of the parent goes to the side its spectral features fall on); probabilities of the parent
-    are shared between the two sides by the split's posterior."""
+    are shared between the two sides by the split's posterior. Then the stored straggler rule
+    (`move_stragglers`) moves members, as it did the training set's."""
     n_nodes = len({key.split('.')[1] for key in state if key.startswith('split.')})
-    if n_nodes == 0:
+    if n_nodes == 0 and 'straggler.means' not in state:
         return labels, prob
     features = spectral_features(stack)
     for i in range(n_nodes):
@@ -569,6 +572,8 @@ def apply_splits(stack, state, labels, prob):
         prob[:, parent] *= q[:, 0]
     if 'splitmap.final_of' in state:
         labels, prob = _relabel(state['splitmap.final_of'].numpy(), labels, prob)
+    if 'straggler.means' in state:
+        labels, prob = _apply_moves(labels, prob, *_straggler_moves(features, state, labels))
     return labels, prob
 
 
@@ -622,3 +627,122 @@ def merge_orientations(best, data, stack, arch, opts, rng, seed, device, say, mi
         f"orientations) → K={len(groups)}")
     best = dict(best, labels=labels, k=len(groups), state=state, probabilities=posterior(best['x'], state))
     return best, info
+
+
+# ------------------------------------------------------------------------------------- stragglers
+
+STRAGGLER_DIM = 6
+
+
+def _straggler_space(features, state):
+    """Spectral features in the common space of the clusters' fits: standardised, PCA."""
+    z = _standardised(features, state['straggler.scale.mean'].numpy(), state['straggler.scale.std'].numpy())
+    return (z - state['straggler.pca.mean'].numpy()) @ state['straggler.pca.components'].numpy().T
+
+
+def _straggler_distances(features, state):
+    """(N, K) squared Mahalanobis distances (pooled within-cluster covariance) of the members' spectral
+    features to each cluster's mean."""
+    y = _straggler_space(features, state)
+    means = state['straggler.means'].numpy()
+    precision = state['straggler.precision'].numpy()
+    delta = y[:, None, :] - means[None, :, :]
+    return np.einsum('nkd,de,nke->nk', delta, precision, delta)
+
+
+def _straggler_moves(features, state, labels):
+    """(members, new labels) of the stored straggler rule: a member of cluster c that falls on the small
+    side of c's stored two-group fit moves to the cluster whose spectral fit is nearest, when that is not
+    c. All decided on the labels as given (before any move)."""
+    n_nodes = len({key.split('.')[1] for key in state if key.startswith('straggler.') and key.split('.')[1].isdigit()})
+    if n_nodes == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    nearest = _straggler_distances(features, state).argmin(axis=1)
+    moved = []
+    for i in range(n_nodes):
+        prefix = f'straggler.{i}.'
+        node = {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}
+        cluster, small = (int(v) for v in node['labels'])
+        q = split_side(features, node)
+        on_small = (labels == cluster) & (q.argmax(axis=1) == small) & (nearest != cluster)
+        moved.append(np.flatnonzero(on_small))
+    members = np.concatenate(moved)
+    return members, nearest[members]
+
+
+def _apply_moves(labels, prob, members, targets):
+    labels = labels.copy()
+    prob = prob.copy()
+    for i, d in zip(members, targets):
+        c = labels[i]
+        prob[i, c], prob[i, d] = prob[i, d], prob[i, c]
+        labels[i] = d
+    return labels, prob
+
+
+def move_stragglers(best, stack, opts, seed, say, dim=STRAGGLER_DIM):
+    """Members of a cluster that form a small, clearly separate group on spectral features move to the
+    cluster they fit.
+
+    The EM loop leaves a few members of one molecule inside another's cluster (at 60 per molecule and SNR
+    0.1 the spectral start was right and the trained network's clusters held 2-9 foreign members each,
+    bench/README.md §2); the split check sees them as a second group (BIC and separation) but refuses to
+    make a cluster of fewer than `min_per_cluster`. Here, for each cluster, the same test (`split_cluster`)
+    with no size floor: when its smaller side is under `min_per_cluster`, each of its members goes to the
+    cluster whose spectral features it lies nearest (pooled-covariance Mahalanobis distance to each
+    cluster's mean, in `dim` principal components of the standardised features, fitted without the
+    stragglers), if that is another cluster; it stays otherwise. The rule is stored in the model
+    ('straggler.*') and `apply_splits` replays it. Returns (updated best, one info dict per cluster tested
+    positive)."""
+    features = spectral_features(stack)
+    labels, k = best['labels'], int(best['k'])
+    min_size = int(opts['min_per_cluster'])
+    nodes, tests = [], []
+    for c in range(k):
+        members = np.flatnonzero(labels == c)
+        accepted, side, node_state, info = split_cluster(features[members], opts, seed, min_size=1)
+        if not accepted:
+            continue
+        small = int(np.argmin(np.bincount(side, minlength=2)))
+        q = split_side(features[members], node_state)
+        on_small = members[q.argmax(axis=1) == small]
+        if len(on_small) >= min_size or len(on_small) == 0:
+            continue     # two groups of a size the split check decides on: not stragglers
+        nodes.append((c, small, node_state))
+        tests.append({'cluster': int(c), 'members': int(len(members)), 'stragglers': int(len(on_small)),
+                      'separation': info['separation']})
+    if not nodes:
+        return best, tests
+    core = np.ones(len(labels), dtype=bool)
+    for c, small, node_state in nodes:
+        members = np.flatnonzero(labels == c)
+        core[members[split_side(features[members], node_state).argmax(axis=1) == small]] = False
+    mean, std = features.mean(axis=0), features.std(axis=0) + 1e-8
+    z = _standardised(features, mean, std)
+    pca = PCA(n_components=int(min(dim, z.shape[1], core.sum() - k - 1)), random_state=seed).fit(z[core])
+    y = pca.transform(z)
+    means = np.stack([y[core & (labels == c)].mean(axis=0) for c in range(k)])
+    within = y[core] - means[labels[core]]
+    covariance = within.T @ within / max(int(core.sum()) - k, 1)
+    state = dict(best['state'])
+    state.update({'straggler.scale.mean': torch.from_numpy(mean), 'straggler.scale.std': torch.from_numpy(std),
+                  'straggler.pca.mean': torch.from_numpy(pca.mean_),
+                  'straggler.pca.components': torch.from_numpy(pca.components_),
+                  'straggler.means': torch.from_numpy(means),
+                  'straggler.precision': torch.from_numpy(np.linalg.inv(covariance))})
+    for i, (c, small, node_state) in enumerate(nodes):
+        state.update({f'straggler.{i}.{key}': v for key, v in node_state.items()})
+        state[f'straggler.{i}.labels'] = torch.tensor([c, small], dtype=torch.int64)
+    members, targets = _straggler_moves(features, state, labels)
+    for test in tests:
+        mine = labels[members] == test['cluster']
+        test['moved_to'] = {int(d): int(np.sum(targets[mine] == d)) for d in np.unique(targets[mine])}
+    if len(members) == 0:
+        say(f"stragglers: {sum(t['stragglers'] for t in tests)} members in small separate groups fit their "
+            f"own cluster best: none moved")
+        return best, tests
+    new_labels, prob = _apply_moves(labels, best['probabilities'], members, targets)
+    say(f"stragglers: {len(members)} members of small separate groups moved to the cluster their spectral "
+        f"features fit (" + ', '.join(f"from {t['cluster']}: {t['moved_to']}" for t in tests if t['moved_to'])
+        + ")")
+    return dict(best, labels=new_labels, probabilities=prob, state=state), tests

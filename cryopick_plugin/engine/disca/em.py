@@ -64,7 +64,7 @@ from ..errors import InputError
 from ..io.mrc import atomic_path
 from ..progress import Progress, compute_summary, duration
 from ..settings import resolve_device
-from .checks import check_kept, refine
+from .checks import check_kept, move_stragglers, refine
 from .features import known_tilt_range, random_rotations, spectral_embedding
 from .mixtures import GMM_INITS, align_labels, bic_dim, candidate_ks, ddbi, fit_mixtures, mixture_state, posterior
 
@@ -353,6 +353,10 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
             unrefined = best['labels']
             best = refine(best, net, loop, train, iterate, data, len(history), refine_iter, stack, arch, opts,
                            ks, rng, seed, device, say, meta)
+        if opts.get('split_check', True) and opts.get('move_stragglers', True):
+            best, meta['stragglers'] = move_stragglers(best, stack, opts, seed, say)
+            if 'straggler.means' in best['state']:
+                meta['prediction'] += ' -> stragglers moved (move_stragglers)'
     meta.update({'k': best['k'], 'best_iteration': best['iteration'], 'ddbi': best['ddbi'],
                  'iterations': len(history)})
     return DiscaResult(labels=best['labels'], probabilities=best['probabilities'], k=best['k'],

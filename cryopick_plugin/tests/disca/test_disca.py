@@ -558,6 +558,35 @@ def test_split_check_separates_merged_molecules_and_prediction_replays_it(cluste
     np.testing.assert_allclose(prob, best['probabilities'], atol=1e-9)
 
 
+def test_stragglers_move_to_the_cluster_they_fit_and_prediction_replays_it(clustered, tmp_path):
+    """A few members of one molecule left in another's cluster (fewer than a cluster may hold): moved to
+    the cluster their spectral features fit; clusters without such a group are left as they are; a saved
+    model replays the move on the same data."""
+    stack, truth, result = clustered
+    labels = truth.copy()
+    strays = np.flatnonzero(truth == 1)[:6]                # six "balls" in the rod's cluster
+    labels[strays] = 0
+    best = {'labels': labels, 'k': 3, 'state': dict(result.model_state), 'probabilities': np.eye(3)[labels]}
+    lines = []
+    moved, tests = checks.move_stragglers(best, stack, dict(result.options), 0, lines.append)
+    assert np.array_equal(moved['labels'], truth)
+    assert [t['cluster'] for t in tests] == [0] and tests[0]['stragglers'] == 6 and tests[0]['moved_to'] == {1: 6}
+    assert lines[-1].startswith('stragglers: 6 members')
+    np.testing.assert_allclose(moved['probabilities'].sum(axis=1), 1.0)
+    assert np.array_equal(moved['probabilities'].argmax(axis=1), truth)
+    # the true classes themselves: a small group of balls lies apart (how they lie), but it fits its own
+    # cluster best, so nothing moves
+    clean, clean_tests = checks.move_stragglers(dict(best, labels=truth, probabilities=np.eye(3)[truth]), stack,
+                                                dict(result.options), 0, lines.append)
+    assert np.array_equal(clean['labels'], truth) and all(not t['moved_to'] for t in clean_tests)
+    assert 'none moved' in lines[-1]
+    # the rule, stored in the model, replayed by prediction
+    replayed, _ = checks.apply_splits(stack, moved['state'], labels, np.eye(3)[labels])
+    assert np.array_equal(replayed, truth)
+    # ... and not where the mixture and the splits put a member elsewhere (it only moves small-side members)
+    assert np.array_equal(checks.apply_splits(stack, moved['state'], truth, np.eye(3)[truth])[0], truth)
+
+
 def test_split_check_refuses_one_molecule_split_by_its_orientation_to_the_wedge():
     from cryopick_plugin.engine.sim.subtomograms import simulate_subtomograms
     sim = simulate_subtomograms(classes=['two_lobe', 'rod'], n_per_class=40, box=24, snr=2.0, tilt_range=60.0,
