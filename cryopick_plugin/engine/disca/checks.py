@@ -114,16 +114,28 @@ def refine(best, net, loop, train, iterate, data, first, count, stack, arch, opt
             return survives_turning(stack, sides, opts['wedge_tilt'], seed)
     rejected = undone_splits(split.get('split_pieces', []), verdict, first_pass, say, survives=survives)
     info['rejected'] = len(rejected)
-    if refined is None or refined['ddbi'] >= split_score:
+    # A refined clustering that puts both sides of a split the verdict supports into one cluster
+    # contradicts it, whatever its DDBI: the split labels stay (at SNR 0.01 and 60 per molecule a refined
+    # K 3 that merged two supported splits won on DDBI and the check could split only one of them again:
+    # bench/README.md §2).
+    merges = 0 if refined is None else supported_merged(split.get('split_pieces', []), first_pass, refined['labels'])
+    info['merges_supported_splits'] = merges
+    if refined is None or refined['ddbi'] >= split_score or merges:
         info['kept'] = False
         meta['refine'] = info
         if not rejected:
-            say(f"refinement: split clustering kept (DDBI {split_score:.4f} ≤ "
-                f"{'-' if refined is None else round(refined['ddbi'], 4)})")
+            if merges:
+                say(f"refinement: the refined clustering (K={refined['k']}, DDBI {refined['ddbi']:.4f}) puts the "
+                    f"sides of {merges} supported split{'s' if merges > 1 else ''} into one cluster: split "
+                    f"clustering kept")
+            else:
+                say(f"refinement: split clustering kept (DDBI {split_score:.4f} ≤ "
+                    f"{'-' if refined is None else round(refined['ddbi'], 4)})")
             return split
-        say(f"refinement: split clustering better by DDBI ({split_score:.4f} ≤ "
-            f"{'-' if refined is None else round(refined['ddbi'], 4)}), but the network undid {len(rejected)} of "
-            f"its splits: split check again without them")
+        say(f"refinement: split clustering kept over the refined one (DDBI {split_score:.4f} against "
+            f"{'-' if refined is None else round(refined['ddbi'], 4)}, {merges} supported split"
+            f"{'' if merges == 1 else 's'} merged there), but the network undid {len(rejected)} of its splits: "
+            f"split check again without them")
         before = split['before_split']
         again, meta['split_check'] = split_mixed(before, stack, opts, ks[-1] if ks else before['k'], seed, say,
                                                  rejected=rejected)
@@ -187,6 +199,18 @@ def undone_splits(pieces, refined_labels, tests, say, survives=None):
             say(f"refinement: the network put the two sides of the split of cluster {test.get('cluster')} "
                 f"({len(p)} + {len(q)}) back into one cluster: split rejected (not supported by its features)")
     return rejected
+
+
+def supported_merged(pieces, tests, labels):
+    """How many accepted splits that the network's verdict supports (not 'undone_by_refinement' in their
+    test) a clustering undoes: the cluster holding the most of one side also holds the most of the other."""
+    merged = 0
+    for piece in pieces:
+        if tests is not None and tests[piece['test']].get('undone_by_refinement'):
+            continue
+        p, q = (np.asarray(v) for v in piece['sides'])
+        merged += int(np.bincount(labels[p]).argmax() == np.bincount(labels[q]).argmax())
+    return merged
 
 
 def _reproduces(members, side, rejected, min_agreement=0.8):

@@ -677,11 +677,16 @@ def test_a_split_the_refined_network_undoes_is_rejected_and_not_made_again(clust
     # self-training merged them again later (two molecules at low SNR and small N)
     assert checks.undone_splits(best['split_pieces'], [best['labels'], kept, kept], tests, lines.append) == []
     assert tests[piece['test']]['refined_apart'] == [1, 3]
+    # a clustering that merges a supported split undoes it (the refinement then keeps the split labels);
+    # one that keeps it apart does not
+    assert checks.supported_merged(best['split_pieces'], tests, kept) == 1
+    assert checks.supported_merged(best['split_pieces'], tests, best['labels']) == 0
     # one that never keeps them apart rejects it (no tilt range: no other evidence)
     assert len(checks.undone_splits(best['split_pieces'], [kept, kept], tests, lines.append)) == 1
     rejected = checks.undone_splits(best['split_pieces'], kept, tests, lines.append)
     assert len(rejected) == 1 and tests[piece['test']]['undone_by_refinement'] is True
     assert 'split rejected' in lines[-1]
+    assert checks.supported_merged(best['split_pieces'], tests, kept) == 0     # rejected: not counted
     again, tests_again = checks.split_mixed(merged, stack, opts, 6, 0, lambda line: None, rejected=rejected)
     assert again['k'] == 2 and np.array_equal(again['labels'], kept)
     assert 'split undone' in tests_again[0]['reason'] and not tests_again[0]['accepted']
