@@ -76,7 +76,8 @@ def add_args(parser):
                              'cluster whose members fall into two clearly separated groups of rotation-invariant '
                              'spectral features is split, and pieces of one molecule left in two clusters are joined '
                              'again; a split that the refinement\'s network never keeps apart is rejected, unless, with the tilt '
-                             'range known, its sides stay apart with every member turned and the wedge put back)')
+                             'range known, its sides stay apart with every member turned and the wedge put back; '
+                             'at the end, small separate groups of a cluster\'s members move to the cluster they fit)')
     parser.add_argument('--refine-iter', type=int, default=None, metavar='N',
                         help='when the split check changed the clusters: train the network on the corrected '
                              'clusters and run at most N more EM iterations from them (a split that none of their '

@@ -134,7 +134,8 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                            'spectral features (BIC and a Mahalanobis separation of at least 3) is split, '
                            'recursively; pieces of one molecule that splits of different clusters left apart '
                            'are joined again. A split must then be supported by the network (see the refinement '
-                           'below). Each test '
+                           'below). At the end, members of a cluster that form a small separate group (fewer '
+                           'than a cluster may hold) move to the cluster their spectral features fit. Each test '
                            'is recorded in the model, and predictions replay them. Most useful on noisy data, '
                            'where clusters of two molecules are commonest.')
         form.addParam('refineIter', params.IntParam, allowsNull=True, default=None,
