@@ -453,6 +453,19 @@ def test_orientation_groups_need_a_crossing_in_both_directions_beyond_the_contro
     scattered = [[0.4538, 0.2885, 0.2577], [0.1119, 0.8531, 0.035], [0.2407, 0.1481, 0.6111]]
     assert checks.orientation_groups(scattered, np.eye(3), min_held=0.0) == [[0, 1, 2]]
     assert checks.orientation_groups(scattered, np.eye(3)) == [[0], [1], [2]]
+    # copies lost one way to a related molecule do not count against the pair (N = 1 000, SNR 0.1 ±60°,
+    # seed 1: the 20S cut by orientation into clusters 0 and 1, the small half's turned copies 24 % into
+    # the 26S cluster 5, whose own copies never come back; 5 loses copies one way to 4 as well)
+    related = [[0.6269, 0.2808, 0.0077, 0.0, 0.0038, 0.0808], [0.2429, 0.4857, 0.0143, 0.0, 0.0214, 0.2357],
+               [0.0, 0.0, 0.9925, 0.0, 0.0, 0.0075], [0.0, 0.0, 0.0, 0.9875, 0.0125, 0.0],
+               [0.0, 0.0, 0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.245, 0.755]]
+    half_turned = np.eye(6)
+    half_turned[0, :2], half_turned[1, :2] = (0.9846, 0.0154), (0.1, 0.9)
+    assert checks.orientation_groups(related, half_turned) == [[0, 1], [2], [3], [4], [5]]
+    # ... but when the 26S cluster crossed back into the pair, the same losses refuse it
+    crossing_back = np.array(related)
+    crossing_back[5] = (0.15, 0.0, 0.0, 0.0, 0.1, 0.75)
+    assert checks.orientation_groups(crossing_back, half_turned) == [[0], [1], [2], [3], [4], [5]]
     # never below the run's smallest K, the strongest pair first: with two clusters every copy stays
     # "within the pair" (SNR 0.01 ±40°, 60 per molecule: two clusters of five molecules were merged into one)
     two = [[0.775, 0.225], [0.1806, 0.8194]]
