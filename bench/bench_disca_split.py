@@ -23,6 +23,15 @@ condition's tilt range): the two sides of its split — or, for a group the rule
 two-Gaussian fit, so that one molecule's halves by orientation are measured too — with every member
 turned at random and the wedge put back. Separation of the copies, its ratio to the members', and the
 decision, per group.
+
+With --orientation the orientation check's rule (`checks.orientation_groups`) is applied again to the
+transfer matrices the finished runs stored (meta 'orientation_merge': turned copies and half-turn control,
+per cluster), without the network or the data: for every pair of clusters that crosses by either bar, its
+gains over the half-turn control, the half turns' exchange, the decision, and whether the two clusters are one molecule (their most
+common true class, from the labels they had when the check ran). The spectral veto on a union
+(`checks.split_decision`) needs the data and is not replayed; a stored run's own vetoes are listed.
+
+  .venv/bin/python bench/bench_disca_split.py --orientation --runs bench/results/disca_issue21_n60_v3,bench/results/disca_issue21_n60_v3_seed1 --conditions snr0.1_w60,snr0.01_w40
 """
 import argparse
 import json
@@ -73,6 +82,45 @@ def restraggle(runs, name, n_per_class, seed, box=32, preset='cpu'):
             'moved': int(np.sum(moved['labels'] != final))}
 
 
+def replay_orientation(runs, name):
+    """`checks.orientation_groups` on the transfer matrices a finished run stored; see the module doc."""
+    path = os.path.join(runs, f'{name}.json')
+    if not os.path.exists(path):
+        return None
+    record = json.load(open(path))[-1]
+    merge = record['disca'].get('orientation_merge')
+    if not merge:
+        return {'runs': runs, 'condition': name, 'seed': record['seed'], 'note': 'no orientation check stored'}
+    transfer, control = np.array(merge['transfer']), np.array(merge['control'])
+    k = len(transfer)
+    saved = np.load(os.path.join(runs, f'{name}_labels.npz'))
+    truth = saved['truth']
+    # the labels the check ran on: the run's final ones when it merged nothing and the straggler step moved
+    # nobody out of a cluster's majority; else the kept iteration's when K matches
+    candidates = [saved['labels']] + [saved['iteration_labels'][record['disca']['best_iteration']]]
+    checked = next((c for c in candidates if int(c.max()) + 1 == k), None)
+    dominant = None if checked is None else [int(np.bincount(truth[checked == c]).argmax()) for c in range(k)]
+    gain = transfer - control
+    pairs = []
+    for a in range(k):
+        for b in range(a + 1, k):
+            exchange = float(control[a, b] + control[b, a])
+            both = bool(gain[a, b] >= checks.ORIENTATION_MIN_SHARE and gain[b, a] >= checks.ORIENTATION_MIN_SHARE)
+            if not (both or exchange >= 0.1):
+                continue
+            groups = checks.orientation_groups(transfer[np.ix_([a, b] + [c for c in range(k) if c not in (a, b)],
+                                                                  [a, b] + [c for c in range(k) if c not in (a, b)])],
+                                               control[np.ix_([a, b] + [c for c in range(k) if c not in (a, b)],
+                                                              [a, b] + [c for c in range(k) if c not in (a, b)])],
+                                               min_groups=1)
+            pairs.append({'pair': [a, b], 'gains': [round(float(gain[a, b]), 3), round(float(gain[b, a]), 3)],
+                          'exchange': round(exchange, 3), 'joined_by_rule': [0, 1] in groups,
+                          'one_molecule': None if dominant is None else dominant[a] == dominant[b]})
+    return {'runs': runs, 'condition': name, 'seed': record['seed'], 'k_before': k, 'stored_groups': merge['groups'],
+            'groups_now': checks.orientation_groups(transfer, control, min_groups=2),   # bench_disca's --k-min
+            'vetoed_in_run': merge.get('vetoed', []), 'pairs': pairs}
+
+
 def two_gaussian_side(features, options, seed):
     """Sides of the best two-Gaussian fit (as `checks.split_cluster` fits it), whatever BIC says."""
     from sklearn.decomposition import PCA
@@ -119,7 +167,9 @@ def truth_decisions(name, n_per_class, seed, box=32, preset='cpu', with_tilt=Tru
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--runs', help='folder of a bench_disca.py run (<condition>.json and '
-                                       '<condition>_labels.npz)')
+                                       '<condition>_labels.npz); with --orientation, comma-separated folders')
+    parser.add_argument('--orientation', action='store_true',
+                        help='with --runs: the orientation check\'s rule on the transfer matrices the runs stored')
     parser.add_argument('--truth', action='store_true',
                         help='apply the split rule to the true classes and pairs of a fresh simulation instead')
     parser.add_argument('--n-per-class', type=int, default=50, help='with --truth (50)')
@@ -149,6 +199,21 @@ def main(argv=None):
         return 0
     if not args.runs:
         parser.error('--runs is needed (or --truth)')
+    if args.orientation:
+        results = [r for runs in args.runs.split(',') for name in args.conditions.split(',')
+                   for r in [replay_orientation(runs, name)] if r is not None]
+        for r in results:
+            print(os.path.basename(r['runs']), r['condition'], 'seed', r['seed'], r.get('note', ''),
+                  *([f"K {r['k_before']}: stored {r['stored_groups']} -> now {r['groups_now']}"] if 'pairs' in r else []))
+            for p in r.get('pairs', []):
+                print('   ', p)
+            if r.get('vetoed_in_run'):
+                print('    vetoed in the run:', r['vetoed_in_run'])
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, 'orientation_replay.json'), 'w') as fh:
+                json.dump(results, fh, indent=1)
+        return 0
     out = args.out or args.runs
     os.makedirs(out, exist_ok=True)
     if args.stragglers:

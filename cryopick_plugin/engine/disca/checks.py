@@ -274,12 +274,13 @@ def orientation_groups(transfer, control, min_share=ORIENTATION_MIN_SHARE, allow
     """Clusters to merge: a and b are one molecule seen in different orientations when turning the
     members of each sends at least `min_share` more of them into the other than the half-turn control
     does — in both directions (different molecules stay put however they are turned; the views of one
-    molecule cross over both ways) — or when the pair exchanges at least `min_exchange` of its turned
-    copies, all turns counted (two random, one half turn: shares a→b plus b→a), whatever the control
-    does. (At 200 per molecule the network cut the 20S by a property that a half turn already changes:
-    the control crossed 0.42 / 0.30 and 0.74 one way, so the gains vanished, while the exchanges were
-    0.65 and 0.89; between different molecules the exchange was ≤ 0.38 in every stored run, 0.27 at most
-    at SNR ≥ 0.03.) Either way at least `min_held` of each one's turned members must be held by the
+    molecule cross over both ways) — or when the half turns alone move at least `min_exchange` of the
+    pair's copies between a and b (shares a→b plus b→a of the control): a half turn keeps each member's
+    orientation to the wedge and does not make one molecule look like another, so a split it undoes is
+    not one of molecules. (At 200 per molecule the network cut the 20S by a property that a half turn
+    already changes: the control crossed 0.42 + 0.30 and 0.74 + 0.02, so the gains over it vanished;
+    between clusters of different molecules the control's exchange was ≤ 0.25 in every stored run,
+    bench/README.md §2.) Either way at least `min_held` of each one's turned members must be held by the
     pair: not lost to a third cluster c, unless c's own turned copies (almost) never land in a or b (less
     than `min_share` / 2 of them). Turned views of one molecule can look like a related one (the 20S
     proteasome is the core of the 26S) while the related molecule's copies stay put; copies scattered
@@ -310,8 +311,7 @@ def orientation_groups(transfer, control, min_share=ORIENTATION_MIN_SHARE, allow
         outside = [c for c in range(k) if c not in (a, b) and transfer[c, a] + transfer[c, b] >= min_share / 2]
         return min(1.0 - transfer[x, outside].sum() for x in (a, b))
 
-    pooled = (2.0 * transfer + np.asarray(control)) / 3.0
-    exchange = pooled + pooled.T
+    exchange = np.asarray(control) + np.asarray(control).T
 
     def strength(a, b):
         """How far the pair is past the nearer of its two bars (each relative to the bar)."""

@@ -439,12 +439,12 @@ def test_orientation_groups_need_a_crossing_in_both_directions_beyond_the_contro
     assert checks.orientation_groups(control, control) == [[0], [1], [2], [3]]
     transfer[3, 2] = 0.2                           # now both ways: a chain 0-1, 2-3
     assert checks.orientation_groups(transfer, control) == [[0, 1], [2, 3]]
-    # a crossing that the half-turn control shows as well is not a gain; it counts only as an exchange of at
-    # least half the copies (2-3 crosses 0.40 / 0.20: 0.60, kept apart by the `min_exchange` bar)
+    # a crossing that the half-turn control shows as well is not a gain; it counts only when the half turns
+    # exchange at least `min_exchange` of the pair's copies (0-1: 0.85, 2-3: 0.60)
     assert checks.orientation_groups(transfer, transfer, min_exchange=0.9) == [[0], [1], [2], [3]]
     assert checks.orientation_groups(transfer, transfer, min_exchange=0.7) == [[0, 1], [2], [3]]
     moderate = transfer.copy()
-    moderate[0, 1], moderate[1, 0] = 0.25, 0.12     # exchange 0.37 (different molecules at SNR 0.01: ≤ 0.38)
+    moderate[0, 1], moderate[1, 0] = 0.25, 0.12     # exchange 0.37 (different molecules: ≤ 0.25 stored)
     moderate[2, 3], moderate[3, 2] = 0.25, 0.12
     assert checks.orientation_groups(moderate, moderate) == [[0], [1], [2], [3]]
     # a join the caller refuses (the split check would split the union again) keeps the groups apart
@@ -477,8 +477,8 @@ def test_orientation_groups_need_a_crossing_in_both_directions_beyond_the_contro
     noisy = [[0.87, 0.06, 0.07], [0.08, 0.92, 0.0], [0.07, 0.0, 0.93]]
     assert checks.orientation_groups(scattered, noisy) == [[0], [1], [2]]
     # a split that a half turn already undoes: the control crosses as much as the random turns, so there is
-    # no gain, but the pair exchanges most of its copies (N = 1 000, SNR 0.1 ±60°, seed 0: the 20S as
-    # clusters 0 and 5, exchange 0.65, 0 losing 27 % one way to the 26S cluster 3) — one molecule
+    # no gain, but the half turns exchange 0.72 of the pair's copies (N = 1 000, SNR 0.1 ±60°, seed 0: the
+    # 20S as clusters 0 and 5, 0 losing 27 % of its turned copies one way to the 26S cluster 3) — one molecule
     swapped = [[0.421, 0.058, 0.0, 0.274, 0.01, 0.237], [0.0, 1.0, 0.0, 0.0, 0.0, 0.0],
                [0.0, 0.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.118, 0.008, 0.875, 0.0, 0.0],
                [0.0, 0.0, 0.0, 0.01, 0.985, 0.005], [0.376, 0.01, 0.0, 0.138, 0.0, 0.476]]
@@ -487,7 +487,7 @@ def test_orientation_groups_need_a_crossing_in_both_directions_beyond_the_contro
     assert checks.orientation_groups(swapped, swapped_control) == [[0, 5], [1], [2], [3], [4]]
     assert checks.orientation_groups(swapped, swapped_control, min_exchange=1.0) == [[0], [1], [2], [3], [4], [5]]
     # ... and one absorbed by the other (seed 1: the 20S as 60 + 140; 94 % of the small half's copies go
-    # to the large one, 2 % come back; exchange 0.89)
+    # to the large one, 2 % come back; the half turns alone exchange 0.76)
     absorbed = np.eye(6)
     absorbed[3, [0, 3, 4]], absorbed[4, [0, 3, 4, 5]] = (0.008, 0.049, 0.943), (0.036, 0.014, 0.946, 0.004)
     absorbed_control = np.eye(6)
