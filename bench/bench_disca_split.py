@@ -29,7 +29,9 @@ transfer matrices the finished runs stored (meta 'orientation_merge': turned cop
 per cluster), without the network or the data: for every pair of clusters that crosses by either bar, its
 gains over the half-turn control, the half turns' exchange, the decision, and whether the two clusters are one molecule (their most
 common true class, from the labels they had when the check ran). The spectral veto on a union
-(`checks.split_decision`) needs the data and is not replayed; a stored run's own vetoes are listed.
+(`checks.split_decision`) and the nearest-cluster join of a cluster that keeps too few of its copies need
+the data: with --with-data the set is simulated anew and `checks.orientation_decision` runs whole, then
+the split check and the straggler step on the merged labels; else a stored run's own vetoes are listed.
 
   .venv/bin/python bench/bench_disca_split.py --orientation --runs bench/results/disca_issue21_n60_v3,bench/results/disca_issue21_n60_v3_seed1 --conditions snr0.1_w60,snr0.01_w40
 """
@@ -82,7 +84,36 @@ def restraggle(runs, name, n_per_class, seed, box=32, preset='cpu'):
             'moved': int(np.sum(moved['labels'] != final))}
 
 
-def replay_orientation(runs, name):
+def replay_with_data(runs, name, record, merge, checked, preset='cpu', box=32):
+    """The run's orientation check with its spectral judges (`checks.orientation_decision`) on the stored
+    matrices and the simulated set made anew, then the steps after it that need no network: the split
+    check on the merged labels and the straggler step. When the split check accepts a split the run would
+    refine (network needed): reported, not replayed."""
+    snr, tilt, _, _ = bench_disca.CONDITIONS[name]
+    sim = bench_disca.simulate(record['n_per_class'], snr, tilt, box, record['seed'])
+    saved = np.load(os.path.join(runs, f'{name}_labels.npz'))
+    if not np.array_equal(sim.labels, saved['truth']):
+        raise SystemExit(f'{name}: the simulated set does not match the saved run')
+    options = dict(em.TRAINING[preset], wedge_tilt=float(tilt))
+    groups, vetoed, folded = checks.orientation_decision(np.array(merge['transfer']), np.array(merge['control']),
+                                                 sim.stack, checked, options, record['seed'], print, min_k=2)
+    new_of_old = np.empty(len(merge['transfer']), dtype=np.int64)
+    for j, g in enumerate(groups):
+        new_of_old[g] = j
+    merged = new_of_old[checked]
+    k = len(groups)
+    best = {'labels': merged, 'k': k, 'state': {}, 'probabilities': np.eye(k)[merged]}
+    k_max = mixtures.candidate_ks(len(merged), (2, 20), options['min_per_cluster'])[-1]
+    after, tests = checks.split_mixed(best, sim.stack, options, k_max, record['seed'], print, rejected=folded)
+    refine = any(t.get('accepted') for t in tests)
+    if not refine:
+        after, _ = checks.move_stragglers(after, sim.stack, options, record['seed'], print)
+    return {'groups': groups, 'vetoed': vetoed, 'folded': [[len(p), len(q)] for p, q in folded], 'merged': mixtures.clustering_scores(sim.labels, merged),
+            'split_accepted': refine,
+            'final': None if refine else mixtures.clustering_scores(sim.labels, after['labels'])}
+
+
+def replay_orientation(runs, name, with_data=False):
     """`checks.orientation_groups` on the transfer matrices a finished run stored; see the module doc."""
     path = os.path.join(runs, f'{name}.json')
     if not os.path.exists(path):
@@ -118,7 +149,10 @@ def replay_orientation(runs, name):
                           'one_molecule': None if dominant is None else dominant[a] == dominant[b]})
     return {'runs': runs, 'condition': name, 'seed': record['seed'], 'k_before': k, 'stored_groups': merge['groups'],
             'groups_now': checks.orientation_groups(transfer, control, min_groups=2),   # bench_disca's --k-min
-            'vetoed_in_run': merge.get('vetoed', []), 'pairs': pairs}
+            'vetoed_in_run': merge.get('vetoed', []), 'pairs': pairs,
+            'keep': [round(float(transfer[c, c]), 3) for c in range(k)],
+            'with_data': replay_with_data(runs, name, record, merge, checked) if with_data and checked is not None
+            else None}
 
 
 def two_gaussian_side(features, options, seed):
@@ -168,6 +202,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--runs', help='folder of a bench_disca.py run (<condition>.json and '
                                        '<condition>_labels.npz); with --orientation, comma-separated folders')
+    parser.add_argument('--with-data', action='store_true',
+                        help='with --orientation: simulate the set anew and replay the spectral judges too')
     parser.add_argument('--orientation', action='store_true',
                         help='with --runs: the orientation check\'s rule on the transfer matrices the runs stored')
     parser.add_argument('--truth', action='store_true',
@@ -201,12 +237,16 @@ def main(argv=None):
         parser.error('--runs is needed (or --truth)')
     if args.orientation:
         results = [r for runs in args.runs.split(',') for name in args.conditions.split(',')
-                   for r in [replay_orientation(runs, name)] if r is not None]
+                   for r in [replay_orientation(runs, name, args.with_data)] if r is not None]
         for r in results:
             print(os.path.basename(r['runs']), r['condition'], 'seed', r['seed'], r.get('note', ''),
                   *([f"K {r['k_before']}: stored {r['stored_groups']} -> now {r['groups_now']}"] if 'pairs' in r else []))
             for p in r.get('pairs', []):
                 print('   ', p)
+            if 'keep' in r:
+                print('    share of its turned copies each cluster keeps:', r['keep'])
+            if r.get('with_data'):
+                print('    with the data:', r['with_data'])
             if r.get('vetoed_in_run'):
                 print('    vetoed in the run:', r['vetoed_in_run'])
         if args.out:

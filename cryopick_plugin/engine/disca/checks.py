@@ -41,9 +41,13 @@ def check_kept(best, stack, data, arch, opts, ks, rng, seed, device, say, meta, 
     if opts.get('wedge_tilt') and opts.get('orientation_merge', True) and best['k'] > 1:
         best, meta['orientation_merge'] = merge_orientations(best, data, stack, arch, opts, rng, seed, device,
                                                              say, min_k=ks[0] if ks else 1)
+    folded = best.pop('folded', [])
     if opts.get('split_check', True):
+        # unions the orientation check joined although their spectral groups differ (the groups fold when
+        # turned) are not split again
+        refused = list(rejected) + list(folded)
         best, meta['split_check'] = split_mixed(best, stack, opts, ks[-1] if ks else best['k'], seed, say,
-                                                rejected=rejected)
+                                                rejected=refused)
         if any(t.get('accepted') for t in meta['split_check']):
             meta['prediction'] = ('network features -> PCA -> Gaussian mixture posterior'
                                   ' -> split tests on spectral features (split_check)')
@@ -233,6 +237,7 @@ def _reproduces(members, side, rejected, min_agreement=0.8):
 ORIENTATION_MIN_SHARE = 0.1
 ORIENTATION_MIN_HELD = 0.8
 ORIENTATION_MIN_EXCHANGE = 0.5
+ORIENTATION_MAX_KEEP = 0.2
 
 
 def orientation_transfer(data, net, state, labels, tilt_range, rng, device='cpu', batch_size=64, copies=2):
@@ -270,7 +275,8 @@ def orientation_transfer(data, net, state, labels, tilt_range, rng, device='cpu'
 
 
 def orientation_groups(transfer, control, min_share=ORIENTATION_MIN_SHARE, allowed=None,
-                       min_held=ORIENTATION_MIN_HELD, min_groups=1, min_exchange=ORIENTATION_MIN_EXCHANGE):
+                       min_held=ORIENTATION_MIN_HELD, min_groups=1, min_exchange=ORIENTATION_MIN_EXCHANGE,
+                       nearest=None, max_keep=ORIENTATION_MAX_KEEP, allowed_nearest=None):
     """Clusters to merge: a and b are one molecule seen in different orientations when turning the
     members of each sends at least `min_share` more of them into the other than the half-turn control
     does — in both directions (different molecules stay put however they are turned; the views of one
@@ -288,6 +294,14 @@ def orientation_groups(transfer, control, min_share=ORIENTATION_MIN_SHARE, allow
     allowed (optional): callable (group a, group b) -> bool, asked before two groups (lists of cluster
     indices) are joined; a refusal keeps them apart. Returns a list of groups (sorted lists of cluster
     indices), one per resulting cluster, ordered by their smallest member.
+
+    nearest (optional): callable cluster index -> the other cluster its members lie nearest to on
+    rotation-invariant features (or None). A cluster that keeps fewer than `max_keep` of its own turned
+    copies is no molecule — the network knows its members only in the orientations they have — and joins
+    that cluster (at ±40°, 200 per molecule, the 20S halves kept 0.08 and 0.30 and sent their copies to the
+    26S cluster, while their half turns exchanged only 0.33; clusters of molecules kept ≥ 0.31 in every
+    stored run, mixed ones at SNR 0.01 ≥ 0.45). Asked after the pairs, weakest keeper first, under
+    `min_groups` and `allowed_nearest` (default: `allowed`), called (group of the nearest, group of a).
 
     Pairs are joined strongest first (by the smaller of their two gains), and never below `min_groups`
     groups (the run's smallest K: with two clusters every turned copy stays "within the pair", and a
@@ -331,6 +345,15 @@ def orientation_groups(transfer, control, min_share=ORIENTATION_MIN_SHARE, allow
                 and root(a) != root(b) and n_groups > min_groups):
             if allowed is None or allowed(members(root(a)), members(root(b))):
                 parent[root(b)] = root(a)
+                n_groups -= 1
+    if nearest is not None:
+        for a in sorted((i for i in range(k) if transfer[i, i] < max_keep), key=lambda i: transfer[i, i]):
+            b = nearest(a)
+            if b is None or root(a) == root(b) or n_groups <= min_groups:
+                continue
+            judge = allowed_nearest or allowed
+            if judge is None or judge(members(root(b)), members(root(a))):
+                parent[root(a)] = root(b)
                 n_groups -= 1
     groups = {}
     for i in range(k):
@@ -527,9 +550,10 @@ def split_mixed(best, stack, opts, k_max, seed, say, rejected=()):
         tests.append(info)
         if accepted and len(rejected) and _reproduces(members, side, rejected):
             accepted = info['accepted'] = False
-            info['reason'] = 'the refined network put these two groups back into one cluster (split undone)'
-            say(f"split check: cluster {c} ({len(members)}) would be split as before the refinement, which "
-                f"undid that split: kept whole")
+            info['reason'] = ('split undone: already judged one molecule (the refined network put its sides '
+                              'back together, or they fold when turned)')
+            say(f"split check: cluster {c} ({len(members)}) would be split along a split already judged one "
+                f"molecule (undone by the refinement, or folding when turned): kept whole")
         if not accepted:
             continue
         pieces.append({'test': len(tests) - 1, 'sides': (members[side == 0], members[side == 1])})
@@ -628,6 +652,71 @@ def apply_splits(stack, state, labels, prob):
 
 
 
+def orientation_decision(transfer, control, stack, labels, opts, seed, say, min_k=1):
+    """`orientation_groups` with the spectral judges: a join is refused when the union is two groups on
+    spectral features (`split_decision`), and a cluster that keeps too few of its turned copies joins the
+    cluster nearest to it on spectral features — there even when the union is two spectral groups, if
+    those two do not survive turning (`survives_turning`: at ±40° the spectral features of the 20S halves
+    still showed their orientation to the wedge, separation 3.17, as the split check's would). Returns
+    (groups, vetoed joins, folded: (side, side) member indices of each such union's spectral split, for the
+    split check to refuse)."""
+    labels = np.asarray(labels)
+    k = len(transfer)
+    features, vetoed, folded = None, [], []
+    check_rng = np.random.default_rng(seed + 104729)
+
+    def spectral():
+        nonlocal features
+        if features is None:
+            features = spectral_features(stack)
+        return features
+
+    def allowed(group_a, group_b):
+        members = np.flatnonzero(np.isin(labels, group_a + group_b))
+        split, _, _, test = split_decision(stack, spectral(), members, opts, seed, check_rng)
+        if split:
+            vetoed.append({'clusters': [group_a, group_b], 'separation': test.get('separation'),
+                           'crossing': test.get('crossing'), 'sizes': test.get('sizes')})
+            say(f"orientation check: clusters {group_a} and {group_b} cross when turned, but their union is two "
+                f"groups on spectral features (separation {test['separation']:.2f}): kept apart")
+        return not split
+
+    def nearest(a):
+        """The cluster whose members lie nearest to cluster a's on spectral features (the split check's
+        separation statistic)."""
+        separations = {}
+        for b in range(k):
+            pair = np.flatnonzero(np.isin(labels, [a, b]))
+            if b != a and np.sum(labels == b) >= 2 and np.sum(labels == a) >= 2:
+                separations[b] = _side_separation(spectral()[pair], (labels[pair] == b).astype(int), seed=seed)
+        return min(separations, key=separations.get) if separations else None
+
+    def allowed_nearest(group_b, group_a):
+        members = np.flatnonzero(np.isin(labels, group_a + group_b))
+        split, side, _, test = split_decision(stack, spectral(), members, opts, seed, check_rng)
+        if not split:
+            return True
+        sides = (members[side == 0], members[side == 1])
+        kept, turned = survives_turning(stack, sides, opts['wedge_tilt'], seed)
+        if kept:
+            vetoed.append({'clusters': [group_b, group_a], 'separation': test.get('separation'),
+                           'sizes': test.get('sizes'), 'turned': turned})
+            say(f"orientation check: cluster {group_a} keeps few of its turned copies, but its union with the "
+                f"nearest {group_b} is two groups on spectral features that stay apart when turned "
+                f"(separation {test['separation']:.2f}, turned {turned['turned']:.2f}): kept apart")
+            return False
+        folded.append(sides)
+        say(f"orientation check: cluster {group_a} keeps few of its turned copies; its union with the nearest "
+            f"{group_b} is two groups on spectral features (separation {test['separation']:.2f}) that fold when "
+            f"turned (separation {turned['turned']:.2f}): one molecule")
+        return True
+
+    groups = orientation_groups(transfer, control, opts.get('orientation_min_share', ORIENTATION_MIN_SHARE),
+                                allowed=allowed, min_groups=max(1, int(min_k)), nearest=nearest,
+                                allowed_nearest=allowed_nearest)
+    return groups, vetoed, folded
+
+
 def merge_orientations(best, data, stack, arch, opts, rng, seed, device, say, min_k=1):
     """Merge the kept clusters that `orientation_groups` finds to be one molecule in different
     orientations, unless the split check would split their union again (`split_decision`: two clearly
@@ -641,27 +730,12 @@ def merge_orientations(best, data, stack, arch, opts, rng, seed, device, say, mi
     with yopo.DeterministicTorch(device):
         transfer, control = orientation_transfer(data, net, best['state'], best['labels'], opts['wedge_tilt'],
                                                  rng, device, max(opts['batch_size'], 64))
-    features, vetoed = None, []
-    check_rng = np.random.default_rng(seed + 104729)
-
-    def allowed(group_a, group_b):
-        nonlocal features
-        if features is None:
-            features = spectral_features(stack)
-        members = np.flatnonzero(np.isin(best['labels'], group_a + group_b))
-        split, _, _, test = split_decision(stack, features, members, opts, seed, check_rng)
-        if split:
-            vetoed.append({'clusters': [group_a, group_b], 'separation': test.get('separation'),
-                           'crossing': test.get('crossing'), 'sizes': test.get('sizes')})
-            say(f"orientation check: clusters {group_a} and {group_b} cross when turned, but their union is two "
-                f"groups on spectral features (separation {test['separation']:.2f}): kept apart")
-        return not split
-
-    groups = orientation_groups(transfer, control, opts.get('orientation_min_share', ORIENTATION_MIN_SHARE),
-                                allowed=allowed, min_groups=max(1, int(min_k)))
+    groups, vetoed, folded = orientation_decision(transfer, control, stack, best['labels'], opts, seed, say,
+                                                  min_k)
     info = {'tilt_range': float(opts['wedge_tilt']), 'transfer': np.round(transfer, 4).tolist(),
             'control': np.round(control, 4).tolist(), 'groups': groups, 'k_before': int(best['k']),
-            'vetoed': vetoed}
+            'vetoed': vetoed, 'folded': [[len(p), len(q)] for p, q in folded]}
+    best = dict(best, folded=folded)
     if len(groups) == best['k']:
         say("orientation check: no two clusters are one molecule in different orientations")
         return best, info

@@ -493,6 +493,25 @@ def test_orientation_groups_need_a_crossing_in_both_directions_beyond_the_contro
     absorbed_control = np.eye(6)
     absorbed_control[3, [3, 4]], absorbed_control[4, [3, 4]] = (0.262, 0.738), (0.022, 0.978)
     assert checks.orientation_groups(absorbed, absorbed_control) == [[0], [1], [2], [3, 4], [5]]
+    # a cluster that keeps few of its own turned copies joins the cluster nearest to it on spectral features
+    # (±40°, 200 per molecule, seed 0: the 20S halves 2 and 5 kept 0.08 / 0.30 and sent their copies to the
+    # 26S cluster 4; half turns exchanged only 0.33)
+    lost = np.array([[0.925, 0.0, 0.0, 0.025, 0.05, 0.0], [0.028, 0.718, 0.0, 0.018, 0.235, 0.002],
+                     [0.046, 0.04, 0.079, 0.02, 0.757, 0.059], [0.038, 0.0, 0.0, 0.882, 0.08, 0.0],
+                     [0.148, 0.002, 0.0, 0.055, 0.795, 0.0], [0.016, 0.068, 0.036, 0.032, 0.548, 0.298]])
+    lost_control = np.eye(6)
+    lost_control[2, [2, 5]], lost_control[5, [2, 5]] = (0.75, 0.25), (0.081, 0.919)
+    assert checks.orientation_groups(lost, lost_control) == [[0], [1], [2], [3], [4], [5]]
+    asked = []
+    assert checks.orientation_groups(lost, lost_control, nearest=lambda a: asked.append(a) or 5) == \
+        [[0], [1], [2, 5], [3], [4]]
+    assert asked == [2]                             # only the cluster under `max_keep`
+    # its own judge refuses, or the K floor
+    assert checks.orientation_groups(lost, lost_control, nearest=lambda a: 5, allowed_nearest=lambda b, a: False) \
+        == [[0], [1], [2], [3], [4], [5]]
+    assert checks.orientation_groups(lost, lost_control, nearest=lambda a: 5, min_groups=6) == \
+        [[0], [1], [2], [3], [4], [5]]
+    assert len(checks.orientation_groups(lost, lost_control, nearest=lambda a: 5, max_keep=0.5)) == 5
     # never below the run's smallest K, the strongest pair first: with two clusters every copy stays
     # "within the pair" (SNR 0.01 ±40°, 60 per molecule: two clusters of five molecules were merged into one)
     two = [[0.775, 0.225], [0.1806, 0.8194]]
@@ -520,6 +539,29 @@ def test_orientation_control_turns_by_half_turns_that_keep_the_wedge():
     negated = (-np.arange(b)) % b                   # index of -k on the unshifted fft grid
     for axis in range(3):
         assert np.array_equal(np.take(wedge, negated, axis=axis), wedge)
+
+
+def test_orientation_decision_joins_a_cluster_that_keeps_few_copies_to_its_own_molecule_only():
+    """The spectral judges of the nearest-cluster join, on real data: a cluster that keeps few of its turned
+    copies joins the cluster of its own molecule (nearest on spectral features; their union is not two
+    spectral groups), while the same call on a cluster whose nearest is another molecule refuses the join
+    (two spectral groups that stay apart when turned)."""
+    from cryopick_plugin.engine.sim.subtomograms import simulate_subtomograms
+    sim = simulate_subtomograms(classes=['two_lobe', 'rod'], n_per_class=40, box=24, snr=2.0, tilt_range=60.0,
+                                seed=3, synthetic=True)
+    opts = dict(em.TRAINING['cpu'], wedge_tilt=60.0)
+    # clusters: 0 = two_lobe's first 15, 1 = two_lobe's other 25, 2 = rod
+    labels = np.where(sim.labels == 1, 2, 0)
+    labels[np.flatnonzero(sim.labels == 0)[15:]] = 1
+    transfer = np.array([[0.1, 0.3, 0.6], [0.0, 0.9, 0.1], [0.0, 0.0, 1.0]])    # 0 keeps 0.1
+    groups, vetoed, folded = checks.orientation_decision(transfer, np.eye(3), sim.stack, labels, opts, 0,
+                                                         lambda m: None, min_k=1)
+    assert groups == [[0, 1], [2]] and not vetoed
+    # the rod cluster keeping few copies: its nearest is a two_lobe cluster, and the union stays two
+    rod_lost = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.4, 0.1]])
+    groups, vetoed, folded = checks.orientation_decision(rod_lost, np.eye(3), sim.stack, labels, opts, 0,
+                                                         lambda m: None, min_k=1)
+    assert groups == [[0], [1], [2]] and len(vetoed) == 1 and not folded
 
 
 def test_orientation_check_joins_a_molecule_split_by_the_wedge_and_keeps_others_apart():
