@@ -67,7 +67,9 @@ def add_args(parser):
                         help='largest tilt angle of the acquisition (e.g. 60 for a ±60° series, tilt axis Y): '
                              'clusters that turn into each other when their members are rotated with this wedge '
                              'put back (one molecule split by its orientation to the wedge) are merged, unless '
-                             'their union is two groups on spectral features, and the refinement that judges '
+                             'their union is two groups on spectral features; a cluster that keeps few of its '
+                             'rotated members joins the cluster nearest on spectral features (if their spectral '
+                             'groups fold when rotated); and the refinement that judges '
                              'each split puts it back on its rotated training copies; 0: ignore the wedge '
                              '(default: from the '
                              'STAR file\'s cpTiltAngleMin/Max, else read from the subtomograms)')

@@ -125,7 +125,10 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                            'keeps its copies rather than scattering them over clusters that scatter theirs back) '
                            '— unless their union falls into two clearly separated groups of '
                            'rotation-invariant spectral features (noisy mixtures of different molecules), which '
-                           'stay apart. The network that judges each split of the split check is retrained '
+                           'stay apart. A cluster whose rotated members mostly leave it (the network knows it '
+                           'only in the orientations its members have) joins the cluster nearest to it on '
+                           'spectral features, when their spectral groups fold under rotation. '
+                           'The network that judges each split of the split check is retrained '
                            'with the wedge on its rotated copies, so that it cannot learn one molecule\'s '
                            'orientations as two classes. The checks are recorded in the model.')
         form.addParam('splitCheck', params.BooleanParam, default=True, label='Split merged molecules',
