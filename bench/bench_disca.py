@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cryopick_plugin.engine.disca import baseline, em, features, mixtures, model  # noqa: E402
+from cryopick_plugin.engine.disca import baseline, checks, em, features, mixtures, model  # noqa: E402
 from cryopick_plugin.engine import geometry
 from cryopick_plugin.engine.sim.ctf import ctf_1d  # noqa: E402
 from cryopick_plugin.engine.sim.subtomograms import simulate_subtomograms  # noqa: E402
@@ -143,10 +143,7 @@ def rotation_distances(sim, model_path, per_class=10, copies=6, seed=0, device='
 def _merged_labels(result):
     """The kept iteration's labels after the orientation check's merges (before any split)."""
     groups = result.meta['orientation_merge']['groups']
-    new_of_old = np.empty(sum(len(g) for g in groups), dtype=int)
-    for j, g in enumerate(groups):
-        new_of_old[g] = j
-    return new_of_old[result.iteration_labels[result.best_iteration]]
+    return checks.group_index(groups)[result.iteration_labels[result.best_iteration]]
 
 
 def run_condition(name, args):

@@ -97,10 +97,7 @@ def replay_with_data(runs, name, record, merge, checked, preset='cpu', box=32):
     options = dict(em.TRAINING[preset], wedge_tilt=float(tilt))
     groups, vetoed, folded = checks.orientation_decision(np.array(merge['transfer']), np.array(merge['control']),
                                                  sim.stack, checked, options, record['seed'], print, min_k=2)
-    new_of_old = np.empty(len(merge['transfer']), dtype=np.int64)
-    for j, g in enumerate(groups):
-        new_of_old[g] = j
-    merged = new_of_old[checked]
+    merged = checks.group_index(groups)[checked]
     k = len(groups)
     best = {'labels': merged, 'k': k, 'state': {}, 'probabilities': np.eye(k)[merged]}
     k_max = mixtures.candidate_ks(len(merged), (2, 20), options['min_per_cluster'])[-1]
@@ -139,10 +136,9 @@ def replay_orientation(runs, name, with_data=False):
             both = bool(gain[a, b] >= checks.ORIENTATION_MIN_SHARE and gain[b, a] >= checks.ORIENTATION_MIN_SHARE)
             if not (both or exchange >= 0.1):
                 continue
-            groups = checks.orientation_groups(transfer[np.ix_([a, b] + [c for c in range(k) if c not in (a, b)],
-                                                                  [a, b] + [c for c in range(k) if c not in (a, b)])],
-                                               control[np.ix_([a, b] + [c for c in range(k) if c not in (a, b)],
-                                                              [a, b] + [c for c in range(k) if c not in (a, b)])],
+            # the pair first, so that its decision reads as whether groups hold [0, 1]
+            order = [a, b] + [c for c in range(k) if c not in (a, b)]
+            groups = checks.orientation_groups(transfer[np.ix_(order, order)], control[np.ix_(order, order)],
                                                min_groups=1)
             pairs.append({'pair': [a, b], 'gains': [round(float(gain[a, b]), 3), round(float(gain[b, a]), 3)],
                           'exchange': round(exchange, 3), 'joined_by_rule': [0, 1] in groups,

@@ -38,10 +38,10 @@ def check_kept(best, stack, data, arch, opts, ks, rng, seed, device, say, meta, 
     'split_pieces' (per accepted split: the index of its test in meta['split_check'] and its two sides)."""
     meta.pop('orientation_merge', None)
     meta.pop('split_check', None)
+    folded = []
     if opts.get('wedge_tilt') and opts.get('orientation_merge', True) and best['k'] > 1:
-        best, meta['orientation_merge'] = merge_orientations(best, data, stack, arch, opts, rng, seed, device,
-                                                             say, min_k=ks[0] if ks else 1)
-    folded = best.pop('folded', [])
+        best, meta['orientation_merge'], folded = merge_orientations(best, data, stack, arch, opts, rng, seed,
+                                                                     device, say, min_k=ks[0] if ks else 1)
     if opts.get('split_check', True):
         # unions the orientation check joined although their spectral groups differ (the groups fold when
         # turned) are not split again
@@ -652,6 +652,15 @@ def apply_splits(stack, state, labels, prob):
 
 
 
+def group_index(groups):
+    """Per old cluster, the index of its group in `groups` (lists of old cluster indices, as
+    `orientation_groups` returns them): the map from old labels to merged ones."""
+    new_of_old = np.empty(sum(len(g) for g in groups), dtype=np.int64)
+    for j, g in enumerate(groups):
+        new_of_old[g] = j
+    return new_of_old
+
+
 def orientation_decision(transfer, control, stack, labels, opts, seed, say, min_k=1):
     """`orientation_groups` with the spectral judges: a join is refused when the union is two groups on
     spectral features (`split_decision`), and a cluster that keeps too few of its turned copies joins the
@@ -723,7 +732,8 @@ def merge_orientations(best, data, stack, arch, opts, rng, seed, device, say, mi
     separated groups of spectral features). On noisy data rotated copies scatter
     across impure clusters of the same molecules, and the transfer test alone merged different molecules
     (bench/README.md §2, SNR 0.01); the spectral test keeps such a union apart, as the split check would.
-    Returns (updated best, details for the model's meta; 'vetoed' lists the refused joins)."""
+    Returns (updated best, details for the model's meta — 'vetoed' lists the refused joins —, the folded
+    spectral splits of `orientation_decision`)."""
     net = yopo.build_features(arch)
     net.load_state_dict({key[4:]: v for key, v in best['state'].items() if key.startswith('net.')})
     net.to(device)
@@ -735,13 +745,10 @@ def merge_orientations(best, data, stack, arch, opts, rng, seed, device, say, mi
     info = {'tilt_range': float(opts['wedge_tilt']), 'transfer': np.round(transfer, 4).tolist(),
             'control': np.round(control, 4).tolist(), 'groups': groups, 'k_before': int(best['k']),
             'vetoed': vetoed, 'folded': [[len(p), len(q)] for p, q in folded]}
-    best = dict(best, folded=folded)
     if len(groups) == best['k']:
         say("orientation check: no two clusters are one molecule in different orientations")
-        return best, info
-    new_of_old = np.empty(best['k'], dtype=np.int64)
-    for j, g in enumerate(groups):
-        new_of_old[g] = j
+        return best, info, folded
+    new_of_old = group_index(groups)
     state = dict(best['state'])
     label_of = state['gmm.label_of_component'].numpy()
     state['gmm.label_of_component'] = torch.from_numpy(
@@ -750,7 +757,7 @@ def merge_orientations(best, data, stack, arch, opts, rng, seed, device, say, mi
     say(f"orientation check: merged {[g for g in groups if len(g) > 1]} (one molecule in different "
         f"orientations) → K={len(groups)}")
     best = dict(best, labels=labels, k=len(groups), state=state, probabilities=posterior(best['x'], state))
-    return best, info
+    return best, info, folded
 
 
 # ------------------------------------------------------------------------------------- stragglers
