@@ -170,6 +170,10 @@ def run_condition(name, args):
         options['wedge_training'] = True
     if args.precision:
         options['precision'] = args.precision
+    if args.init_k:
+        options['init_k'] = args.init_k
+    if args.init_hold:
+        options['init_hold'] = args.init_hold
     record['disca_options'].update(options)
     k_range = (args.k_min, args.k_max)
     if kind == 'time':
@@ -179,8 +183,11 @@ def run_condition(name, args):
         record['history'] = result.history
         return record
     t0, c0 = time.time(), time.process_time()
+    # history.json and embeddings.npz (every iteration's labels) rewritten after each iteration, to follow a
+    # long run against the truth while it runs
     result = em.disca_cluster(stack, preset=args.preset, k_range=k_range, max_iter=args.max_iter,
-                                 seed=args.seed, device=args.device, log=print, options=options)
+                              seed=args.seed, device=args.device, log=print, options=options,
+                              out_dir=os.path.join(args.out, f'{name}_progress'))
     record['disca'] = dict(mixtures.clustering_scores(truth, result.labels), time_s=time.time() - t0,
                            cpu_s=time.process_time() - c0, iterations=len(result.history),
                            best_iteration=result.best_iteration,
@@ -251,6 +258,10 @@ def main(argv=None):
     parser.add_argument('--refine-iter', type=int, default=None,
                         help="EM iterations after a split check that changed the clusters (preset default; "
                              "0: none)")
+    parser.add_argument('--init-k', type=int, default=None,
+                        help="clusters of the spectral start (default: chosen by BIC, as `cryopick disca`)")
+    parser.add_argument('--init-hold', type=int, default=None,
+                        help="iterations during which K stays at --init-k (default 0)")
     parser.add_argument('--analysis', action='store_true',
                         help='also: per-cluster averages after undoing the simulated orientations, '
                              'correlated with the templates, and the Fig. 3B feature distances of rotated '
