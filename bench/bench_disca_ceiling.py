@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, v_measure_score
+from sklearn.metrics import accuracy_score, confusion_matrix, v_measure_score
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
@@ -37,13 +37,17 @@ from cryopick_plugin.engine.disca import features, yopo  # noqa: E402
 
 
 def _scores(truth, predicted):
+    classes = np.arange(int(max(truth.max(), predicted.max())) + 1)
     return {'accuracy': float(accuracy_score(truth, predicted)),
             'v_measure': float(v_measure_score(truth, predicted)),
-            'confusion': np.bincount(truth * 5 + predicted, minlength=25).reshape(5, 5).tolist()}
+            'confusion': confusion_matrix(truth, predicted, labels=classes).tolist()}
 
 
 def network_ceiling(stack, labels, train_idx, test_idx, epochs, seed, lr=5e-4, batch_size=16, say=print):
-    """Train the cpu preset's network + head on the true classes; held-out scores after every epoch."""
+    """Train the cpu preset's network + head on the true classes; held-out scores after every epoch.
+
+    Unlike DISCA's self-training (`em._train_epoch`: smoothed pseudo-labels, categorical hinge) the loss is
+    the likelihood of the true class, the best a supervised classifier can be given for a ceiling."""
     arch = yopo.make_arch('cpu')
     data = yopo.prepare_stack(stack, arch)
     rng = np.random.default_rng(seed)

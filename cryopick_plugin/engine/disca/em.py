@@ -30,8 +30,9 @@ labels are trivially stable while the network has barely moved. The 'paper' pres
 start. Opt-in (`init_k`, `init_hold`): the spectral start with a fixed, larger K (over-clustering, as
 DeepCluster trains on), held for the first `init_hold` iterations before BIC chooses K again; measured at
 SNR 0.01 ±40° it did not lift the clustering (bench/README.md §2), so it is off. Both presets seed each
-Gaussian mixture with k-means++ instead of the reference's random responsibilities (option `gmm_init`; 'random' reproduces the reference), which can leave EM on the saddle
-where all components coincide (see `_gmm`). The acquisition's tilt range (option `wedge_tilt`; when not
+Gaussian mixture with k-means++ instead of the reference's random responsibilities (option `gmm_init`;
+'random' reproduces the reference), which can leave EM on the saddle where all components coincide (see
+`_gmm`). The acquisition's tilt range (option `wedge_tilt`; when not
 given, read from the subtomograms' mean power spectrum — `features.known_tilt_range`; 0 turns it off)
 drives an orientation check of the kept clusters (`orientation_merge`; `orientation_transfer`,
 `orientation_groups`): clusters whose members, rotated with the wedge put back, cross into each other are
@@ -239,6 +240,12 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
     if len(ks) and ks[-1] < int(k_range[1]):
         say(f'K capped at {ks[-1]} for {n} subtomograms ({opts["min_per_cluster"]} per cluster at least)')
 
+    # The opt-in over-clustered start: the mixtures of the first iterations (the spectral start, and
+    # `init_hold` of them in all) are fitted at K = init_k alone.
+    init_ks = [int(min(opts.get('init_k') or 0, ks[-1]))]
+    init_iterations = (max(int(opts.get('init_hold') or 0), int(opts.get('init') == 'spectral'))
+                       if opts.get('init_k') else 0)
+
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -295,12 +302,9 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
                     # one-iteration run clusters the network's features as the reference does.
                     x = spectral_embedding(stack, pca_dim, seed)
                 t1 = time.time()
-                start_ks = ks
-                if phase == 'cluster' and opts.get('init_k') and count > 1 and (
-                        (it == 0 and opts.get('init') == 'spectral') or it < int(opts.get('init_hold', 0))):
-                    start_ks = [int(min(opts['init_k'], ks[-1]))]
-                new_labels, gmm, components, bics = fit_mixtures(x, start_ks, opts, seed + it, loop['k'],
-                                                                 loop['labels'])
+                held = phase == 'cluster' and count > 1 and it < init_iterations
+                new_labels, gmm, components, bics = fit_mixtures(x, init_ks if held else ks, opts, seed + it,
+                                                                 loop['k'], loop['labels'])
                 t_mixtures = time.time() - t1
                 new_k = int(new_labels.max()) + 1
                 same_k = new_k == loop['k']
