@@ -174,6 +174,12 @@ def run_condition(name, args):
         options['init_k'] = args.init_k
     if args.init_hold:
         options['init_hold'] = args.init_hold
+    if args.init_epochs:
+        options['init_epochs'] = args.init_epochs
+    if args.init:
+        options['init'] = args.init
+    if args.init_dim:
+        options['init_dim'] = args.init_dim
     record['disca_options'].update(options)
     k_range = (args.k_min, args.k_max)
     if kind == 'time':
@@ -262,6 +268,13 @@ def main(argv=None):
                         help="clusters of the spectral start (default: chosen by BIC, as `cryopick disca`)")
     parser.add_argument('--init-hold', type=int, default=None,
                         help="iterations during which K stays at --init-k (default 0)")
+    parser.add_argument('--init', choices=('spectral', 'invariants', 'network'), default=None,
+                        help="DISCA's start (default: the preset's)")
+    parser.add_argument('--init-dim', type=int, default=None,
+                        help="PCA dimensions of a rotation-invariant start (default: the preset's)")
+    parser.add_argument('--init-epochs', type=int, default=None,
+                        help="epochs trained on the spectral start's labels before the first re-clustering "
+                             "(default: the preset's)")
     parser.add_argument('--analysis', action='store_true',
                         help='also: per-cluster averages after undoing the simulated orientations, '
                              'correlated with the templates, and the Fig. 3B feature distances of rotated '

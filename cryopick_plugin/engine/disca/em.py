@@ -29,7 +29,13 @@ training then entrenches — and it does not accept convergence before iteration
 labels are trivially stable while the network has barely moved. The 'paper' preset keeps the reference's
 start. Opt-in (`init_k`, `init_hold`): the spectral start with a fixed, larger K (over-clustering, as
 DeepCluster trains on), held for the first `init_hold` iterations before BIC chooses K again; measured at
-SNR 0.01 ±40° it did not lift the clustering (bench/README.md §2), so it is off. Both presets seed each
+SNR 0.01 ±40° it did not lift the clustering (bench/README.md §2), so it is off. Opt-in `init`
+'invariants': the start's mixture on the spectral features together with spherical-harmonic shell
+energies (`features.harmonic_features`), reduced to `init_dim` dimensions — a better start in every
+simulated condition measured (bench/README.md §2), but at SNR 0.01 ±40° one epoch, or five, of training
+on it leaves network features that cluster worse than the start, so the loop does not keep its gain.
+Opt-in `init_epochs`: the start's labels learnt for that many epochs before the network's own features
+are clustered (one epoch on them left features that clustered worse than the start at ±40°). Both presets seed each
 Gaussian mixture with k-means++ instead of the reference's random responsibilities (option `gmm_init`;
 'random' reproduces the reference), which can leave EM on the saddle where all components coincide (see
 `_gmm`). The acquisition's tilt range (option `wedge_tilt`; when not
@@ -68,7 +74,7 @@ from ..io.mrc import atomic_path
 from ..progress import Progress, compute_summary, duration
 from ..settings import resolve_device
 from .checks import check_kept, move_stragglers, refine
-from .features import known_tilt_range, random_rotations, spectral_embedding
+from .features import invariant_embedding, known_tilt_range, random_rotations, spectral_embedding
 from .mixtures import GMM_INITS, align_labels, bic_dim, candidate_ks, ddbi, fit_mixtures, mixture_state, posterior
 
 logger = logging.getLogger(__name__)
@@ -89,6 +95,9 @@ TRAINING = {
             'wedge_tilt': None, 'wedge_training': False, 'orientation_merge': True, 'gmm_init': 'k-means++',
             'split_check': True, 'refine_iter': 5, 'k_patience': 5},
 }
+# The starts from rotation-invariant features (option `init`); 'network' clusters the untrained network's.
+INVARIANT_STARTS = {'spectral': spectral_embedding, 'invariants': invariant_embedding}
+
 # 20 for the cpu preset too: at SNR 0.1 and 0.03 a run stops on label stability by iteration 9–11 anyway,
 # while at SNR 0.01 the clusters keep sharpening to the end (homogeneity after the split check 0.849 at 10
 # iterations, 0.875 at 20; bench/README.md §2).
@@ -243,7 +252,8 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
     # The opt-in over-clustered start: the mixtures of the first iterations (the spectral start, and
     # `init_hold` of them in all) are fitted at K = init_k alone.
     init_ks = [int(min(opts.get('init_k') or 0, ks[-1]))]
-    init_iterations = (max(int(opts.get('init_hold') or 0), int(opts.get('init') == 'spectral'))
+    rotation_invariant_start = opts.get('init') in INVARIANT_STARTS
+    init_iterations = (max(int(opts.get('init_hold') or 0), int(rotation_invariant_start))
                        if opts.get('init_k') else 0)
 
     rng = np.random.default_rng(seed)
@@ -258,9 +268,10 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
         loop = {'head': None, 'opt': None, 'k': None, 'labels': None, 'iteration_labels': iteration_labels,
                 'smoothing': float(opts['label_smoothing']), 'lr': float(opts['lr'])}
 
-        def train(features, labels, k, rebuild, label='training'):
-            """One epoch on smoothed labels (augmented by random rotations), a new head first when K
-            changed; returns the history fields of the training. `label` heads its progress lines."""
+        def train(features, labels, k, rebuild, label='training', epochs=1):
+            """`epochs` epochs (one by default) on smoothed labels, each with fresh random rotations, a new
+            head first when K changed; returns the history fields of the training (the last epoch's loss).
+            `label` heads its progress lines."""
             loop['smoothing'] *= 0.9
             one_hot = np.eye(k, dtype=np.float32)[labels]
             targets = one_hot * (1.0 - loop['smoothing']) + loop['smoothing'] / k
@@ -272,15 +283,17 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
             loop['lr'] *= 0.95
             for group in loop['opt'].param_groups:
                 group['lr'] = loop['lr']
-            augmented = np.concatenate([data, random_rotations(data, rng,
-                                                               tilt_range=opts.get('wedge_tilt')
-                                                               if opts.get('wedge_training', True) else None)])
-            loss = _train_epoch(net, loop['head'], loop['opt'], augmented, np.tile(targets, (2, 1)), opts,
-                                generator, device,
-                                Progress(label, -(-len(augmented) // opts['batch_size']), unit='batch',
-                                         units='batches', say=say), precision)
+            for epoch in range(epochs):
+                augmented = np.concatenate([data, random_rotations(data, rng,
+                                                                   tilt_range=opts.get('wedge_tilt')
+                                                                   if opts.get('wedge_training', True) else None)])
+                loss = _train_epoch(net, loop['head'], loop['opt'], augmented, np.tile(targets, (2, 1)), opts,
+                                    generator, device,
+                                    Progress(label if epochs == 1 else f'{label} (epoch {epoch + 1} of {epochs})',
+                                             -(-len(augmented) // opts['batch_size']), unit='batch',
+                                             units='batches', say=say), precision)
             return {'loss': loss, 'lr': loop['lr'], 'smoothing': loop['smoothing'], 'head_k': loop['head'].k,
-                    'head_rebuilt': bool(rebuild)}
+                    'head_rebuilt': bool(rebuild), 'epochs': int(epochs)}
 
         def iterate(first, count, eligible_from, min_iter, phase):
             """EM iterations first .. first + count - 1 (features → PCA → mixtures → training); returns the
@@ -295,12 +308,13 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
                 t_features = time.time() - t0
                 pca = PCA(n_components=pca_dim, random_state=seed).fit(features)
                 x = pca.transform(features)
-                if it == 0 and count > 1 and opts.get('init') == 'spectral':
-                    # First labels from rotation-invariant spectra instead of an untrained network's features
+                if it == 0 and count > 1 and rotation_invariant_start:
+                    # First labels from rotation-invariant features instead of an untrained network's
                     # (see the module doc); the network then learns from them. Such an iteration is never
                     # kept (its mixture lives in another feature space than the network's), so a
                     # one-iteration run clusters the network's features as the reference does.
-                    x = spectral_embedding(stack, pca_dim, seed)
+                    start_dim = min(int(opts.get('init_dim') or pca_dim), pca_dim)
+                    x = INVARIANT_STARTS[opts['init']](stack, start_dim, seed)
                 t1 = time.time()
                 held = phase == 'cluster' and count > 1 and it < init_iterations
                 new_labels, gmm, components, bics = fit_mixtures(x, init_ks if held else ks, opts, seed + it,
@@ -322,6 +336,7 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
                 entry = {'iteration': it, 'phase': phase, 'k': k, 'bic': bics[int(gmm.n_components)],
                          'bic_by_k': {str(kk): v for kk, v in bics.items()}, 'ddbi': score, 'changed': changed,
                          'loss': None, 'lr': None, 'smoothing': None, 'head_k': None, 'head_rebuilt': False,
+                         'epochs': 0,
                          'sizes': np.bincount(labels, minlength=k).tolist()}
                 if it >= eligible_from and (best is None or score < best['ddbi']):
                     label_of = np.full(gmm.n_components, -1, dtype=np.int64)
@@ -335,7 +350,12 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
                 last = converged or it == first + count - 1
                 t2 = time.time()
                 if not last:
-                    entry.update(train(features, labels, k, not same_k, label=f'iteration {it}: training'))
+                    # The spectral start's labels are learnt for `init_epochs` epochs before the network's
+                    # own features are clustered: see the module doc.
+                    epochs = (int(opts.get('init_epochs') or 1)
+                              if it == 0 and phase == 'cluster' and rotation_invariant_start else 1)
+                    entry.update(train(features, labels, k, not same_k, label=f'iteration {it}: training',
+                                       epochs=epochs))
                 entry['time_s'] = time.time() - t0
                 history.append(entry)
                 done.update()

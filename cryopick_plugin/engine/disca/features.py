@@ -2,12 +2,14 @@
 
 `random_rotations`: each subtomogram turned by a uniformly random rotation (optionally with the
 acquisition's missing wedge put back), the training augmentation and the probe of the orientation checks.
-`spectral_features`: rotation-invariant radial power spectrum and radial profile, the start of the 'cpu'
-preset and the view the split check tests clusters on.
+`spectral_features`: rotation-invariant radial power spectrum and radial profile, the view the split check
+tests clusters on. `harmonic_features`: rotation-invariant spherical-harmonic energies on concentric shells,
+with the spectral ones the start of the 'cpu' preset (`invariant_embedding`).
 `known_tilt_range`: the missing wedge a run works with — given, from a STAR file's tilt-angle columns
 (`tilt_range_from_star`) or read from the subtomograms' mean power spectrum (`estimate_tilt_range`).
 """
 import numpy as np
+from scipy import ndimage, special
 from scipy.spatial.transform import Rotation
 from sklearn.decomposition import PCA
 
@@ -234,5 +236,77 @@ def spectral_features(stack, n_shells=None):
 def spectral_embedding(stack, dim, seed=0):
     """Standardised `spectral_features` reduced by PCA to `dim` dimensions."""
     x = spectral_features(stack)
+    x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8)
+    return PCA(n_components=int(min(dim, x.shape[1], len(x) - 1)), random_state=seed).fit_transform(x)
+
+
+# Spherical-harmonic degrees of `harmonic_features`: up to 8 resolves features about a tenth of a shell's
+# circumference apart, the scale of a subunit on the molecule's outer shells in a box that holds it.
+HARMONIC_DEGREE = 8
+
+
+def _sphere_quadrature(degree):
+    """Directions and weights on the unit sphere that integrate spherical harmonics up to twice `degree`
+    exactly (Gauss-Legendre in cos θ, uniform in φ), and the conjugate harmonics times the weights:
+    (directions (3, M) as (z, y, x), basis (n_lm, M), degree of each basis row (n_lm,))."""
+    n_theta, n_phi = degree + 2, 2 * degree + 4
+    cos_theta, w = np.polynomial.legendre.leggauss(n_theta)
+    theta, phi = np.meshgrid(np.arccos(cos_theta), np.arange(n_phi) * 2 * np.pi / n_phi, indexing='ij')
+    weights = (w[:, None] * np.full(n_phi, 2 * np.pi / n_phi)).ravel()
+    rows, degrees = [], []
+    for l in range(degree + 1):
+        for m in range(-l, l + 1):
+            # scipy's argument order: order m, degree l, azimuth, polar angle
+            rows.append(np.conj(special.sph_harm(m, l, phi, theta)).ravel() * weights)
+            degrees.append(l)
+    directions = np.stack([np.cos(theta), np.sin(theta) * np.sin(phi), np.sin(theta) * np.cos(phi)]).reshape(3, -1)
+    return directions, np.array(rows), np.array(degrees)
+
+
+def harmonic_features(stack, degree=HARMONIC_DEGREE, sigma=None):
+    """Rotation-invariant shape features: spherical-harmonic energies of each subtomogram on concentric shells.
+
+    The density, smoothed (Gaussian, `sigma` voxels; default box / 32, at least 1) so that each shell
+    sample averages noise over a few voxels, is sampled on shells of radius 1 .. box/2 − 2 voxels about the
+    box centre and expanded in spherical harmonics up to `degree`. Per shell and degree l the energy
+    Σ_m |c_lm|² does not change when the molecule turns, nor does the correlation Σ_m c_lm(r) c_lm(r+1)*
+    of neighbouring shells. The radial profile and power spectrum (`spectral_features`) hold only the
+    l = 0 part of this (how much density lies at each radius), so molecules of similar size and mass
+    — the ribosome and the 26S proteasome, TRiC and the 20S — look alike there; the higher degrees see how
+    the density is arranged on each shell. Measured at SNR 0.01 ±40° (bench/README.md §2), a logistic
+    regression on these features with the spectral ones separates five molecules about as well as the
+    network trained on the truth.
+
+    Returns (N, F) float64: log energies of degrees 1..`degree` per shell, the square root of the degree-0
+    energy per shell, and the normalised neighbouring-shell correlations per degree.
+    """
+    data = yopo.normalise_stack(stack)
+    b = data.shape[-1]
+    sigma = max(1.0, b / 32.0) if sigma is None else float(sigma)
+    radii = np.arange(1.0, b // 2 - 1)
+    directions, basis, degrees = _sphere_quadrature(int(degree))
+    centre = (b - 1) / 2.0
+    coords = (centre + radii[:, None, None] * directions[None]).transpose(1, 0, 2).reshape(3, -1)
+    # sums over m of each degree, as one matrix product
+    by_degree = (degrees[None, :] == np.arange(int(degree) + 1)[:, None]).astype(np.float64)
+    out = np.empty((len(data), len(radii) * int(degree) + len(radii) + (len(radii) - 1) * (int(degree) + 1)))
+    for i, v in enumerate(data):
+        smooth = ndimage.gaussian_filter(v.astype(np.float64), sigma) if sigma > 0 else v.astype(np.float64)
+        samples = ndimage.map_coordinates(smooth, coords, order=1).reshape(len(radii), -1)
+        coef = samples @ basis.T                                     # (shells, n_lm)
+        energy = (np.abs(coef) ** 2) @ by_degree.T                   # (shells, degree + 1)
+        cross = np.real(coef[:-1] * np.conj(coef[1:])) @ by_degree.T  # (shells − 1, degree + 1)
+        # The floor keeps shells where the density is nearly constant (a degree's energy only interpolation
+        # error) from dominating through the logarithm and the correlations' normalisation.
+        floor = 1e-3 * energy.sum(axis=1, keepdims=True) + 1e-12
+        cross /= np.sqrt((energy[:-1] + floor[:-1]) * (energy[1:] + floor[1:]))
+        out[i] = np.concatenate([np.log(energy[:, 1:] + floor).ravel(), np.sqrt(energy[:, 0]), cross.ravel()])
+    return out
+
+
+def invariant_embedding(stack, dim, seed=0):
+    """`harmonic_features` and `spectral_features` together, standardised and reduced by PCA to `dim`
+    dimensions: the 'cpu' preset's start (option `init` 'invariants')."""
+    x = np.concatenate([harmonic_features(stack), spectral_features(stack)], axis=1)
     x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8)
     return PCA(n_components=int(min(dim, x.shape[1], len(x) - 1)), random_state=seed).fit_transform(x)

@@ -212,6 +212,29 @@ def test_mixtures_separate_clusters_where_random_starts_stall():
         em.disca_cluster(np.zeros((30, 24, 24, 24), np.float32), options={'gmm_init': 'spectral'})
 
 
+def test_harmonic_features_ignore_rotation_and_see_how_density_is_arranged():
+    """Two balls opposite each other and two balls at a right angle have the same radial profile; the
+    spherical-harmonic shell energies tell them apart, and do not change when either turns."""
+    box = 24
+    z, y, x = np.indices((box,) * 3).astype(float) - (box - 1) / 2.0
+
+    def balls(*centres):
+        return gaussian_filter(sum(((x - cx) ** 2 + (y - cy) ** 2 + z ** 2 <= 9.0) for cx, cy in centres)
+                               .astype(np.float32), 0.7)
+
+    opposite, right_angle = balls((5.5, 0), (-5.5, 0)), balls((5.5, 0), (0, 5.5))
+    turned = [rotate_volume(opposite, m, order=3) for m in Rotation.random(3, random_state=2).as_matrix()]
+    stack = np.stack([opposite, right_angle] + turned)
+    half = box // 2
+    profiles = features.spectral_features(stack)[:, half - 1:]
+    assert np.abs(profiles[0] - profiles[1]).max() < 0.05 * np.abs(profiles[0]).max()
+    h = features.harmonic_features(stack)
+    apart = np.abs(h[1] - h[0]).mean()
+    assert max(np.abs(t - h[0]).mean() for t in h[2:]) < 0.2 * apart
+    x_start = features.invariant_embedding(stack, 2)
+    assert x_start.shape == (5, 2)
+
+
 def test_random_rotations_fill_corners_with_noise():
     rng = np.random.default_rng(0)
     stack = rng.normal(2.0, 0.5, size=(4, 21, 21, 21)).astype(np.float32)
@@ -325,6 +348,25 @@ def test_an_over_clustered_start_holds_its_k_for_the_iterations_asked():
     assert [h['k'] for h in result.history[:2]] == [5, 5]
     assert list(result.history[0]['bic_by_k']) == ['5']            # no other K tried while held
     assert len(result.history[2]['bic_by_k']) > 1                   # then BIC over the range again
+
+
+def test_the_spectral_start_is_learnt_for_the_epochs_asked():
+    """`init_epochs`: the network learns the spectral start's labels for that many epochs (each with fresh
+    rotations) before its own features are clustered; later iterations train one epoch, and the
+    'network' start of the paper preset ignores the option."""
+    stack, _ = simulate(10, box=21, snr=1.0, seed=3)
+    options = dict(TINY_OPTIONS, split_check=False, wedge_tilt=0, min_iter=3)
+    one, three = (em.disca_cluster(stack, k_range=(2, 4), max_iter=3, seed=5, device='cpu', arch=TINY,
+                                   options=dict(options, init_epochs=e)) for e in (1, 3))
+    assert [h['epochs'] for h in one.history] == [1, 1, 0]
+    assert [h['epochs'] for h in three.history] == [3, 1, 0]
+    assert not np.allclose(one.features, three.features)      # two more epochs moved the network
+    network_start = em.disca_cluster(stack, k_range=(2, 4), max_iter=2, seed=5, device='cpu', arch=TINY,
+                                     options=dict(options, init_epochs=3, init='network'))
+    assert network_start.history[0]['epochs'] == 1
+    invariants = em.disca_cluster(stack, k_range=(2, 4), max_iter=2, seed=5, device='cpu', arch=TINY,
+                                  options=dict(options, init_epochs=2, init='invariants', init_dim=4))
+    assert invariants.history[0]['epochs'] == 2
 
 
 def test_save_and_predict_give_the_training_labels(clustered, tmp_path):
