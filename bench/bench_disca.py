@@ -10,6 +10,7 @@ It compares:
   disca      `disca_cluster` with the chosen preset (K estimated by BIC over --k-min..--k-max)
   raw        PCA + Gaussian mixtures with BIC on the voxels (non-deep baseline)
   spectral   the same on rotation-invariant features (radial power spectrum + radial profile)
+  invariants the same on those and spherical-harmonic shell energies (`features.harmonic_features`)
 
 and records estimated K, accuracy (Hungarian), homogeneity, completeness, V-measure and time per
 iteration. With --analysis, also: each cluster's average after undoing the simulated orientations,
@@ -226,7 +227,7 @@ def run_condition(name, args):
         record['truth_class_averages'] = class_averages(sim, truth)
         record['rotation_distances'] = rotation_distances(sim, model_path, seed=args.seed, device=args.device)
         record['analysis_s'] = time.time() - t0
-    for kind in ('raw', 'spectral'):
+    for kind in ('raw', 'spectral', 'invariants'):
         t0, c0 = time.time(), time.process_time()
         labels, _ = baseline.baseline_cluster(stack, k_range, seed=args.seed, features=kind)
         record[kind] = dict(mixtures.clustering_scores(truth, labels), time_s=time.time() - t0,

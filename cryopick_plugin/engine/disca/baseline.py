@@ -1,22 +1,28 @@
-"""A non-deep reference for DISCA: PCA + Gaussian mixtures with BIC on voxels or spectral features."""
+"""A non-deep reference for DISCA: PCA + Gaussian mixtures with BIC on voxels or rotation-invariant features."""
+import numpy as np
 from sklearn.decomposition import PCA
 
 from . import yopo
 from ..errors import InputError
 from .em import TRAINING
-from .features import spectral_features
+from .features import INVARIANT_DIM, harmonic_features, spectral_features
 from .mixtures import bic_dim, candidate_ks, fit_mixtures
 
 
-def baseline_cluster(stack, k_range=(2, 20), seed=0, features='raw', pca_dim=16, min_per_cluster=10):
+def baseline_cluster(stack, k_range=(2, 20), seed=0, features='raw', pca_dim=None, min_per_cluster=10):
     """Non-deep reference: PCA + full-covariance Gaussian mixtures with BIC over K on `features`.
 
-    features: 'raw' (voxels) or 'spectral' (`spectral_features`). Returns (labels 0-based, K).
+    features: 'raw' (voxels), 'spectral' (`spectral_features`) or 'invariants' (`harmonic_features` and
+    `spectral_features`, as DISCA's `init` 'invariants'); pca_dim: 16 by default, `INVARIANT_DIM` for
+    'invariants'. Returns (labels 0-based, K).
     """
+    pca_dim = pca_dim or (INVARIANT_DIM if features == 'invariants' else 16)
     if features == 'raw':
         x = yopo.normalise_stack(stack).reshape(len(stack), -1)
     elif features == 'spectral':
         x = spectral_features(stack)
+    elif features == 'invariants':
+        x = np.concatenate([harmonic_features(stack), spectral_features(stack)], axis=1)
     else:
         raise InputError('features', f"unknown baseline features {features!r}")
     ks = candidate_ks(len(x), k_range, min_per_cluster)

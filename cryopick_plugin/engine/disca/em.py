@@ -74,7 +74,7 @@ from ..io.mrc import atomic_path
 from ..progress import Progress, compute_summary, duration
 from ..settings import resolve_device
 from .checks import check_kept, move_stragglers, refine
-from .features import invariant_embedding, known_tilt_range, random_rotations, spectral_embedding
+from .features import INVARIANT_DIM, invariant_embedding, known_tilt_range, random_rotations, spectral_embedding
 from .mixtures import GMM_INITS, align_labels, bic_dim, candidate_ks, ddbi, fit_mixtures, mixture_state, posterior
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,8 @@ TRAINING = {
 }
 # The starts from rotation-invariant features (option `init`); 'network' clusters the untrained network's.
 INVARIANT_STARTS = {'spectral': spectral_embedding, 'invariants': invariant_embedding}
+# their PCA dimensions unless `init_dim` says otherwise (None: the network features' `pca_dim`)
+START_DIMS = {'spectral': None, 'invariants': INVARIANT_DIM}
 
 # 20 for the cpu preset too: at SNR 0.1 and 0.03 a run stops on label stability by iteration 9–11 anyway,
 # while at SNR 0.01 the clusters keep sharpening to the end (homogeneity after the split check 0.849 at 10
@@ -313,7 +315,7 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
                     # (see the module doc); the network then learns from them. Such an iteration is never
                     # kept (its mixture lives in another feature space than the network's), so a
                     # one-iteration run clusters the network's features as the reference does.
-                    start_dim = min(int(opts.get('init_dim') or pca_dim), pca_dim)
+                    start_dim = min(int(opts.get('init_dim') or START_DIMS.get(opts['init']) or pca_dim), pca_dim)
                     x = INVARIANT_STARTS[opts['init']](stack, start_dim, seed)
                 t1 = time.time()
                 held = phase == 'cluster' and count > 1 and it < init_iterations

@@ -243,6 +243,8 @@ def spectral_embedding(stack, dim, seed=0):
 # Spherical-harmonic degrees of `harmonic_features`: up to 8 resolves features about a tenth of a shell's
 # circumference apart, the scale of a subunit on the molecule's outer shells in a box that holds it.
 HARMONIC_DEGREE = 8
+# PCA dimensions of the start on these features (`init_dim`): chosen on simulated sets (bench/README.md §2).
+INVARIANT_DIM = 6
 
 
 def _sphere_quadrature(degree):

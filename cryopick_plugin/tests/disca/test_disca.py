@@ -296,6 +296,16 @@ def test_disca_finds_k_and_beats_raw_voxel_baseline(clustered):
     assert ours['v_measure'] - base['v_measure'] > 0.25
 
 
+def test_the_invariants_baseline_tells_the_shapes_apart(clustered):
+    """PCA + mixtures on the rotation-invariant features alone (`baseline_cluster(features='invariants')`)
+    find the three shapes that the raw voxels cannot."""
+    stack, truth, _ = clustered
+    labels, k = baseline.baseline_cluster(stack, (2, 6), seed=0, features='invariants')
+    assert k == 3 and mixtures.clustering_scores(truth, labels)['v_measure'] > 0.9
+    with pytest.raises(InputError, match='unknown baseline features'):
+        baseline.baseline_cluster(stack, (2, 6), features='moments')
+
+
 def test_result_contents(clustered):
     stack, truth, result = clustered
     n = len(stack)
