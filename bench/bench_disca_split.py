@@ -160,13 +160,17 @@ def two_gaussian_side(features, options, seed):
     return mixtures._gmm(2, options, seed, 1e-4).fit(p).predict(p)
 
 
-def truth_decisions(name, n_per_class, seed, box=32, preset='cpu', with_tilt=True, turned=False):
-    """`checks.split_decision` on each true class and on the union of every pair of true classes."""
+def truth_decisions(name, n_per_class, seed, box=32, preset='cpu', with_tilt=True, turned=False, view='spectral'):
+    """`checks.split_decision` on each true class and on the union of every pair of true classes; view:
+    the features the split is tested on, 'spectral' (the split check's) or 'invariants' (with the
+    spherical-harmonic shell energies, `features.harmonic_features`)."""
     import itertools
     from cryopick_plugin.engine.disca import features
     snr, tilt, _, _ = bench_disca.CONDITIONS[name]
     sim = bench_disca.simulate(n_per_class, snr, tilt, box, seed)
     spectra = features.spectral_features(sim.stack)
+    if view == 'invariants':
+        spectra = np.concatenate([features.harmonic_features(sim.stack), spectra], axis=1)
     options = dict(em.TRAINING[preset], wedge_tilt=float(tilt) if with_tilt else None)
     rng = np.random.default_rng(seed + 7919)
     rows = []
@@ -190,8 +194,8 @@ def truth_decisions(name, n_per_class, seed, box=32, preset='cpu', with_tilt=Tru
             row['turned']['right'] = row['turned']['kept'] == (kind == 'two molecules')
         rows.append(row)
         print(name, seed, row, flush=True)
-    return {'condition': name, 'seed': seed, 'n_per_class': n_per_class, 'tilt_given': with_tilt, 'rows': rows,
-            'wrong': [r for r in rows if not r['right']]}
+    return {'condition': name, 'seed': seed, 'n_per_class': n_per_class, 'tilt_given': with_tilt, 'view': view,
+            'rows': rows, 'wrong': [r for r in rows if not r['right']]}
 
 
 def main(argv=None):
@@ -213,14 +217,17 @@ def main(argv=None):
                         help='with --truth: also the turning test of each group (checks.survives_turning)')
     parser.add_argument('--with-tilt', action='store_true',
                         help="give the condition's tilt range (turns on the orientation guard of each split)")
+    parser.add_argument('--view', choices=('spectral', 'invariants'), default='spectral',
+                        help="with --truth: the features the split is tested on (spectral: the split check's)")
     parser.add_argument('--out', default=None, help='where the results go (default: --runs)')
     args = parser.parse_args(argv)
     if args.truth:
         out = args.out or 'bench/results/disca_truth'
         os.makedirs(out, exist_ok=True)
         for name in args.conditions.split(','):
-            result = truth_decisions(name, args.n_per_class, args.seed, turned=args.turned)
-            path = os.path.join(out, f"{name}_truth{'_turned' if args.turned else ''}_seed{args.seed}.json")
+            result = truth_decisions(name, args.n_per_class, args.seed, turned=args.turned, view=args.view)
+            path = os.path.join(out, f"{name}_truth{'_turned' if args.turned else ''}"
+                                     f"{'_' + args.view if args.view != 'spectral' else ''}_seed{args.seed}.json")
             with open(path + '.part', 'w') as fh:
                 json.dump(result, fh, indent=1)
             os.replace(path + '.part', path)
