@@ -31,11 +31,13 @@ start. Opt-in (`init_k`, `init_hold`): the spectral start with a fixed, larger K
 DeepCluster trains on), held for the first `init_hold` iterations before BIC chooses K again; measured at
 SNR 0.01 ±40° it did not lift the clustering (bench/README.md §2), so it is off. Opt-in `init`
 'invariants': the start's mixture on the spectral features together with spherical-harmonic shell
-energies (`features.harmonic_features`), reduced to `init_dim` dimensions — a better start in every
-simulated condition measured (bench/README.md §2), but at SNR 0.01 ±40° one epoch, or five, of training
-on it leaves network features that cluster worse than the start, so the loop does not keep its gain.
+energies (`features.harmonic_features`), reduced to `init_dim` dimensions (`features.INVARIANT_DIM`).
+Measured on simulated sets (bench/README.md §2) it is a much better start at SNR 0.03 and 0.01 (K and
+V-measure) but a worse one at SNR 0.1 ±40° (K 6: a molecule already cut by its orientation to the wedge
+in these features), and at SNR 0.01 ±40° training on it leaves network features that cluster worse than
+the start, so the loop keeps only part of its gain; not the default until measured on every condition.
 Opt-in `init_epochs`: the start's labels learnt for that many epochs before the network's own features
-are clustered (one epoch on them left features that clustered worse than the start at ±40°). Both presets seed each
+are clustered (one epoch on them left features that clustered worse than the start in most runs). Both presets seed each
 Gaussian mixture with k-means++ instead of the reference's random responsibilities (option `gmm_init`;
 'random' reproduces the reference), which can leave EM on the saddle where all components coincide (see
 `_gmm`). The acquisition's tilt range (option `wedge_tilt`; when not
