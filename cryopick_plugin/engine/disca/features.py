@@ -276,8 +276,8 @@ def harmonic_features(stack, degree=HARMONIC_DEGREE, sigma=None):
     l = 0 part of this (how much density lies at each radius), so molecules of similar size and mass
     — the ribosome and the 26S proteasome, TRiC and the 20S — look alike there; the higher degrees see how
     the density is arranged on each shell. Measured at SNR 0.01 ±40° (bench/README.md §2), a logistic
-    regression on these features with the spectral ones separates five molecules about as well as the
-    network trained on the truth.
+    regression on these features with the spectral ones separates five molecules nearly as well as the
+    network trained on the truth (V-measure 0.78–0.85 against 0.85–0.86; spectral features alone 0.65).
 
     Returns (N, F) float64: log energies of degrees 1..`degree` per shell, the square root of the degree-0
     energy per shell, and the normalised neighbouring-shell correlations per degree.
