@@ -169,18 +169,10 @@ def run_condition(name, args):
         options['refine_iter'] = args.refine_iter
     if args.wedge:
         options['wedge_training'] = True
-    if args.precision:
-        options['precision'] = args.precision
-    if args.init_k:
-        options['init_k'] = args.init_k
-    if args.init_hold:
-        options['init_hold'] = args.init_hold
-    if args.init_epochs:
-        options['init_epochs'] = args.init_epochs
-    if args.init:
-        options['init'] = args.init
-    if args.init_dim:
-        options['init_dim'] = args.init_dim
+    # options passed through when given on the command line
+    for key in ('precision', 'init_k', 'init_hold', 'init_epochs', 'init', 'init_dim'):
+        if getattr(args, key):
+            options[key] = getattr(args, key)
     record['disca_options'].update(options)
     k_range = (args.k_min, args.k_max)
     if kind == 'time':
