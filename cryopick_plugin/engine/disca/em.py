@@ -38,9 +38,9 @@ in these features), and at SNR 0.01 ±40° training on it leaves network feature
 the start, so the loop keeps only part of its gain; not the default until measured on every condition.
 Opt-in `init_epochs`: the start's labels learnt for that many epochs before the network's own features
 are clustered (one epoch on them left features that clustered worse than the start in most runs).
-Both presets seed each Gaussian mixture with k-means++ instead of the reference's random responsibilities (option `gmm_init`;
-'random' reproduces the reference), which can leave EM on the saddle where all components coincide (see
-`_gmm`). The acquisition's tilt range (option `wedge_tilt`; when not
+Both presets seed each Gaussian mixture with k-means++ instead of the reference's random responsibilities
+(option `gmm_init`; 'random' reproduces the reference), which can leave EM on the saddle where all
+components coincide (see `_gmm`). The acquisition's tilt range (option `wedge_tilt`; when not
 given, read from the subtomograms' mean power spectrum — `features.known_tilt_range`; 0 turns it off)
 drives an orientation check of the kept clusters (`orientation_merge`; `orientation_transfer`,
 `orientation_groups`): clusters whose members, rotated with the wedge put back, cross into each other are
