@@ -66,7 +66,7 @@ def run(name, seed, args):
                                            seed), dim=pca_dim, supervised=supervised(spectral, truth, seed),
                               features_s=time.time() - t0)
     t0 = time.time()
-    invariants = np.concatenate([features.harmonic_features(sim.stack), spectral], axis=1)
+    invariants = features.invariant_features(sim.stack)
     features_s = time.time() - t0
     record['invariants'] = {'supervised': supervised(invariants, truth, seed), 'features_s': features_s}
     for dim in args.invariant_dims:

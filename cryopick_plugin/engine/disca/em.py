@@ -354,8 +354,8 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
                 last = converged or it == first + count - 1
                 t2 = time.time()
                 if not last:
-                    # The spectral start's labels are learnt for `init_epochs` epochs before the network's
-                    # own features are clustered: see the module doc.
+                    # A rotation-invariant start's labels are learnt for `init_epochs` epochs before the
+                    # network's own features are clustered: see the module doc.
                     epochs = (int(opts.get('init_epochs') or 1)
                               if it == 0 and phase == 'cluster' and rotation_invariant_start else 1)
                     entry.update(train(features, labels, k, not same_k, label=f'iteration {it}: training',

@@ -2,9 +2,10 @@
 
 `random_rotations`: each subtomogram turned by a uniformly random rotation (optionally with the
 acquisition's missing wedge put back), the training augmentation and the probe of the orientation checks.
-`spectral_features`: rotation-invariant radial power spectrum and radial profile, the view the split check
-tests clusters on. `harmonic_features`: rotation-invariant spherical-harmonic energies on concentric shells,
-with the spectral ones the start of the 'cpu' preset (`invariant_embedding`).
+`spectral_features`: rotation-invariant radial power spectrum and radial profile, the start of the 'cpu'
+preset and the view the split check tests clusters on. `harmonic_features`: rotation-invariant
+spherical-harmonic energies on concentric shells; with the spectral ones (`invariant_features`) the opt-in
+start `init` 'invariants' (`invariant_embedding`).
 `known_tilt_range`: the missing wedge a run works with — given, from a STAR file's tilt-angle columns
 (`tilt_range_from_star`) or read from the subtomograms' mean power spectrum (`estimate_tilt_range`).
 """
@@ -235,7 +236,12 @@ def spectral_features(stack, n_shells=None):
 
 def spectral_embedding(stack, dim, seed=0):
     """Standardised `spectral_features` reduced by PCA to `dim` dimensions."""
-    x = spectral_features(stack)
+    return standardised_pca(spectral_features(stack), dim, seed)
+
+
+def standardised_pca(x, dim, seed=0):
+    """Features standardised over the rows and reduced by PCA to `dim` dimensions (fewer when the data
+    cannot hold that many)."""
     x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8)
     return PCA(n_components=int(min(dim, x.shape[1], len(x) - 1)), random_state=seed).fit_transform(x)
 
@@ -306,9 +312,12 @@ def harmonic_features(stack, degree=HARMONIC_DEGREE, sigma=None):
     return out
 
 
+def invariant_features(stack):
+    """`harmonic_features` and `spectral_features` side by side, (N, F)."""
+    return np.concatenate([harmonic_features(stack), spectral_features(stack)], axis=1)
+
+
 def invariant_embedding(stack, dim, seed=0):
-    """`harmonic_features` and `spectral_features` together, standardised and reduced by PCA to `dim`
-    dimensions: the 'cpu' preset's start (option `init` 'invariants')."""
-    x = np.concatenate([harmonic_features(stack), spectral_features(stack)], axis=1)
-    x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8)
-    return PCA(n_components=int(min(dim, x.shape[1], len(x) - 1)), random_state=seed).fit_transform(x)
+    """`invariant_features` standardised and reduced by PCA to `dim` dimensions: the opt-in start
+    (option `init` 'invariants')."""
+    return standardised_pca(invariant_features(stack), dim, seed)
