@@ -70,6 +70,17 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
 fi
 export PATH="$VENV/bin:$PATH"
 
+# The shared data (real maps and micrographs; see README): $CRYOPICK_DATA, else ../shared/data beside this
+# checkout — and for a throw-away clone of a checkout (a CI clone in a temporary folder), ../shared/data
+# beside the checkout it was cloned from. Tests that need real data fail, naming it, where none is found.
+if [ -z "${CRYOPICK_DATA:-}" ] && [ ! -d "$HERE/../shared/data" ]; then
+  ORIGIN=$(git -C "$HERE" remote get-url origin 2>/dev/null || true)
+  if [ -n "$ORIGIN" ] && [ -d "$ORIGIN/../shared/data" ]; then
+    export CRYOPICK_DATA="$(cd "$ORIGIN/../shared/data" && pwd)"
+    log "shared data: $CRYOPICK_DATA (beside the checkout this one was cloned from)"
+  fi
+fi
+
 case "$JOB" in
   setup) log "ready: activate with 'source .venv/bin/activate', then run 'cryopick --help'" ;;
   demo)  exec "$VENV/bin/cryopick" demo "$@" ;;

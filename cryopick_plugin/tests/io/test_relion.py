@@ -90,10 +90,12 @@ def test_relion31_star_layout(simulated, tmp_path):
     assert not (tmp_path / 'q.star').exists()
 
 
-def test_reconstruct_rotation_convention(tmp_path):
+def test_reconstruct_rotation_convention(tmp_path, templates_dir):
     """Pins RELION's meaning of the angles: particle(x) = reference(Aᵀ x), independent of any simulator."""
-    # Sse1p-Hsp70 (3d2f): no symmetry and a marked shape, so a reversed rotation cannot look right.
-    reference = relion.centre_in_box(load_templates(['3d2f'])['3d2f'], 32)
+    # Sse1p-Hsp70 (3d2f), or the chiral synthetic L where the checkout has no maps: no symmetry and a
+    # marked shape, so a reversed rotation cannot look right.
+    name = '3d2f' if templates_dir else 'l_shape'
+    reference = relion.centre_in_box(load_templates([name], folder=templates_dir or False)[name], 32)
     angles = geometry.random_eulers(12, np.random.default_rng(0))
     cc = {}
     for mode in ('AT', 'A'):

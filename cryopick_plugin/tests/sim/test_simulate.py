@@ -212,8 +212,9 @@ def test_crowded_placement_never_overlaps():
 
 def test_requests_that_do_not_fit_are_recorded():
     sim = simulate_tomogram(shape=(32, 40, 40), classes=('3j9i',), n_per_class=50, snr=1.0, seed=0)
-    assert sim.meta['requested']['3j9i'] == 50
-    assert 1 <= sim.meta['placed']['3j9i'] == len(sim.truth) < 50
+    name, = sim.class_names  # '3j9i', or its synthetic stand-in where the checkout has no maps
+    assert sim.meta['requested'][name] == 50
+    assert 1 <= sim.meta['placed'][name] == len(sim.truth) < 50
 
 
 # --- (f) projection SNR -------------------------------------------------------------------------------
@@ -283,8 +284,9 @@ def test_micrograph_truth_lands_on_the_particles():
     clean = sim.clean
     for _, row in sim.truth.iterrows():
         x, y = int(row[star.X]), int(row[star.Y])  # x = column, y = row
-        assert clean[y, x] > 0.3 * clean.max()
         win = clean[max(y - 6, 0):y + 7, max(x - 6, 0):x + 7]
+        # the window, not the centre pixel: a ring seen down its axis is empty in the middle
+        assert win.max() > 0.3 * clean.max()
         cy, cx = ndimage.center_of_mass(win)
         assert abs(cy + max(y - 6, 0) - y) < 1.5 and abs(cx + max(x - 6, 0) - x) < 1.5
     assert sim.meta['measured_snr'] == pytest.approx(0.5, rel=0.1)
