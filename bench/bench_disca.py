@@ -170,7 +170,7 @@ def run_condition(name, args):
     if args.wedge:
         options['wedge_training'] = True
     # options passed through when given on the command line
-    for key in ('precision', 'init_k', 'init_hold', 'init_epochs', 'init', 'init_dim'):
+    for key in ('precision', 'init_k', 'init_hold', 'init_epochs', 'init', 'init_dim', 'mixture_view'):
         if getattr(args, key):
             options[key] = getattr(args, key)
     record['disca_options'].update(options)
@@ -268,6 +268,9 @@ def main(argv=None):
     parser.add_argument('--init-epochs', type=int, default=None,
                         help="epochs trained on the spectral start's labels before the first re-clustering "
                              "(default: the preset's)")
+    parser.add_argument('--mixture-view', choices=('network', 'joint'), default=None,
+                        help="what each iteration's mixture is fitted on: the network's features, or those and "
+                             "the rotation-invariant features side by side (default: the preset's)")
     parser.add_argument('--analysis', action='store_true',
                         help='also: per-cluster averages after undoing the simulated orientations, '
                              'correlated with the templates, and the Fig. 3B feature distances of rotated '

@@ -25,8 +25,10 @@ from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 
 from . import yopo
-from .features import random_rotations, spectral_features
-from .mixtures import _gmm, ddbi, mixture_state, posterior
+from scipy.spatial.transform import Rotation
+
+from .features import JOINT_VIEW_KEY, mixture_inputs, random_rotations, spectral_features
+from .mixtures import _gmm, ddbi, mixture_state, posterior, project
 
 
 def check_kept(best, stack, data, arch, opts, ks, rng, seed, device, say, meta, rejected=()):
@@ -240,7 +242,8 @@ ORIENTATION_MIN_EXCHANGE = 0.5
 ORIENTATION_MAX_KEEP = 0.2
 
 
-def orientation_transfer(data, net, state, labels, tilt_range, rng, device='cpu', batch_size=64, copies=2):
+def orientation_transfer(data, net, state, labels, tilt_range, rng, device='cpu', batch_size=64, copies=2,
+                         stack=None):
     """Where rotated copies of each cluster's members are assigned, against unrotated controls.
 
     Every member gets `copies` uniformly random rotations with the acquisition's missing wedge put back
@@ -251,26 +254,32 @@ def orientation_transfer(data, net, state, labels, tilt_range, rng, device='cpu'
     the same orientation to the wedge — what changes cluster there is the features' noise under turning,
     not orientation. (Identity copies, the control until 2026-12-06, are the same data and never change
     cluster; at SNR 0.01 turned copies of two different molecules crossed by 0.18–0.23 from that noise
-    alone and were merged into one cluster: bench/README.md §2.) Returns (transfer, control), K×K.
+    alone and were merged into one cluster: bench/README.md §2.) With a joint-view mixture
+    (`features.mixture_inputs`) the raw subtomograms `stack` are turned by the same rotations for the
+    rotation-invariant half of the features. Returns (transfer, control), K×K.
     """
     k = int(labels.max()) + 1
     n = len(data)
+    joint = JOINT_VIEW_KEY in state
+    if joint and stack is None:
+        raise ValueError('a joint-view mixture needs the raw subtomograms to assign turned copies')
 
-    def assign(copies_stack):
+    def assign(matrices):
+        copies_stack = random_rotations(data, rng, tilt_range=tilt_range, matrices=matrices)
         feats = yopo.extract_features(net, copies_stack, device, batch_size)
-        x = (feats.astype(np.float64) - state['pca.mean'].numpy()) @ state['pca.components'].numpy().T
-        return posterior(x, state).argmax(axis=1)
+        raw = random_rotations(np.asarray(stack), rng, tilt_range=tilt_range, matrices=matrices) if joint else None
+        return posterior(project(state, mixture_inputs(state, feats, raw)), state).argmax(axis=1)
 
     def shares(assigned, members):
         table = np.zeros((k, k))
         np.add.at(table, (members, assigned), 1.0)
         return table / np.maximum(table.sum(axis=1, keepdims=True), 1.0)
 
-    moved = [assign(random_rotations(data, rng, tilt_range=tilt_range)) for _ in range(int(copies))]
+    # the rotations drawn from `rng` as `random_rotations` itself would draw them
+    moved = [assign(Rotation.random(n, random_state=rng).as_matrix()) for _ in range(int(copies))]
     transfer = shares(np.concatenate(moved), np.tile(labels, int(copies)))
     half_turns = np.array([np.diag(d) for d in ((1.0, -1.0, -1.0), (-1.0, 1.0, -1.0), (-1.0, -1.0, 1.0))])
-    matrices = half_turns[rng.integers(0, 3, size=n)]
-    control = shares(assign(random_rotations(data, rng, tilt_range=tilt_range, matrices=matrices)), labels)
+    control = shares(assign(half_turns[rng.integers(0, 3, size=n)]), labels)
     return transfer, control
 
 
@@ -761,7 +770,7 @@ def merge_orientations(best, data, stack, arch, opts, rng, seed, device, say, mi
     net.to(device)
     with yopo.DeterministicTorch(device):
         transfer, control = orientation_transfer(data, net, best['state'], best['labels'], opts['wedge_tilt'],
-                                                 rng, device, max(opts['batch_size'], 64))
+                                                 rng, device, max(opts['batch_size'], 64), stack=stack)
     groups, vetoed, folded = orientation_decision(transfer, control, stack, best['labels'], opts, seed, say,
                                                   min_k)
     info = {'tilt_range': float(opts['wedge_tilt']), 'transfer': np.round(transfer, 4).tolist(),

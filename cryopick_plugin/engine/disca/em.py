@@ -76,8 +76,10 @@ from ..io.mrc import atomic_path
 from ..progress import Progress, compute_summary, duration
 from ..settings import resolve_device
 from .checks import check_kept, move_stragglers, refine
-from .features import INVARIANT_DIM, invariant_embedding, known_tilt_range, random_rotations, spectral_embedding
-from .mixtures import GMM_INITS, align_labels, bic_dim, candidate_ks, ddbi, fit_mixtures, mixture_state, posterior
+from .features import (INVARIANT_DIM, JOINT_VIEW_KEY, invariant_embedding, invariant_features, known_tilt_range,
+                       random_rotations, spectral_embedding)
+from .mixtures import (GMM_INITS, JointProjection, align_labels, bic_dim, candidate_ks, ddbi, fit_mixtures,
+                       mixture_state, posterior)
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +103,11 @@ TRAINING = {
 INVARIANT_STARTS = {'spectral': spectral_embedding, 'invariants': invariant_embedding}
 # their PCA dimensions unless `init_dim` says otherwise (None: the network features' `pca_dim`)
 START_DIMS = {'spectral': None, 'invariants': INVARIANT_DIM}
+
+# What each iteration's mixture is fitted on (option `mixture_view`): the network's features (the
+# reference), or those and the raw subtomograms' rotation-invariant features side by side
+# (`mixtures.JointProjection`), so that what the start saw is not lost while the network learns it.
+MIXTURE_VIEWS = ('network', 'joint')
 
 # 20 for the cpu preset too: at SNR 0.1 and 0.03 a run stops on label stability by iteration 9–11 anyway,
 # while at SNR 0.01 the clusters keep sharpening to the end (homogeneity after the split check 0.849 at 10
@@ -230,6 +237,8 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
     arch = yopo.make_arch(preset if arch is None else arch)
     opts = dict(TRAINING.get(preset_name, TRAINING['cpu']))
     opts.update(options or {})
+    if opts.get('mixture_view', 'network') not in MIXTURE_VIEWS:
+        raise InputError('mixture_view', f"unknown mixture view {opts['mixture_view']!r} ({', '.join(MIXTURE_VIEWS)})")
     if opts.get('gmm_init', 'k-means++') not in GMM_INITS:
         raise InputError('gmm_init', f"unknown mixture initialisation {opts['gmm_init']!r} "
                                      f"({', '.join(GMM_INITS)})")
@@ -259,6 +268,9 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
     rotation_invariant_start = opts.get('init') in INVARIANT_STARTS
     init_iterations = (max(int(opts.get('init_hold') or 0), int(rotation_invariant_start))
                        if opts.get('init_k') else 0)
+
+    joint_view = opts.get('mixture_view', 'network') == 'joint'
+    invariants = invariant_features(stack) if joint_view else None
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -310,8 +322,13 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
                 features = _features_with_progress(net, data, device, max(opts['batch_size'], 64), say,
                                                    f'iteration {it}: features', precision)
                 t_features = time.time() - t0
-                pca = PCA(n_components=pca_dim, random_state=seed).fit(features)
-                x = pca.transform(features)
+                if joint_view:
+                    inputs = np.concatenate([features.astype(np.float64), invariants], axis=1)
+                    pca = JointProjection(pca_dim, features.shape[1], seed=seed).fit(inputs)
+                    x = pca.transform(inputs)
+                else:
+                    pca = PCA(n_components=pca_dim, random_state=seed).fit(features)
+                    x = pca.transform(features)
                 if it == 0 and count > 1 and rotation_invariant_start:
                     # First labels from rotation-invariant features instead of an untrained network's
                     # (see the module doc); the network then learns from them. Such an iteration is never
@@ -348,6 +365,8 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
                         label_of[components[j]] = j
                     state = {f'net.{key}': v.detach().cpu().clone() for key, v in net.state_dict().items()}
                     state.update(mixture_state(pca, gmm, label_of))
+                    if joint_view:
+                        state[JOINT_VIEW_KEY] = torch.tensor(1)
                     best = {'iteration': it, 'ddbi': score, 'labels': labels.copy(), 'k': k, 'state': state,
                             'features': features, 'x': x, 'probabilities': posterior(x, state)}
                 converged = (it - first >= min_iter and same_k and (1.0 - changed) > opts['stable_fraction'])
@@ -380,7 +399,9 @@ def disca_cluster(stack, preset='cpu', k_range=(2, 20), max_iter=None, seed=0, d
         meta = {'input_box': int(np.asarray(stack).shape[-1]), 'network_box': int(data.shape[-1]),
                 'n_train': n, 'seed': seed, 'preset': preset_name, 'pca_dim': pca_dim, 'k_candidates': ks,
                 'normalisation': 'per-subtomogram zero mean, unit variance',
-                'prediction': 'network features -> PCA -> Gaussian mixture posterior', 'wedge': wedge}
+                'prediction': ('network and rotation-invariant features -> joint PCA -> Gaussian mixture posterior'
+                               if joint_view else 'network features -> PCA -> Gaussian mixture posterior'),
+                'wedge': wedge}
         best = check_kept(best, stack, data, arch, opts, ks, rng, seed, device, say, meta)
         refine_iter = int(opts.get('refine_iter', 0) or 0)
         unrefined = None

@@ -317,6 +317,19 @@ def invariant_features(stack):
     return np.concatenate([harmonic_features(stack), spectral_features(stack)], axis=1)
 
 
+# Marks a mixture state (`mixtures.mixture_state`) whose PCA projects the network's features and the raw
+# subtomograms' `invariant_features` side by side (option `mixture_view` 'joint').
+JOINT_VIEW_KEY = 'pca.joint_invariants'
+
+
+def mixture_inputs(state, network_features, stack):
+    """What the PCA of a mixture state projects for these subtomograms: the network's features, with the
+    `invariant_features` of the raw subtomograms `stack` beside them when the state is a joint view."""
+    if JOINT_VIEW_KEY not in state:
+        return network_features
+    return np.concatenate([np.asarray(network_features, dtype=np.float64), invariant_features(stack)], axis=1)
+
+
 def invariant_embedding(stack, dim, seed=0):
     """`invariant_features` standardised and reduced by PCA to `dim` dimensions: the opt-in start
     (option `init` 'invariants')."""

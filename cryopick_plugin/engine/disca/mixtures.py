@@ -220,6 +220,52 @@ def candidate_ks(n, k_range, min_per_cluster=10):
 
 
 
+class JointProjection:
+    """A linear projection of two views of the same subtomograms side by side: each view whitened in its
+    own PCA (`view_dims` dimensions each; the second view standardised first), then the PCA of both to
+    `n_components`.
+
+    Whitening gives each view the same weight whatever its scale or width, and the last PCA then ranks the
+    directions in which the two views vary together — a structure both see (two molecules) has up to twice
+    the variance of one that only one view holds (the network's training noise, an orientation the
+    rotation-invariant features do not see, or the reverse). Same attributes as sklearn's PCA
+    (`mean_`, `components_`, `transform`), so `mixture_state` stores it and `project` applies it as one
+    affine map of the concatenated features [first view, second view].
+    """
+
+    def __init__(self, n_components, split, view_dims=None, seed=0):
+        self.n_components, self.split = int(n_components), int(split)
+        self.view_dims = int(view_dims or n_components)
+        self.seed = seed
+
+    def fit(self, features):
+        from scipy.linalg import block_diag
+        from sklearn.decomposition import PCA
+        features = np.asarray(features, dtype=np.float64)
+        first, second = features[:, :self.split], features[:, self.split:]
+        maps = []
+        for view, standardise in ((first, False), (second, True)):
+            scale = view.std(axis=0) + 1e-8 if standardise else np.ones(view.shape[1])
+            dims = int(min(self.view_dims, view.shape[1], len(view) - 1))
+            pca = PCA(n_components=dims, random_state=self.seed).fit(view / scale)
+            maps.append(pca.components_ / scale[None, :] / np.sqrt(pca.explained_variance_ + 1e-12)[:, None])
+        whiten = block_diag(*maps)
+        self.mean_ = features.mean(axis=0)
+        white = (features - self.mean_) @ whiten.T
+        last = PCA(n_components=int(min(self.n_components, white.shape[1])), random_state=self.seed).fit(white)
+        # `white` has zero mean, so the last PCA's own mean (rounding only) is dropped from the affine map.
+        self.components_ = last.components_ @ whiten
+        return self
+
+    def transform(self, features):
+        return (np.asarray(features, dtype=np.float64) - self.mean_) @ self.components_.T
+
+
+def project(state, features):
+    """Features (N, F) in the stored PCA's space: the space the mixture of `state` lives in."""
+    return (np.asarray(features, dtype=np.float64) - state['pca.mean'].numpy()) @ state['pca.components'].numpy().T
+
+
 def mixture_state(pca, gmm, components):
     """PCA and Gaussian-mixture parameters as float64 tensors (for the model file)."""
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))

@@ -6,7 +6,8 @@ from ..errors import InputError
 from ..io.model_io import load_model, save_model
 from ..settings import resolve_device
 from .checks import apply_splits
-from .mixtures import posterior
+from .features import mixture_inputs
+from .mixtures import posterior, project
 
 METHOD = 'disca'
 
@@ -22,7 +23,8 @@ def save_disca_model(path, result, meta=None):
 
 def disca_features(stack, model_path, device='auto', batch_size=64):
     """Network features of subtomograms under a saved DISCA model: (features (N, F), their PCA projection
-    (N, d) — the space the mixture lives in, state dict of the model file)."""
+    (N, d) — the space the mixture lives in, with the subtomograms' rotation-invariant features beside the
+    network's for a joint-view model —, state dict of the model file)."""
     arch, state, meta = load_model(model_path, METHOD)
     stack = np.asarray(stack)
     box = meta.get('input_box')
@@ -35,7 +37,7 @@ def disca_features(stack, model_path, device='auto', batch_size=64):
     net.to(device)
     with yopo.DeterministicTorch(device):
         features = yopo.extract_features(net, data, device, batch_size)
-    x = (features.astype(np.float64) - state['pca.mean'].numpy()) @ state['pca.components'].numpy().T
+    x = project(state, mixture_inputs(state, features, stack))
     return features, x, state
 
 
