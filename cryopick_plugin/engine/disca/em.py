@@ -38,6 +38,11 @@ in these features), and at SNR 0.01 ±40° training on it leaves network feature
 the start, so the loop keeps only part of its gain; not the default until measured on every condition.
 Opt-in `init_epochs`: the start's labels learnt for that many epochs before the network's own features
 are clustered (one epoch on them left features that clustered worse than the start in most runs).
+Opt-in `mixture_view` 'joint': every iteration's mixture is fitted on the network's features and
+the raw subtomograms' rotation-invariant features side by side (`mixtures.JointProjection`: each view
+whitened in its own PCA, then one PCA of both), so that the clustering keeps what the rotation-invariant
+view holds while the network is still learning it; the model file stores the joint map, and prediction
+and the orientation check compute both views (`features.mixture_inputs`).
 Both presets seed each Gaussian mixture with k-means++ instead of the reference's random responsibilities
 (option `gmm_init`; 'random' reproduces the reference), which can leave EM on the saddle where all
 components coincide (see `_gmm`). The acquisition's tilt range (option `wedge_tilt`; when not

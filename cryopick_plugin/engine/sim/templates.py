@@ -203,13 +203,10 @@ def synthetic_template(name, voxel_size=10.0):
     if name not in SYNTHETIC_SHAPES:
         raise InputError('templates', f"unknown synthetic shape '{name}'; available: {', '.join(SYNTHETIC_SHAPES)}")
     v = float(voxel_size)
-    # The shape is drawn on a grid of at most 5 Å and resampled like a map: drawn directly on a coarse grid,
-    # its binary outline and interior level would change with the voxel size, and so would its mass.
-    fine = min(v, 5.0)
     extent_A = {'two_lobe': 175, 'barrel': 110, 'rod': 140, 'ring': 95, 'tetramer': 80, 'sphere': 70,
                 'l_shape': 130, 'small_ball': 45}[name]
-    half = int(np.ceil(extent_A / fine)) + 3
-    ax = (np.arange(2 * half + 1) - half) * fine  # Å
+    half = int(np.ceil(extent_A / v)) + 3
+    ax = (np.arange(2 * half + 1) - half) * v  # Å
     z, y, x = np.meshgrid(ax, ax, ax, indexing='ij')
 
     def ball(cx, cy, cz, r):
@@ -245,6 +242,9 @@ def synthetic_template(name, voxel_size=10.0):
         mask = ball(0, 0, 0, 35)
     vol = mask.astype(np.float32)
     # Soft edges (~8 Å) so the density is band-limited like a real map at this sampling.
-    vol = ndimage.gaussian_filter(vol, sigma=max(0.5, 8.0 / fine), mode='constant')
+    vol = ndimage.gaussian_filter(vol, sigma=max(0.5, 8.0 / v), mode='constant')
+    if vol.max() <= 0:
+        raise InputError('voxel size', f"{voxel_size} Å is too coarse for the synthetic shape '{name}'")
+    vol = vol / float(np.median(vol[vol > 0.5 * vol.max()]))
     # Recentre on the centre of mass like the maps, so truth coordinates mean the same thing.
-    return centre_and_scale(vol, fine, v)
+    return centre_and_scale(vol, 1.0, 1.0)

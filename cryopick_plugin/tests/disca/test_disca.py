@@ -379,6 +379,51 @@ def test_the_spectral_start_is_learnt_for_the_epochs_asked():
     assert invariants.history[0]['epochs'] == 2
 
 
+def test_joint_projection_ranks_what_both_views_see_first():
+    """`mixtures.JointProjection`: two groups that both views hold, each beside louder noise of its own,
+    come out on the first component; a plain PCA of either view puts the louder noise first. The stored
+    affine map (mean_, components_) is the transform, so `mixtures.project` replays it."""
+    rng = np.random.default_rng(0)
+    groups = np.repeat([0.0, 1.0], 100)
+    first = np.column_stack([groups + rng.normal(0, 0.2, 200), rng.normal(0, 3.0, (200, 3))])
+    second = np.column_stack([rng.normal(0, 5.0, (200, 4)), 4 * groups + rng.normal(0, 0.5, 200)])
+    both = np.concatenate([first, second], axis=1)
+    # each view kept whole (4 dimensions): a view's own PCA would drop a structure weaker than its noise
+    joint = mixtures.JointProjection(2, split=first.shape[1], view_dims=4, seed=0).fit(both)
+    x = joint.transform(both)
+
+    def separation(values):
+        return abs(values[groups == 0].mean() - values[groups == 1].mean()) / values.std()
+
+    assert separation(x[:, 0]) > 1.8
+    from sklearn.decomposition import PCA
+    assert separation(PCA(1).fit_transform(first)[:, 0]) < 0.5 and separation(PCA(1).fit_transform(second)[:, 0]) < 0.5
+    state = {'pca.mean': torch.from_numpy(joint.mean_), 'pca.components': torch.from_numpy(joint.components_)}
+    np.testing.assert_allclose(mixtures.project(state, both), x)
+
+
+def test_joint_view_clusters_saves_and_predicts(tmp_path):
+    """Option `mixture_view` 'joint': every iteration's mixture sees the network's features and the raw
+    subtomograms' rotation-invariant ones; the model file replays it (prediction gives the training
+    labels) and the orientation check turns the raw subtomograms with the prepared ones."""
+    stack, truth = simulate(15, box=24, snr=4.0, seed=2)
+    options = dict(TINY_OPTIONS, pca_dim=4, mixture_view='joint', init='invariants', wedge_tilt=60.0)
+    result = em.disca_cluster(stack, k_range=(2, 4), max_iter=3, seed=0, device='cpu', arch=TINY,
+                              options=options)
+    assert result.meta['prediction'].startswith('network and rotation-invariant features')
+    assert result.model_state[features.JOINT_VIEW_KEY]
+    # the stored map takes the network's features and the invariant ones side by side
+    assert result.model_state['pca.components'].shape[1] == TINY['feature_dim'] + features.invariant_features(stack[:1]).shape[1]
+    assert mixtures.clustering_scores(truth, result.labels)['v_measure'] > 0.9
+    assert 'transfer' in result.meta['orientation_merge']
+    path = tmp_path / 'joint.pt'
+    model.save_disca_model(path, result)
+    labels, _ = model.disca_predict(stack, path, device='cpu')
+    assert np.array_equal(labels, result.labels)
+    with pytest.raises(InputError, match='mixture view'):
+        em.disca_cluster(stack, max_iter=1, device='cpu', arch=TINY, options={'mixture_view': 'both'})
+
+
 def test_save_and_predict_give_the_training_labels(clustered, tmp_path):
     stack, _, result = clustered
     path = tmp_path / 'disca_model.pt'

@@ -337,8 +337,9 @@ def test_templates_are_rescaled_to_the_voxel_size(templates_dir):
     assert at10.source == ('maps' if templates_dir else 'synthetic')
     name = at10.substitutes.get('4v4r', '4v4r')
     assert at20.radius[name] == pytest.approx(at10.radius[name] / 2, rel=0.15)
-    # total mass per Å³ is preserved: 8× fewer voxels carry the same density
-    assert at20[name].sum() * 8 == pytest.approx(at10[name].sum(), rel=0.05)
+    # total mass per Å³ is preserved: 8× fewer voxels carry the same density. A map is resampled (5 %);
+    # a synthetic shape is drawn anew on each grid, its outline and interior level set by that grid (15 %).
+    assert at20[name].sum() * 8 == pytest.approx(at10[name].sum(), rel=0.05 if templates_dir else 0.15)
 
 
 # --- (j) command line ------------------------------------------------------------------------------------
