@@ -32,8 +32,6 @@ common true class, from the labels they had when the check ran). The spectral ve
 (`checks.split_decision`) and the nearest-cluster join of a cluster that keeps too few of its copies need
 the data: with --with-data the set is simulated anew and `checks.orientation_decision` runs whole, then
 the split check and the straggler step on the merged labels; else a stored run's own vetoes are listed.
-With --fold the replay also runs the opt-in turning-test join (`checks.fold_groups`, option
-`orientation_fold`) and marks each pair it tested as one molecule or two (their sides' most common class).
 
   .venv/bin/python bench/bench_disca_split.py --orientation --runs bench/results/disca_issue21_n60_v3,bench/results/disca_issue21_n60_v3_seed1 --conditions snr0.1_w60,snr0.01_w40
 """
@@ -86,7 +84,7 @@ def restraggle(runs, name, n_per_class, seed, box=32, preset='cpu'):
             'moved': int(np.sum(moved['labels'] != final))}
 
 
-def replay_with_data(runs, name, record, merge, checked, preset='cpu', box=32, fold=False):
+def replay_with_data(runs, name, record, merge, checked, preset='cpu', box=32):
     """The run's orientation check with its spectral judges (`checks.orientation_decision`) on the stored
     matrices and the simulated set made anew, then the steps after it that need no network: the split
     check on the merged labels and the straggler step. When the split check accepts a split the run would
@@ -96,15 +94,9 @@ def replay_with_data(runs, name, record, merge, checked, preset='cpu', box=32, f
     saved = np.load(os.path.join(runs, f'{name}_labels.npz'))
     if not np.array_equal(sim.labels, saved['truth']):
         raise SystemExit(f'{name}: the simulated set does not match the saved run')
-    options = dict(em.TRAINING[preset], wedge_tilt=float(tilt), orientation_fold=bool(fold))
-    fold_tests = []
+    options = dict(em.TRAINING[preset], wedge_tilt=float(tilt))
     groups, vetoed, folded = checks.orientation_decision(np.array(merge['transfer']), np.array(merge['control']),
-                                                 sim.stack, checked, options, record['seed'], print, min_k=2,
-                                                 fold_tests=fold_tests)
-    for test in fold_tests:
-        # whether the pair tested is one molecule: the most common true class of its two sides
-        majority = [int(np.bincount(sim.labels[np.isin(checked, g)]).argmax()) for g in test['clusters']]
-        test['same_molecule'] = majority[0] == majority[1]
+                                                 sim.stack, checked, options, record['seed'], print, min_k=2)
     merged = checks.group_index(groups)[checked]
     k = len(groups)
     best = {'labels': merged, 'k': k, 'state': {}, 'probabilities': np.eye(k)[merged]}
@@ -113,13 +105,12 @@ def replay_with_data(runs, name, record, merge, checked, preset='cpu', box=32, f
     refine = any(t.get('accepted') for t in tests)
     if not refine:
         after, _ = checks.move_stragglers(after, sim.stack, options, record['seed'], print)
-    return {'groups': groups, 'vetoed': vetoed, 'folded': [[len(p), len(q)] for p, q in folded],
-            'fold_tests': fold_tests, 'merged': mixtures.clustering_scores(sim.labels, merged),
+    return {'groups': groups, 'vetoed': vetoed, 'folded': [[len(p), len(q)] for p, q in folded], 'merged': mixtures.clustering_scores(sim.labels, merged),
             'split_accepted': refine,
             'final': None if refine else mixtures.clustering_scores(sim.labels, after['labels'])}
 
 
-def replay_orientation(runs, name, with_data=False, fold=False):
+def replay_orientation(runs, name, with_data=False):
     """`checks.orientation_groups` on the transfer matrices a finished run stored; see the module doc."""
     path = os.path.join(runs, f'{name}.json')
     if not os.path.exists(path):
@@ -156,8 +147,7 @@ def replay_orientation(runs, name, with_data=False, fold=False):
             'groups_now': checks.orientation_groups(transfer, control, min_groups=2),   # bench_disca's --k-min
             'vetoed_in_run': merge.get('vetoed', []), 'pairs': pairs,
             'keep': [round(float(transfer[c, c]), 3) for c in range(k)],
-            'with_data': replay_with_data(runs, name, record, merge, checked, fold=fold)
-            if with_data and checked is not None
+            'with_data': replay_with_data(runs, name, record, merge, checked) if with_data and checked is not None
             else None}
 
 
@@ -214,9 +204,6 @@ def main(argv=None):
                                        '<condition>_labels.npz); with --orientation, comma-separated folders')
     parser.add_argument('--with-data', action='store_true',
                         help='with --orientation: simulate the set anew and replay the spectral judges too')
-    parser.add_argument('--fold', action='store_true',
-                        help='with --orientation --with-data: the opt-in turning-test join too '
-                             '(option orientation_fold, checks.fold_groups)')
     parser.add_argument('--orientation', action='store_true',
                         help='with --runs: the orientation check\'s rule on the transfer matrices the runs stored')
     parser.add_argument('--truth', action='store_true',
@@ -253,7 +240,7 @@ def main(argv=None):
         parser.error('--runs is needed (or --truth)')
     if args.orientation:
         results = [r for runs in args.runs.split(',') for name in args.conditions.split(',')
-                   for r in [replay_orientation(runs, name, args.with_data, args.fold)] if r is not None]
+                   for r in [replay_orientation(runs, name, args.with_data)] if r is not None]
         for r in results:
             print(os.path.basename(r['runs']), r['condition'], 'seed', r['seed'], r.get('note', ''),
                   *([f"K {r['k_before']}: stored {r['stored_groups']} -> now {r['groups_now']}"] if 'pairs' in r else []))

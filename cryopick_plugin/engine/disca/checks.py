@@ -481,7 +481,7 @@ def _side_separation(features, side, dim=SPLIT_DIM, seed=0):
 
 
 def survives_turning(stack, sides, tilt_range, seed, copies=2, min_separation=TURNED_MIN_SEPARATION,
-                     min_ratio=TURNED_MIN_RATIO, view=spectral_features):
+                     min_ratio=TURNED_MIN_RATIO):
     """Whether the two sides of a split stay apart when every member is shown in other orientations.
 
     Each member is turned at random `copies` times with the acquisition's missing wedge put back
@@ -493,17 +493,16 @@ def survives_turning(stack, sides, tilt_range, seed, copies=2, min_separation=TU
     halves of one molecule's best two-Gaussian fit kept 0.4-1.8 of separation in 59 of 60 cases (2.4 once,
     a fit with a side too small for the split check), while the pairs of molecules the split check splits
     kept ≥ 2 (and ≥ 0.45 of their separation) in 57 of 57 cases at ±60° and in 41 of 50 at ±40° (the
-    second wedge there leaves less to see). The separation is `_side_separation` on the spectral features
-    (or another rotation-invariant `view` of a stack), of the copies (both sides' copies together) and of
-    the members; a split is kept with at least `min_separation` and `min_ratio` of the members'
-    separation. Returns (kept, info)."""
+    second wedge there leaves less to see). The separation is `_side_separation` on the spectral features,
+    of the copies (both sides' copies together) and of the members; a split is kept with at least
+    `min_separation` and `min_ratio` of the members' separation. Returns (kept, info)."""
     p, q = (np.asarray(v) for v in sides)
     members = np.concatenate([p, q])
     side = np.concatenate([np.zeros(len(p), dtype=int), np.ones(len(q), dtype=int)])
     rng = np.random.default_rng(seed + 15485863)
     stack = np.asarray(stack)
-    original = _side_separation(view(stack[members]), side, seed=seed)
-    turned_features = np.concatenate([view(random_rotations(stack[members], rng, tilt_range=tilt_range))
+    original = _side_separation(spectral_features(stack[members]), side, seed=seed)
+    turned_features = np.concatenate([spectral_features(random_rotations(stack[members], rng, tilt_range=tilt_range))
                                       for _ in range(int(copies))])
     turned = _side_separation(turned_features, np.tile(side, int(copies)), seed=seed)
     ratio = turned / max(original, 1e-8)
@@ -693,7 +692,7 @@ def group_index(groups):
     return new_of_old
 
 
-def orientation_decision(transfer, control, stack, labels, opts, seed, say, min_k=1, fold_tests=None):
+def orientation_decision(transfer, control, stack, labels, opts, seed, say, min_k=1):
     """`orientation_groups` with the spectral judges: a join is refused when the union is two groups on
     spectral features (`split_decision`), and a cluster that keeps too few of its turned copies joins the
     cluster nearest to it on spectral features — there even when the union is two spectral groups, if
@@ -755,74 +754,7 @@ def orientation_decision(transfer, control, stack, labels, opts, seed, say, min_
     groups = orientation_groups(transfer, control, opts.get('orientation_min_share', ORIENTATION_MIN_SHARE),
                                 allowed=allowed, min_groups=max(1, int(min_k)), nearest=nearest,
                                 allowed_nearest=allowed_nearest)
-    if opts.get('orientation_fold', False):
-        groups = fold_groups(stack, labels, groups, opts, seed, say, min_k, folded,
-                             fold_tests if fold_tests is not None else [])
     return groups, vetoed, folded
-
-
-# A union of two clusters whose sides, with every member turned and the wedge put back, are closer than
-# this on rotation-invariant features is one molecule (`fold_groups`). Measured on the true classes
-# (bench/README.md §2, 200 per molecule, ±40°): the halves of one molecule 0.73–1.15, pairs of molecules
-# ≥ 2.09 at SNR 0.1 and 0.03; at SNR 0.01 the two overlap (1.08 against 1.07).
-FOLD_MAX_TURNED = 1.5
-
-
-def fold_groups(stack, labels, groups, opts, seed, say, min_k, folded, tests):
-    """Join groups of clusters that are one molecule by the turning test alone (option `orientation_fold`).
-
-    Each group is paired with the group nearest to it on `features.invariant_features` (the split check's
-    separation statistic); the pair is one molecule when its two sides, every member turned at random with
-    the wedge put back, lie closer than `FOLD_MAX_TURNED` on those features (`survives_turning` with that
-    view): turning takes away what the members' orientation to the wedge gave each side and leaves what
-    the molecules give. The closest such pair is joined first, down to `min_k` groups. The union's sides,
-    and its spectral split if it has one, go to `folded` so that the split check does not cut it again.
-    Each test is appended to `tests`. Returns the new groups."""
-    from .features import invariant_features
-    labels = np.asarray(labels)
-    view = invariant_features(stack)
-    groups = [sorted(g) for g in groups]
-    done = {}
-
-    def members(group):
-        return np.flatnonzero(np.isin(labels, group))
-
-    def separation(ga, gb):
-        pair = members(ga + gb)
-        return _side_separation(view[pair], np.isin(labels[pair], gb).astype(int), seed=seed)
-
-    def turned_test(ga, gb):
-        key = (tuple(ga), tuple(gb))
-        if key not in done:
-            sides = (members(ga), members(gb))
-            _, turned = survives_turning(stack, sides, opts['wedge_tilt'], seed, view=invariant_features)
-            done[key] = dict(turned, clusters=[ga, gb], one_molecule=bool(turned['turned'] < FOLD_MAX_TURNED))
-            tests.append(done[key])
-        return done[key]
-
-    while len(groups) > max(1, int(min_k)):
-        usable = [i for i, g in enumerate(groups) if len(members(g)) >= 2]
-        pairs = set()
-        for i in usable:
-            others = {j: separation(groups[i], groups[j]) for j in usable if j != i}
-            if others:
-                pairs.add(tuple(sorted((i, min(others, key=others.get)))))
-        folds = [(turned_test(groups[i], groups[j]), i, j) for i, j in sorted(pairs)]
-        folds = [f for f in folds if f[0]['one_molecule']]
-        if not folds:
-            break
-        test, i, j = min(folds, key=lambda f: f[0]['turned'])
-        say(f"orientation check: clusters {groups[i]} and {groups[j]} fold into one when turned (separation on "
-            f"rotation-invariant features {test['original']:.2f}, turned {test['turned']:.2f}): one molecule")
-        sides = (members(groups[i]), members(groups[j]))
-        folded.append(sides)
-        union = np.sort(np.concatenate(sides))   # in the order the split check takes a cluster's members
-        split, side, _, _ = split_decision(stack, spectral_features(stack), union, opts, seed,
-                                           np.random.default_rng(seed + 7))
-        if split:
-            folded.append((union[side == 0], union[side == 1]))
-        groups = sorted([g for n, g in enumerate(groups) if n not in (i, j)] + [sorted(groups[i] + groups[j])])
-    return groups
 
 
 def merge_orientations(best, data, stack, arch, opts, rng, seed, device, say, min_k=1):
@@ -839,12 +771,11 @@ def merge_orientations(best, data, stack, arch, opts, rng, seed, device, say, mi
     with yopo.DeterministicTorch(device):
         transfer, control = orientation_transfer(data, net, best['state'], best['labels'], opts['wedge_tilt'],
                                                  rng, device, max(opts['batch_size'], 64), stack=stack)
-    fold_tests = []
     groups, vetoed, folded = orientation_decision(transfer, control, stack, best['labels'], opts, seed, say,
-                                                  min_k, fold_tests=fold_tests)
+                                                  min_k)
     info = {'tilt_range': float(opts['wedge_tilt']), 'transfer': np.round(transfer, 4).tolist(),
             'control': np.round(control, 4).tolist(), 'groups': groups, 'k_before': int(best['k']),
-            'vetoed': vetoed, 'folded': [[len(p), len(q)] for p, q in folded], 'fold_tests': fold_tests}
+            'vetoed': vetoed, 'folded': [[len(p), len(q)] for p, q in folded]}
     if len(groups) == best['k']:
         say("orientation check: no two clusters are one molecule in different orientations")
         return best, info, folded
