@@ -21,12 +21,11 @@ import warnings
 
 import numpy as np
 import torch
+from scipy.spatial.transform import Rotation
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 
 from . import yopo
-from scipy.spatial.transform import Rotation
-
 from .features import JOINT_VIEW_KEY, mixture_inputs, random_rotations, spectral_features
 from .mixtures import _gmm, ddbi, mixture_state, posterior, project
 
@@ -51,8 +50,9 @@ def check_kept(best, stack, data, arch, opts, ks, rng, seed, device, say, meta, 
         best, meta['split_check'] = split_mixed(best, stack, opts, ks[-1] if ks else best['k'], seed, say,
                                                 rejected=refused)
         if any(t.get('accepted') for t in meta['split_check']):
-            meta['prediction'] = ('network features -> PCA -> Gaussian mixture posterior'
-                                  ' -> split tests on spectral features (split_check)')
+            # the mixture's own chain (network or joint view) as em wrote it, then the stored splits
+            chain = meta.get('prediction', 'network features -> PCA -> Gaussian mixture posterior')
+            meta['prediction'] = chain.split(' -> split tests')[0] + ' -> split tests on spectral features (split_check)'
     return best
 
 
@@ -146,14 +146,14 @@ def refine(best, net, loop, train, iterate, data, first, count, stack, arch, opt
         again, meta['split_check'] = split_mixed(before, stack, opts, ks[-1] if ks else before['k'], seed, say,
                                                  rejected=rejected)
         if not any(t.get('accepted') for t in meta['split_check']):
-            meta['prediction'] = 'network features -> PCA -> Gaussian mixture posterior'
+            meta['prediction'] = meta['prediction'].split(' -> split tests')[0]
         meta['refine'] = info
         return again
     info.update({'kept': True, 'iteration': int(refined['iteration']), 'k_refined': int(refined['k']),
                  'ddbi_refined': refined['ddbi']})
     say(f"refinement: kept iteration {refined['iteration']}: K={refined['k']} DDBI={refined['ddbi']:.4f} "
         f"(split labels {split_score:.4f})")
-    meta['prediction'] = 'network features -> PCA -> Gaussian mixture posterior'
+    meta['prediction'] = meta['prediction'].split(' -> split tests')[0]
     refined = check_kept(refined, stack, data, arch, opts, ks, rng, seed, device, say, meta, rejected=rejected)
     meta['refine'] = info
     return refined
