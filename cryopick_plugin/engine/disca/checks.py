@@ -460,8 +460,7 @@ def split_cluster(features, options, seed=0, dim=SPLIT_DIM, min_separation=SPLIT
 def split_side(features, state):
     """Posterior (N, 2) of the two sides of a stored split for members' spectral features."""
     z = _standardised(features, state['scale.mean'].numpy(), state['scale.std'].numpy())
-    x = (z - state['pca.mean'].numpy()) @ state['pca.components'].numpy().T
-    return posterior(x, state)
+    return posterior(project(state, z), state)
 
 
 TURNED_MIN_SEPARATION = 2.0
