@@ -57,8 +57,10 @@ def add_args(parser):
     parser.add_argument('subtomograms', help='STAR file of subtomograms (rlnImageName)')
     parser.add_argument('--out', required=True, help='output folder')
     parser.add_argument('--preset', choices=['cpu', 'paper'], default='cpu',
-                        help="network width and input box: 'cpu' (quarter width, binned to 24³) or "
-                             "'paper' (the published width, input at its own box); default cpu")
+                        help="network width and input box: 'cpu' (quarter width, binned to 24³; starts from "
+                             "rotation-invariant features of the subtomograms and clusters them beside the "
+                             "network's features in every iteration) or 'paper' (the published width, input at "
+                             "its own box, the reference's start and network features only); default cpu")
     parser.add_argument('--k-min', type=int, default=2, help='smallest number of clusters tried (2)')
     parser.add_argument('--k-max', type=int, default=20, help='largest number of clusters tried (20)')
     parser.add_argument('--max-iter', type=int, default=None,

@@ -104,7 +104,10 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
         form.addParam('preset', params.EnumParam, choices=PRESETS, default=0, label='Network size',
                       display=params.EnumParam.DISPLAY_HLIST,
                       help='cpu: a quarter of the paper\'s width, boxes binned to 24³ (clusters 1,000 subtomograms '
-                           'in under an hour on 2 cores). paper: the published width, for GPUs.')
+                           'in under an hour on 2 cores); it starts from rotation-invariant features of the '
+                           'subtomograms and keeps them beside the network\'s features in every clustering. '
+                           'paper: the published width and the reference\'s start and clustering (network '
+                           'features only), for GPUs.')
         line = form.addLine('Number of clusters K', help='Candidate K values; the BIC chooses among them. The '
                                                          'largest is lowered to N/10 for small sets.')
         line.addParam('kMin', params.IntParam, default=2, label='from', help='Smallest number of clusters tried.')

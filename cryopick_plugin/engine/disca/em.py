@@ -22,31 +22,30 @@ mixture that produced its labels, so `disca_predict` reproduces the labels of th
 assigns new subtomograms to the same clusters with a posterior probability.
 
 Departures from the reference, on purpose: the 'cpu' preset starts from the labels of a Gaussian mixture
-on rotation-invariant spectral features (radial power spectrum and radial profile; option `init`) rather
-than on the features of the untrained network — the reference can afford many slow iterations to climb out
-of a poor start, a CPU run cannot, and a random network's features merge whole classes whose labels the
-training then entrenches — and it does not accept convergence before iteration `min_iter` (4), because
-labels are trivially stable while the network has barely moved. The 'paper' preset keeps the reference's
-start. Opt-in (`init_k`, `init_hold`): the spectral start with a fixed, larger K (over-clustering, as
+on rotation-invariant features of the raw subtomograms (option `init` 'invariants': radial power spectrum,
+radial profile and spherical-harmonic shell energies, `features.invariant_features`, reduced to
+`init_dim` dimensions, `features.INVARIANT_DIM`) rather than on the features of the untrained network — the
+reference can afford many slow iterations to climb out of a poor start, a CPU run cannot, and a random
+network's features merge whole classes whose labels the training then entrenches — and it fits every
+iteration's mixture on the network's features and those invariant features side by side (option
+`mixture_view` 'joint': `mixtures.JointProjection`, each view whitened in its own PCA, then one PCA of
+both), so that the clustering keeps what the invariant view holds while the network is still learning it.
+The model file stores the joint map, and prediction and the orientation check compute both views
+(`features.mixture_inputs`; the orientation check turns the raw subtomograms by the same rotations as the
+network's copies). It does not accept convergence before iteration `min_iter` (4), because labels are
+trivially stable while the network has barely moved. Measured on simulated sets of five real molecules
+(bench/README.md §2, sixth and seventh passes; the table there per condition) the joint view with the
+invariant start is at least as good as the earlier default (spectral start, network view) on the
+conditions that default met, and better on those it missed: it ends K 5 at SNR 0.1 and 0.03 ±40°,
+where the network view left a molecule cut by its orientation to the wedge (the turned copies, assigned with
+both views, find the other half), lifts SNR 0.01 ±40° from V-measure 0.36–0.41 to 0.70–0.82, and stops on
+label stability in a third to a half of the time at ±60°. The 'paper' preset keeps the reference's start
+(`init` 'network') and view ('network'); `init` 'spectral' (spectral features alone) is the earlier cpu start.
+Opt-in (`init_k`, `init_hold`): a rotation-invariant start with a fixed, larger K (over-clustering, as
 DeepCluster trains on), held for the first `init_hold` iterations before BIC chooses K again; measured at
-SNR 0.01 ±40° it did not lift the clustering (bench/README.md §2), so it is off. Opt-in `init`
-'invariants': the start's mixture on the spectral features together with spherical-harmonic shell
-energies (`features.harmonic_features`), reduced to `init_dim` dimensions (`features.INVARIANT_DIM`).
-Measured on simulated sets (bench/README.md §2) it is a much better start at SNR 0.03 and 0.01 (K and
-V-measure) but a worse one at SNR 0.1 ±40° (K 6: a molecule already cut by its orientation to the wedge
-in these features), and at SNR 0.01 ±40° training on it leaves network features that cluster worse than
-the start, so the loop keeps only part of its gain; not the default until measured on every condition.
-Opt-in `init_epochs`: the start's labels learnt for that many epochs before the network's own features
-are clustered (one epoch on them left features that clustered worse than the start in most runs).
-Opt-in `mixture_view` 'joint': every iteration's mixture is fitted on the network's features and
-the raw subtomograms' rotation-invariant features side by side (`mixtures.JointProjection`: each view
-whitened in its own PCA, then one PCA of both), so that the clustering keeps what the rotation-invariant
-view holds while the network is still learning it; the model file stores the joint map, and prediction
-and the orientation check compute both views (`features.mixture_inputs`). With the invariant start, on the
-four simulated cells the default misses (bench/README.md §2, sixth pass) it ends K 5 at SNR 0.1 and 0.03
-±40° (the orientation check's turned copies, assigned with both views, find the other half of a molecule
-cut by its orientation to the wedge) and lifts SNR 0.01 ±40° from V 0.36–0.41 to 0.70–0.82; not the
-default until the cells the default meets are measured with it.
+SNR 0.01 ±40° it did not lift the clustering (bench/README.md §2), so it is off. Opt-in `init_epochs`: the
+start's labels learnt for that many epochs before the network's own features are clustered (one epoch on
+them left features that clustered worse than the start in most runs).
 Both presets seed each Gaussian mixture with k-means++ instead of the reference's random responsibilities
 (option `gmm_init`; 'random' reproduces the reference), which can leave EM on the saddle where all
 components coincide (see `_gmm`). The acquisition's tilt range (option `wedge_tilt`; when not
@@ -104,7 +103,8 @@ TRAINING = {
     # Fewer, shorter iterations on a CPU: a larger learning rate gets the features moving within them.
     'cpu': {'lr': 5e-4, 'batch_size': 16, 'pca_dim': 16, 'reg_covar': 1e-5, 'n_init': 3,
             'gmm_max_iter': 100, 'label_smoothing': 0.2, 'head_epochs': 10, 'head_lr': 1e-3,
-            'stable_fraction': 0.999, 'min_per_cluster': 10, 'init': 'spectral', 'min_iter': 4,
+            'stable_fraction': 0.999, 'min_per_cluster': 10, 'init': 'invariants', 'min_iter': 4,
+            'mixture_view': 'joint',
             'wedge_tilt': None, 'wedge_training': False, 'orientation_merge': True, 'gmm_init': 'k-means++',
             'split_check': True, 'refine_iter': 5, 'k_patience': 5},
 }

@@ -17,6 +17,8 @@ from cryopick_plugin.engine.geometry import rotate_volume
 TINY = {'widths': [4, 4, 6, 6, 8, 8, 10, 10, 12, 12], 'feature_dim': 64, 'box': None, 'dropout': 0.5,
         'bn_momentum': 0.1, 'bn_eps': 1e-3}
 TINY_OPTIONS = {'pca_dim': 8, 'lr': 1e-3, 'batch_size': 8}
+# The reference's view of each iteration's mixture (the network's features), from the spectral start
+NETWORK_VIEW = {'init': 'spectral', 'mixture_view': 'network'}
 
 
 def _shapes(box):
@@ -685,9 +687,15 @@ def test_orientation_check_joins_a_molecule_split_by_the_wedge_and_keeps_others_
     from cryopick_plugin.engine.sim.subtomograms import simulate_subtomograms
     sim = simulate_subtomograms(classes=['two_lobe', 'rod'], n_per_class=40, box=24, snr=2.0, tilt_range=60.0,
                                 seed=3, synthetic=True)
+    # The orientation check alone, on the network's view (init and view of the 'network' path, as the
+    # paper preset and DISCA's reference cluster): turned copies are assigned by the network's features only.
+    # (The cpu preset's joint view assigns them with the raw subtomograms' invariant features too; on this
+    # tiny set at SNR 2 those keep the first wedge's imprint through the one put back — the small half keeps
+    # 0.21 of its turned copies and the large half's stay put — and the halves are joined by the split
+    # check's refinement instead: test_default_run_keeps_one_molecule_split_by_its_orientation_to_the_wedge_whole.)
     result = em.disca_cluster(sim.stack, preset='cpu', k_range=(2, 4), max_iter=4, seed=0, device='cpu',
                               arch=TINY, options=dict(TINY_OPTIONS, wedge_tilt=60.0, wedge_training=True,
-                                                      split_check=False))   # the orientation check alone
+                                                      split_check=False, **NETWORK_VIEW))
     info = result.meta['orientation_merge']
     transfer, control = np.array(info['transfer']), np.array(info['control'])
     assert transfer.shape == control.shape == (info['k_before'],) * 2
@@ -836,8 +844,11 @@ def test_refinement_retrains_the_network_on_the_split_clusters(monkeypatch, tmp_
 
     monkeypatch.setattr(em, 'fit_mixtures', fit_held_to_two)
     monkeypatch.setattr(checks, 'split_mixed', split_and_release)
+    # The network's own features (the network view): with the cpu preset's joint view the raw subtomograms'
+    # invariant features already hold the split, the refinement's first clustering reproduces it and the
+    # labels are stable before the network has been asked (test_refinement_of_the_default_view_keeps_the_split).
     result = em.disca_cluster(stack, preset='cpu', k_range=(2, 6), max_iter=6, seed=0, device='cpu',
-                              arch=TINY, options=dict(TINY_OPTIONS, refine_iter=5, refine_epochs=1))
+                              arch=TINY, options=dict(TINY_OPTIONS, refine_iter=5, refine_epochs=1, **NETWORK_VIEW))
     refine = result.meta['refine']
     assert refine['k_split'] == 3 and refine['kept']
     assert mixtures.clustering_scores(truth, result.unrefined_labels)['v_measure'] >= 0.95
@@ -851,6 +862,36 @@ def test_refinement_retrains_the_network_on_the_split_clusters(monkeypatch, tmp_
     assert result.k == 3 and mixtures.clustering_scores(truth, result.labels)['v_measure'] >= 0.95
     assert not any(t.get('accepted') for t in result.meta['split_check'])   # nothing left to split
     path = tmp_path / 'refined.pt'
+    model.save_disca_model(path, result)
+    labels, _ = model.disca_predict(stack, path, device='cpu')
+    assert np.array_equal(labels, result.labels)
+
+
+def test_refinement_of_the_default_view_keeps_the_split(monkeypatch, tmp_path):
+    """The same held-to-K-2 loop with the cpu preset's defaults (invariant start, joint view): the split
+    check separates the merged molecules, the refinement's clusterings keep them apart (the invariant half
+    of the joint view sees them), the split is not undone, and a saved model predicts the final labels."""
+    stack, truth = simulate(50, box=24, snr=4.0, seed=0)
+    real_fit, real_split = mixtures.fit_mixtures, checks.split_mixed
+    checked = []
+
+    def fit_held_to_two(x, ks, *args, **kwargs):
+        return real_fit(x, ks if checked else [2], *args, **kwargs)
+
+    def split_and_release(*args, **kwargs):
+        checked.append(True)
+        return real_split(*args, **kwargs)
+
+    monkeypatch.setattr(em, 'fit_mixtures', fit_held_to_two)
+    monkeypatch.setattr(checks, 'split_mixed', split_and_release)
+    assert em.TRAINING['cpu']['mixture_view'] == 'joint' and em.TRAINING['cpu']['init'] == 'invariants'
+    result = em.disca_cluster(stack, preset='cpu', k_range=(2, 6), max_iter=6, seed=0, device='cpu',
+                              arch=TINY, options=dict(TINY_OPTIONS, refine_iter=5, refine_epochs=1))
+    refine = result.meta['refine']
+    assert refine['k_split'] == 3 and refine['rejected'] == 0
+    assert 'refine' in [h['phase'] for h in result.history]
+    assert result.k == 3 and mixtures.clustering_scores(truth, result.labels)['v_measure'] >= 0.95
+    path = tmp_path / 'default.pt'
     model.save_disca_model(path, result)
     labels, _ = model.disca_predict(stack, path, device='cpu')
     assert np.array_equal(labels, result.labels)
