@@ -40,7 +40,7 @@ twelve conditions (SNR 0.1 / 0.03 / 0.01, ±60° / ±40°, two seeds; 10 meet th
 it ends K 5 at SNR 0.1 and 0.03 ±40°,
 where the network view left a molecule cut by its orientation to the wedge (the turned copies, assigned with
 both views, find the other half), lifts SNR 0.01 ±40° from V-measure 0.36–0.41 to 0.70–0.82, and stops on
-label stability in a third to a half of the time at ±60°. The 'paper' preset keeps the reference's start
+label stability in a third to a half of the time at SNR 0.1 and 0.03 ±60°. The 'paper' preset keeps the reference's start
 (`init` 'network') and view ('network'); `init` 'spectral' (spectral features alone) is the earlier cpu start.
 Opt-in (`init_k`, `init_hold`): a rotation-invariant start with a fixed, larger K (over-clustering, as
 DeepCluster trains on), held for the first `init_hold` iterations before BIC chooses K again; measured at
