@@ -21,27 +21,26 @@ The kept result carries the network weights that produced its features together 
 mixture that produced its labels, so `disca_predict` reproduces the labels of the training data exactly and
 assigns new subtomograms to the same clusters with a posterior probability.
 
-Departures from the reference, on purpose: the 'cpu' preset starts from the labels of a Gaussian mixture
-on rotation-invariant features of the raw subtomograms (option `init` 'invariants': radial power spectrum,
-radial profile and spherical-harmonic shell energies, `features.invariant_features`, reduced to
-`init_dim` dimensions, `features.INVARIANT_DIM`) rather than on the features of the untrained network — the
-reference can afford many slow iterations to climb out of a poor start, a CPU run cannot, and a random
-network's features merge whole classes whose labels the training then entrenches — and it fits every
-iteration's mixture on the network's features and those invariant features side by side (option
-`mixture_view` 'joint': `mixtures.JointProjection`, each view whitened in its own PCA, then one PCA of
-both), so that the clustering keeps what the invariant view holds while the network is still learning it.
-The model file stores the joint map, and prediction and the orientation check compute both views
-(`features.mixture_inputs`; the orientation check turns the raw subtomograms by the same rotations as the
-network's copies). It does not accept convergence before iteration `min_iter` (4), because labels are
-trivially stable while the network has barely moved. Measured on simulated sets of five real molecules
-(bench/README.md §2, sixth and seventh passes; the table there per condition) the joint view with the
-invariant start is at least as good as the earlier default (spectral start, network view) on each of the
-twelve conditions (SNR 0.1 / 0.03 / 0.01, ±60° / ±40°, two seeds; 10 meet the issue's goal, against 8):
-it ends K 5 at SNR 0.1 and 0.03 ±40°,
-where the network view left a molecule cut by its orientation to the wedge (the turned copies, assigned with
-both views, find the other half), lifts SNR 0.01 ±40° from V-measure 0.36–0.41 to 0.70–0.82, and stops on
-label stability in a third to a half of the time at SNR 0.1 and 0.03 ±60°. The 'paper' preset keeps the reference's start
-(`init` 'network') and view ('network'); `init` 'spectral' (spectral features alone) is the earlier cpu start.
+Departures from the reference, on purpose: the 'cpu' preset starts from the labels of a Gaussian mixture on
+rotation-invariant features of the raw subtomograms (option `init` 'invariants': radial power spectrum, radial
+profile and spherical-harmonic shell energies, `features.invariant_features`, reduced to `init_dim`
+dimensions, `features.INVARIANT_DIM`) rather than on the features of the untrained network — the reference can
+afford many slow iterations to climb out of a poor start, a CPU run cannot, and a random network's features
+merge whole classes whose labels the training then entrenches — and it fits every iteration's mixture on the
+network's features and those invariant features side by side (option `mixture_view` 'joint':
+`mixtures.JointProjection`, each view whitened in its own PCA, then one PCA of both), so that the clustering
+keeps what the invariant view holds while the network is still learning it. The model file stores the joint
+map, and prediction and the orientation check compute both views (`features.mixture_inputs`; the orientation
+check turns the raw subtomograms by the same rotations as the network's copies). It does not accept
+convergence before iteration `min_iter` (4), because labels are trivially stable while the network has barely
+moved. Measured on simulated sets of five real molecules (bench/README.md §2, sixth and seventh passes; the
+table there per condition) the joint view with the invariant start is at least as good as the earlier default
+(spectral start, network view) on each of the twelve conditions (SNR 0.1 / 0.03 / 0.01, ±60° / ±40°, two
+seeds; 10 meet the issue's goal, against 8): it ends K 5 at SNR 0.1 and 0.03 ±40°, where the network view left
+a molecule cut by its orientation to the wedge (the turned copies, assigned with both views, find the other
+half), lifts SNR 0.01 ±40° from V-measure 0.36–0.41 to 0.70–0.82, and stops on label stability in a third to a
+half of the time at SNR 0.1 and 0.03 ±60°. The 'paper' preset keeps the reference's start (`init` 'network')
+and view ('network'); `init` 'spectral' (spectral features alone) is the earlier cpu start.
 Opt-in (`init_k`, `init_hold`): a rotation-invariant start with a fixed, larger K (over-clustering, as
 DeepCluster trains on), held for the first `init_hold` iterations before BIC chooses K again; measured at
 SNR 0.01 ±40° it did not lift the clustering (bench/README.md §2), so it is off. Opt-in `init_epochs`: the

@@ -827,10 +827,9 @@ def test_split_check_joins_the_pieces_of_a_molecule_that_two_clusters_shared(clu
     assert np.array_equal(labels, best['labels'])
 
 
-def test_refinement_retrains_the_network_on_the_split_clusters(monkeypatch, tmp_path):
-    """The EM loop is held to K 2 (three molecules, two merged — what self-training entrenches at low SNR);
-    the split check separates them, the refinement trains the network on the three clusters and its EM
-    iterations find K 3 in the network's own features, and a saved model predicts that clustering."""
+def _merged_until_the_split_check(monkeypatch):
+    """Three molecules (50 each) whose EM loop is held to K 2 — two merged, what self-training entrenches
+    at low SNR — until the split check runs; then BIC chooses K again. Returns (stack, truth)."""
     stack, truth = simulate(50, box=24, snr=4.0, seed=0)
     real_fit, real_split = mixtures.fit_mixtures, checks.split_mixed
     checked = []
@@ -844,6 +843,14 @@ def test_refinement_retrains_the_network_on_the_split_clusters(monkeypatch, tmp_
 
     monkeypatch.setattr(em, 'fit_mixtures', fit_held_to_two)
     monkeypatch.setattr(checks, 'split_mixed', split_and_release)
+    return stack, truth
+
+
+def test_refinement_retrains_the_network_on_the_split_clusters(monkeypatch, tmp_path):
+    """The EM loop is held to K 2 (three molecules, two merged — what self-training entrenches at low SNR);
+    the split check separates them, the refinement trains the network on the three clusters and its EM
+    iterations find K 3 in the network's own features, and a saved model predicts that clustering."""
+    stack, truth = _merged_until_the_split_check(monkeypatch)
     # The network's own features (the network view): with the cpu preset's joint view the raw subtomograms'
     # invariant features already hold the split, the refinement's first clustering reproduces it and the
     # labels are stable before the network has been asked (test_refinement_of_the_default_view_keeps_the_split).
@@ -871,19 +878,7 @@ def test_refinement_of_the_default_view_keeps_the_split(monkeypatch, tmp_path):
     """The same held-to-K-2 loop with the cpu preset's defaults (invariant start, joint view): the split
     check separates the merged molecules, the refinement's clusterings keep them apart (the invariant half
     of the joint view sees them), the split is not undone, and a saved model predicts the final labels."""
-    stack, truth = simulate(50, box=24, snr=4.0, seed=0)
-    real_fit, real_split = mixtures.fit_mixtures, checks.split_mixed
-    checked = []
-
-    def fit_held_to_two(x, ks, *args, **kwargs):
-        return real_fit(x, ks if checked else [2], *args, **kwargs)
-
-    def split_and_release(*args, **kwargs):
-        checked.append(True)
-        return real_split(*args, **kwargs)
-
-    monkeypatch.setattr(em, 'fit_mixtures', fit_held_to_two)
-    monkeypatch.setattr(checks, 'split_mixed', split_and_release)
+    stack, truth = _merged_until_the_split_check(monkeypatch)
     assert em.TRAINING['cpu']['mixture_view'] == 'joint' and em.TRAINING['cpu']['init'] == 'invariants'
     result = em.disca_cluster(stack, preset='cpu', k_range=(2, 6), max_iter=6, seed=0, device='cpu',
                               arch=TINY, options=dict(TINY_OPTIONS, refine_iter=5, refine_epochs=1))
