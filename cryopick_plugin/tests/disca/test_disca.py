@@ -17,7 +17,7 @@ from cryopick_plugin.engine.geometry import rotate_volume
 TINY = {'widths': [4, 4, 6, 6, 8, 8, 10, 10, 12, 12], 'feature_dim': 64, 'box': None, 'dropout': 0.5,
         'bn_momentum': 0.1, 'bn_eps': 1e-3}
 TINY_OPTIONS = {'pca_dim': 8, 'lr': 1e-3, 'batch_size': 8}
-# The reference's view of each iteration's mixture (the network's features), from the spectral start
+# The earlier cpu default: the spectral start, each iteration's mixture on the network's features alone
 NETWORK_VIEW = {'init': 'spectral', 'mixture_view': 'network'}
 
 
