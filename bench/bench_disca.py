@@ -207,9 +207,11 @@ def run_condition(name, args):
             else _merged_labels(result))
     if result.unrefined_labels is not None:
         record['disca']['before_refine'] = mixtures.clustering_scores(truth, result.unrefined_labels)
-    # labels, truth and simulated orientations, to look at how a class is split
+    # labels, truth, simulated orientations and the kept iteration's network features, to look at how a
+    # class is split (and to try a check on the features without training again)
     np.savez_compressed(os.path.join(args.out, f'{name}_labels.npz'), labels=result.labels, truth=truth,
                         iteration_labels=np.stack(result.iteration_labels),
+                        features=np.asarray(result.features, dtype=np.float32),
                         eulers=np.asarray(sim.eulers), class_names=np.asarray(sim.class_names))
     if args.analysis:
         model_path = os.path.join(args.out, f'{name}_model.pt')
