@@ -34,6 +34,16 @@ the data: with --with-data the set is simulated anew and `checks.orientation_dec
 the split check and the straggler step on the merged labels; else a stored run's own vetoes are listed.
 
   .venv/bin/python bench/bench_disca_split.py --orientation --runs bench/results/disca_issue21_n60_v3,bench/results/disca_issue21_n60_v3_seed1 --conditions snr0.1_w60,snr0.01_w40
+
+With --views (a run made since `bench_disca.py` stores the kept iteration's network features) each kept
+cluster's best two-Gaussian split (`checks.split_cluster`, BIC and separation reported, the separation bar
+not applied) is measured on every view: spectral (the split check's), invariants
+(`features.invariant_features`), network (the stored features) and joint — each of network and invariants
+standardised and whitened in its own PCA of --joint-dims dimensions, side by side. Per cluster and view:
+BIC's choice, separation D, sizes, the share of the members of the cluster's two most common true classes
+on their own side, and the V-measure of the run's labels with that one cluster split.
+
+  .venv/bin/python bench/bench_disca_split.py --views --runs bench/results/s31/iter40_seed0 --conditions snr0.01_w40 --joint-dims 4,6,8,12
 """
 import argparse
 import json
@@ -198,6 +208,60 @@ def truth_decisions(name, n_per_class, seed, box=32, preset='cpu', with_tilt=Tru
             'rows': rows, 'wrong': [r for r in rows if not r['right']]}
 
 
+def split_views(runs, name, joint_dims=(8,), box=32):
+    """The kept clusters of a finished run, each split on every view (see the module doc)."""
+    from sklearn.decomposition import PCA
+    from cryopick_plugin.engine.disca import features
+    snr, tilt, n_cond, _ = bench_disca.CONDITIONS[name]
+    record = json.load(open(os.path.join(runs, f'{name}.json')))[-1]
+    saved = np.load(os.path.join(runs, f'{name}_labels.npz'))
+    if 'features' not in saved.files:
+        raise SystemExit(f'{runs}/{name}_labels.npz holds no network features (a run older than --views)')
+    seed = int(record['seed'])
+    best = int(record['disca']['best_iteration'])
+    kept, truth = saved['iteration_labels'][best], saved['truth']
+    sim = bench_disca.simulate(n_cond or record['n_per_class'], snr, tilt, box, seed)
+    if not np.array_equal(sim.labels, truth):
+        raise SystemExit(f'{name}: the simulated set does not match the saved run')
+    network = saved['features'].astype(np.float64)
+    invariants = features.invariant_features(sim.stack)
+    options = dict(em.TRAINING['cpu'])
+
+    def standardised(x):
+        return (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8)
+
+    def joint(members, dim):
+        return np.concatenate([PCA(n_components=dim, whiten=True, random_state=seed).fit_transform(standardised(v[members]))
+                               for v in (network, invariants)], axis=1)
+
+    views = {'spectral': lambda m: features.spectral_features(sim.stack[m]), 'invariants': lambda m: invariants[m],
+             'network': lambda m: network[m]}
+    views.update({f'joint{d}': (lambda m, d=d: joint(m, d)) for d in joint_dims})
+    rows = []
+    for c in range(int(kept.max()) + 1):
+        members = np.flatnonzero(kept == c)
+        composition = np.bincount(truth[members], minlength=len(sim.class_names))
+        major = np.argsort(composition)[::-1][:2]
+        for view_name, view in views.items():
+            _, side, _, info = checks.split_cluster(view(members), options, seed, min_separation=0.0,
+                                                    min_size=int(options['min_per_cluster']))
+            row = {'cluster': c, 'members': int(len(members)), 'composition': composition.tolist(), 'view': view_name,
+                   'bic': 'two' if info.get('bic_two', np.inf) < info.get('bic_one', -np.inf) else 'one',
+                   'separation': info.get('separation'), 'sizes': info.get('sizes')}
+            if side is not None:
+                t = truth[members]
+                pair = np.isin(t, major)
+                right = np.mean((t[pair] == major[0]) == (side[pair] == 0))
+                row['right_side'] = round(float(max(right, 1.0 - right)), 3)
+                labels = kept.copy()
+                labels[members[side == 1]] = kept.max() + 1
+                row['v_measure_split'] = round(float(mixtures.clustering_scores(truth, labels)['v_measure']), 4)
+            rows.append(row)
+            print(name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    return {'condition': name, 'runs': runs, 'seed': seed, 'kept_iteration': best,
+            'v_measure_kept': mixtures.clustering_scores(truth, kept)['v_measure'], 'rows': rows}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--runs', help='folder of a bench_disca.py run (<condition>.json and '
@@ -219,8 +283,23 @@ def main(argv=None):
                         help="give the condition's tilt range (turns on the orientation guard of each split)")
     parser.add_argument('--view', choices=('spectral', 'invariants'), default='spectral',
                         help="with --truth: the features the split is tested on (spectral: the split check's)")
+    parser.add_argument('--views', action='store_true',
+                        help="with --runs: each kept cluster's split on every view (needs the run's stored features)")
+    parser.add_argument('--joint-dims', default='8', help='with --views: comma-separated PCA dimensions per view (8)')
     parser.add_argument('--out', default=None, help='where the results go (default: --runs)')
     args = parser.parse_args(argv)
+    if args.views:
+        if not args.runs:
+            parser.error('--views needs --runs')
+        out = args.out or args.runs
+        os.makedirs(out, exist_ok=True)
+        for name in args.conditions.split(','):
+            result = split_views(args.runs, name, [int(d) for d in args.joint_dims.split(',')])
+            path = os.path.join(out, f'{name}_views.json')
+            with open(path + '.part', 'w') as fh:
+                json.dump(result, fh, indent=1)
+            os.replace(path + '.part', path)
+        return 0
     if args.truth:
         out = args.out or 'bench/results/disca_truth'
         os.makedirs(out, exist_ok=True)
