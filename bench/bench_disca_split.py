@@ -39,7 +39,8 @@ With --views (a run made since `bench_disca.py` stores the kept iteration's netw
 cluster's best two-Gaussian split (`checks.split_cluster`, BIC and separation reported, the separation bar
 not applied) is measured on every view: spectral (the split check's), invariants
 (`features.invariant_features`), network (the stored features) and joint — each of network and invariants
-standardised and whitened in its own PCA of --joint-dims dimensions, side by side. Per cluster and view:
+reduced by its own standardised PCA to --joint-dims dimensions, side by side (whitened by the split
+test's own standardisation). Per cluster and view:
 BIC's choice, separation D, sizes, the share of the members of the cluster's two most common true classes
 on their own side, and the V-measure of the run's labels with that one cluster split.
 
@@ -210,7 +211,6 @@ def truth_decisions(name, n_per_class, seed, box=32, preset='cpu', with_tilt=Tru
 
 def split_views(runs, name, joint_dims=(8,), box=32):
     """The kept clusters of a finished run, each split on every view (see the module doc)."""
-    from sklearn.decomposition import PCA
     from cryopick_plugin.engine.disca import features
     snr, tilt, n_cond, _ = bench_disca.CONDITIONS[name]
     record = json.load(open(os.path.join(runs, f'{name}.json')))[-1]
@@ -227,12 +227,10 @@ def split_views(runs, name, joint_dims=(8,), box=32):
     invariants = features.invariant_features(sim.stack)
     options = dict(em.TRAINING['cpu'])
 
-    def standardised(x):
-        return (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8)
-
     def joint(members, dim):
-        return np.concatenate([PCA(n_components=dim, whiten=True, random_state=seed).fit_transform(standardised(v[members]))
-                               for v in (network, invariants)], axis=1)
+        # split_cluster standardises every column over the members, so each view's PCA is whitened there
+        return np.concatenate([features.standardised_pca(v[members], dim, seed) for v in (network, invariants)],
+                              axis=1)
 
     views = {'spectral': lambda m: features.spectral_features(sim.stack[m]), 'invariants': lambda m: invariants[m],
              'network': lambda m: network[m]}

@@ -45,10 +45,12 @@ def turned_separations(name, seed, n_per_class, box=32, copies=2, views=tuple(VI
         for classes, kind in groups:
             members = np.flatnonzero(np.isin(sim.labels, classes))
             truth_side = (sim.labels[members] != classes[0]).astype(int)
-            side = (two_gaussian_side(values[members], options, seed)
-                    if kind == 'one molecule' or pair_sides == 'fit' else truth_side)
-            split = checks.split_cluster(values[members], options, seed, min_separation=0.0,
-                                         min_size=int(options['min_per_cluster']))[3]
+            _, fit_side, _, split = checks.split_cluster(values[members], options, seed, min_separation=0.0,
+                                                         min_size=int(options['min_per_cluster']))
+            if kind == 'two molecules' and pair_sides == 'truth':
+                side = truth_side
+            else:   # split_cluster's fit, which it returns only when BIC prefers two groups
+                side = fit_side if fit_side is not None else two_gaussian_side(values[members], options, seed)
             original = checks._side_separation(values[members], side, seed=seed)
             rng = np.random.default_rng(seed + 15485863)
             copies_values = np.concatenate([view(features.random_rotations(sim.stack[members], rng,
