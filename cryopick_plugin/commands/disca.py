@@ -87,6 +87,16 @@ def add_args(parser):
                              'clusters and run at most N more EM iterations from them (a split that none of their '
                              'clusterings keeps apart, and whose sides do not stay apart when turned, is rejected), then check again '
                              '(default 5; 0: keep the split clusters as they are)')
+    parser.add_argument('--align-refine', action='store_true',
+                        help='after clustering, refine the clusters by multi-reference alignment with the missing '
+                             'wedge: each cluster gets a reference grown from its members (orientations found by '
+                             'alignment), is tested for two molecules on held-out members and split when they '
+                             'are, then every subtomogram is classified against all references. Recovers '
+                             'molecules the network features mix at very low SNR; writes aligned, '
+                             'wedge-compensated class averages. Adds ~10 min per 1 000 subtomograms on 2 CPU cores')
+    parser.add_argument('--align-orientations', type=int, default=2000, metavar='N',
+                        help='orientations of the global search grid of --align-refine (2000, ≈ 20° apart; '
+                             'each best one is then refined locally)')
     parser.add_argument('--seed', type=int, default=0, help='random seed (0)')
     parser.add_argument('--device', default=None, help="'auto', 'cpu' or 'cuda' (default $CRYOPICK_DEVICE or auto)")
     add_threads_arg(parser)
@@ -105,6 +115,8 @@ def main(args):
         raise InputError('--wedge-tilt', f"must be between 0 and 90 degrees, got {args.wedge_tilt:g}")
     if args.refine_iter is not None and args.refine_iter < 0:
         raise InputError('--refine-iter', f"must be 0 or more, got {args.refine_iter}")
+    if args.align_orientations < 50:
+        raise InputError('--align-orientations', f"must be at least 50, got {args.align_orientations}")
     if args.k_min < 1 or args.k_max < args.k_min:
         raise InputError('--k-min/--k-max', f"bad range {args.k_min}..{args.k_max}")
     tilt = args.wedge_tilt
@@ -125,20 +137,41 @@ def main(args):
     model_path = os.path.join(args.out, 'disca_model.pt')
     model.save_disca_model(model_path, result, {'voxel_size': voxel,
                                                 'source': os.path.abspath(args.subtomograms)})
+    labels, probabilities, k, alignment = result.labels, result.probabilities, result.k, None
+    if args.align_refine:
+        from cryopick_plugin.engine.disca import align
+        alignment = align.run(stack, result.labels, result.features, tilt_range=result.options.get('wedge_tilt'),
+                              n_rotations=args.align_orientations, seed=args.seed, say=logger.info)
+        labels, k = alignment['labels'], alignment['record']['k']
+        # One column of probabilities per class, as the network's posterior has: the assigned class's
+        # posterior under the alignment model, where labelled_table reads it.
+        probabilities = np.zeros((len(labels), k))
+        probabilities[np.arange(len(labels)), labels] = alignment['probability']
     write_star(os.path.join(args.out, 'labels.star'),
-               {'particles': labelled_table(table, result.labels, result.probabilities)})
+               {'particles': labelled_table(table, labels, probabilities)})
     averages = []
-    for c in range(result.k):
-        members = np.flatnonzero(result.labels == c)
+    for c in range(k):
+        members = np.flatnonzero(labels == c)
         name = f'class_{c + 1:03d}_average.mrc'
+        if alignment is not None:
+            write_mrc(os.path.join(args.out, name), alignment['averages'][c], voxel)
+            averages.append({'class': c + 1, 'file': name, 'size': int(len(members)), 'aligned': True,
+                             'note': 'members turned back by their alignment orientations, missing wedge '
+                                     'compensated'})
+            continue
         write_mrc(os.path.join(args.out, name), stack[members].mean(axis=0), voxel)
         averages.append({'class': c + 1, 'file': name, 'size': int(len(members)), 'aligned': False,
                          'note': 'plain average of the unaligned subtomograms of the class'})
-    summary = {'iterations': result.history, 'kept_iteration': result.best_iteration, 'k': result.k,
+    summary = {'iterations': result.history, 'kept_iteration': result.best_iteration, 'k': k,
                'class_averages': averages, 'model': 'disca_model.pt', 'labels': 'labels.star',
                'embeddings': 'embeddings.npz', 'meta': result.meta, 'wedge_note': note}
+    if alignment is not None:
+        summary['network_k'] = result.k
+        summary['alignment'] = alignment['record']
+        summary['alignment']['note'] = ('labels.star holds the classes of the alignment refinement; '
+                                        'disca_model.pt predicts the network\'s clusters (network_k)')
     with atomic_path(os.path.join(args.out, 'history.json')) as tmp:
         with open(tmp, 'w') as fh:
             json.dump(summary, fh, indent=1)
-    logger.info('K=%d clusters, sizes %s; results in %s', result.k, result.class_sizes(), args.out)
+    logger.info('K=%d clusters, sizes %s; results in %s', k, np.bincount(labels, minlength=k).tolist(), args.out)
     return 0

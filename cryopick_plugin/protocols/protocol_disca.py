@@ -159,6 +159,15 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                            'It costs three training epochs and up to this many more iterations. Empty: the '
                            'preset\'s default (5). 0: keep the split clusters as they are, unchecked by the '
                            'network.')
+        form.addParam('alignRefine', params.BooleanParam, default=False, label='Refine clusters by alignment',
+                      help='After clustering, refine the clusters by multi-reference alignment with the missing '
+                           'wedge, as subtomogram averaging does: each cluster gets a reference grown from its '
+                           'members (their orientations found by alignment), is tested on held-out members for '
+                           'two molecules and split when it holds them, then every subtomogram is classified '
+                           'against all references. At very low SNR with a strong wedge, where the network\'s '
+                           'features mix molecules, this recovers them; the class averages become aligned, '
+                           'wedge-compensated averages. Costs about 10 minutes per 1 000 subtomograms on 2 CPU '
+                           'cores. The DISCA model output still predicts the network\'s clusters.')
         form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,
                       help='Seed of the random number generators (weights, sampling), so a run can be repeated.')
         self._defineComputeParams(form, gpu=True)
@@ -205,6 +214,8 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
             args += ['--no-split-check']
         elif self.refineIter.get() is not None:
             args += ['--refine-iter', self.refineIter.get()]
+        if self.alignRefine.get():
+            args += ['--align-refine']
         self._runCryopick('disca', args, gpu=True)
 
     def createOutputStep(self):
@@ -246,6 +257,10 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
             return ['Clustering not ready yet.', wedge]
         classes = getattr(self, OUT_CLASSES)
         sizes = [c.getSize() for c in classes.iterItems()]
+        if self.alignRefine.get():
+            return [f'{len(sizes)} classes after alignment refinement of the network\'s clusters (K chosen by BIC '
+                    f'among {self.kMin.get()}–{self.kMax.get()}, then split where held-out members showed two '
+                    f'molecules), sizes {sizes}. Class averages are aligned and wedge-compensated.', wedge]
         return [f'{len(sizes)} clusters (K chosen by BIC among {self.kMin.get()}–{self.kMax.get()}), sizes '
                 f'{sizes}. Class averages are unaligned summaries.', wedge]
 

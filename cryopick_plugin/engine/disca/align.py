@@ -1,0 +1,463 @@
+"""Alignment refinement of DISCA's clusters: multi-reference 3D classification with the missing wedge.
+
+DISCA's network features are learnt without orientations; at low SNR and a strong wedge they stop telling
+some molecules apart (bench/README.md §2: SNR 0.01 ±40°) although the subtomograms still hold the
+difference — the true maps, matched over orientations, classify those sets almost perfectly
+(`bench/bench_disca_oracle.py`). This module recovers that information the way subtomogram averaging does,
+starting from DISCA's clusters:
+
+- Every cluster gets a reference, built from its members with orientations found by alignment (starting
+  from random orientations: the first average is a blob; alignment to it and averaging again sharpen it).
+- Each iteration scores every subtomogram against every reference turned to every orientation of a grid,
+  with the reference passed through the subtomogram's missing wedge (so the wedge is not mistaken for
+  structure), under Gaussian noise: log p(x | k, R) = (⟨x, W·R r_k⟩ − ‖W·R r_k‖² / 2) / τ².
+- Posteriors over (class, orientation) are the E-step; the M-step averages the members turned back,
+  divided in Fourier space by the sum of their turned-back wedges (wedge compensation).
+
+Work is done on subtomograms binned to a small odd box (default 17³: Fourier cropping to 16³ keeps the
+low frequencies that carry the signal at low SNR; one voxel of zero padding puts the particle centre —
+voxel box//2 — at the rotation centre). Engine code: no Scipion imports.
+"""
+import numpy as np
+from scipy import fft
+
+from .. import geometry
+from ..errors import InputError
+from . import yopo
+
+
+def _fft_grid_radius(n):
+    f = np.fft.fftfreq(n)
+    return np.sqrt(f[:, None, None] ** 2 + f[None, :, None] ** 2 + f[None, None, :] ** 2)
+
+
+def prepare(stack, box=16):
+    """Bin to `box`³ (Fourier cropping), normalise per subtomogram, pad to (box + 1)³ so the particle centre
+    (voxel box//2) is the centre of an odd box. Returns (n, b, b, b) float32 with b = box + 1 (odd)."""
+    stack = np.asarray(stack)
+    if stack.ndim != 4 or not (stack.shape[1] == stack.shape[2] == stack.shape[3]):
+        raise InputError('subtomograms', f"expected a stack of cubic subtomograms, got shape {stack.shape}")
+    box = min(int(box), stack.shape[-1])
+    if box % 2:
+        box -= 1
+    small = yopo.normalise_stack(yopo.bin_stack(stack, box))
+    return np.pad(small, [(0, 0)] + [(0, 1)] * 3).astype(np.float32)
+
+
+def wedge_filter(n, tilt_range):
+    """Full-spectrum (fftfreq layout) float mask of what a ±tilt_range series samples; ones if unknown."""
+    if tilt_range is None or tilt_range >= 90:
+        return np.ones((n,) * 3, np.float32)
+    return geometry.wedge_mask((n,) * 3, float(tilt_range)).astype(np.float32)
+
+
+def rotation_grid(n_rotations, seed=0):
+    """`n_rotations` orientations, uniformly random over SO(3) (RELION angles, degrees), reproducible."""
+    return geometry.random_eulers(int(n_rotations), np.random.default_rng(int(seed) + 7919))
+
+
+def soft_sphere(n, radius=None, edge=2.0):
+    c = (n - 1) / 2.0
+    r = np.sqrt(((np.indices((n,) * 3) - c) ** 2).sum(axis=0))
+    radius = (n / 2.0 - 1.0) if radius is None else radius
+    return np.clip((radius + edge - r) / edge, 0.0, 1.0).astype(np.float32)
+
+
+class Refinement:
+    """State and steps of one alignment refinement (see the module docstring)."""
+
+    def __init__(self, data, tilt_range=None, n_rotations=2000, top=3, lowpass=None, seed=0, chunk=256):
+        self.x = np.asarray(data, np.float32)
+        self.n_part, n = len(data), data.shape[-1]
+        self.n = n
+        self.flat = self.x.reshape(self.n_part, -1)
+        self.wedge = wedge_filter(n, tilt_range)
+        self.wedge_fraction = float(self.wedge.mean())
+        # The wedge as a real volume centred in the box (fftshift), so it turns with the same rotations.
+        self.wedge_centred = np.fft.fftshift(self.wedge)
+        radius = _fft_grid_radius(n)
+        self.lowpass = 0.5 if lowpass is None else float(lowpass)
+        self.band = (radius <= self.lowpass).astype(np.float32)
+        self.grid = rotation_grid(n_rotations, seed)
+        self.top = int(top)
+        self.chunk = int(chunk)
+        self.mask = soft_sphere(n)
+        self.tau2 = 1.0 / max(self.wedge_fraction, 1e-3)
+
+    # -- rendering ---------------------------------------------------------------------------------------
+    def render(self, ref, eulers):
+        """The reference turned to each orientation and passed through the wedge: (m, n³) float32."""
+        turned = np.stack([geometry.particle_from_reference(ref, *e) for e in eulers])
+        out = fft.irfftn(fft.rfftn(turned, axes=(1, 2, 3)) * self.wedge[..., :self.n // 2 + 1],
+                         s=(self.n,) * 3, axes=(1, 2, 3))
+        return out.reshape(len(eulers), -1).astype(np.float32)
+
+    def render_matrices(self, ref, mats):
+        """As `render`, for RELION A matrices (m, 3, 3)."""
+        turned = np.stack([geometry.rotate_volume(ref, a.T) for a in mats])
+        out = fft.irfftn(fft.rfftn(turned, axes=(1, 2, 3)) * self.wedge[..., :self.n // 2 + 1],
+                         s=(self.n,) * 3, axes=(1, 2, 3))
+        return out.reshape(len(mats), -1).astype(np.float32)
+
+    def loglik_rows(self, rows, rendered):
+        """log p(x_row | rendered_row) for paired rows (m,) and renderings (m, n³)."""
+        return (np.einsum('ij,ij->i', self.flat[rows], rendered)
+                - 0.5 * np.square(rendered).sum(axis=1)) / self.tau2
+
+    def local_refine(self, ref, rows, mats, ll, step_deg, tries=12, rounds=2, rng=None):
+        """Hill-climb each row's orientation A (RELION matrix) against `ref` by small random turns of
+        up to `step_deg` (halved each round); returns the improved (mats, ll)."""
+        from scipy.spatial.transform import Rotation
+        rng = rng or np.random.default_rng(0)
+        mats, ll = mats.copy(), ll.copy()
+        step = float(step_deg)
+        for _ in range(rounds):
+            for _t in range(tries):
+                axis = rng.standard_normal((len(rows), 3))
+                axis /= np.linalg.norm(axis, axis=1, keepdims=True)
+                angle = np.deg2rad(step) * rng.uniform(0.3, 1.0, size=(len(rows), 1))
+                turn = Rotation.from_rotvec(axis * angle).as_matrix()
+                cand = np.einsum('nij,njk->nik', mats, turn)
+                cand_ll = self.loglik_rows(rows, self.render_matrices(ref, cand))
+                better = cand_ll > ll
+                mats[better], ll[better] = cand[better], cand_ll[better]
+            step /= 2.0
+        return mats, ll
+
+    # -- E-step ------------------------------------------------------------------------------------------
+    def expectation(self, refs, log_prior, allowed=None):
+        """Per subtomogram and class: log Σ_R p(x | k, R) (uniform over the grid), and the `top` best
+        orientations with their log-likelihoods. `allowed` (n, K) bool restricts classes (False: −inf)."""
+        k_count = len(refs)
+        lse = np.full((self.n_part, k_count), -np.inf)
+        top_ll = np.full((self.n_part, k_count, self.top), -np.inf)
+        top_idx = np.zeros((self.n_part, k_count, self.top), np.int64)
+        for k, ref in enumerate(refs):
+            if allowed is not None and not allowed[:, k].any():
+                continue
+            for s in range(0, len(self.grid), self.chunk):
+                s_flat = self.render(ref, self.grid[s:s + self.chunk])
+                ll = (self.flat @ s_flat.T - 0.5 * np.square(s_flat).sum(axis=1)[None, :]) / self.tau2
+                ll = ll.astype(np.float64)
+                lse[:, k] = np.logaddexp(lse[:, k], np.logaddexp.reduce(ll, axis=1))
+                # Merge this chunk's best into the running top list.
+                cand_ll = np.concatenate([top_ll[:, k], ll], axis=1)
+                cand_idx = np.concatenate([top_idx[:, k], np.broadcast_to(np.arange(s, s + ll.shape[1]),
+                                                                          ll.shape)], axis=1)
+                pick = np.argpartition(-cand_ll, self.top - 1, axis=1)[:, :self.top]
+                top_ll[:, k] = np.take_along_axis(cand_ll, pick, axis=1)
+                top_idx[:, k] = np.take_along_axis(cand_idx, pick, axis=1)
+        order = np.argsort(-top_ll, axis=2)
+        top_ll = np.take_along_axis(top_ll, order, axis=2)
+        top_idx = np.take_along_axis(top_idx, order, axis=2)
+        lse -= np.log(len(self.grid))
+        joint = lse + log_prior[None, :]
+        if allowed is not None:
+            joint = np.where(allowed, joint, -np.inf)
+        gamma = np.exp(joint - np.logaddexp.reduce(joint, axis=1, keepdims=True))
+        return gamma, lse, top_ll, top_idx
+
+    # -- M-step ------------------------------------------------------------------------------------------
+    def maximisation(self, gamma, top_ll, top_idx, min_weight=1e-3, wiener=0.05):
+        """References from the members turned back by their top orientations, wedge-compensated."""
+        k_count = gamma.shape[1]
+        refs = np.zeros((k_count,) + (self.n,) * 3, np.float32)
+        w_rot = np.exp(top_ll - np.logaddexp.reduce(top_ll, axis=2, keepdims=True))
+        for k in range(k_count):
+            num = np.zeros((self.n,) * 3, np.complex128)
+            den = np.zeros((self.n,) * 3, np.float64)
+            for i in np.flatnonzero(gamma[:, k] > min_weight):
+                for m in range(self.top):
+                    w = gamma[i, k] * w_rot[i, k, m]
+                    if w < min_weight:
+                        continue
+                    e = self.grid[top_idx[i, k, m]]
+                    back = geometry.reference_from_particle(self.x[i], *e)
+                    num += w * fft.fftn(back)
+                    den += w * np.fft.ifftshift(geometry.reference_from_particle(self.wedge_centred, *e))
+            if den.max() <= 0:
+                continue
+            ref_f = num / (den + wiener * den.max()) * self.band
+            refs[k] = np.real(fft.ifftn(ref_f)).astype(np.float32) * self.mask
+        return refs
+
+    def maximisation_mats(self, gamma, mats, lowpass=None, min_weight=0.05, wiener=0.05):
+        """References from every member turned back by its refined orientation for that class (weight: its
+        class posterior), divided by the sum of the turned-back wedges (wedge compensation)."""
+        k_count = gamma.shape[1]
+        band = self.band if lowpass is None else (_fft_grid_radius(self.n) <= lowpass).astype(np.float32)
+        refs = np.zeros((k_count,) + (self.n,) * 3, np.float32)
+        for k in range(k_count):
+            num = np.zeros((self.n,) * 3, np.complex128)
+            den = np.zeros((self.n,) * 3, np.float64)
+            for i in np.flatnonzero(gamma[:, k] > min_weight):
+                a = mats[i, k]
+                num += gamma[i, k] * fft.fftn(geometry.rotate_volume(self.x[i], a))
+                den += gamma[i, k] * np.fft.ifftshift(geometry.rotate_volume(self.wedge_centred, a))
+            if den.max() <= 0:
+                continue
+            ref_f = num / (den + wiener * den.max()) * band
+            refs[k] = np.real(fft.ifftn(ref_f)).astype(np.float32) * self.mask
+        return refs
+
+
+def refine(data, labels, tilt_range=None, n_rotations=2000, fixed_iterations=6, free_iterations=6,
+           top=1, local_step=10.0, lowpass_start=0.25, anneal=1.0, anneal_iterations=None, seed=0, say=None,
+           truth=None, start_eulers=None, start_mats=None, tau2=None, start_refs=None):
+    """Alignment refinement of a clustering; returns dict(labels, gamma, references, history).
+
+    The first `fixed_iterations` keep every subtomogram in its cluster (only orientations are searched: the
+    references grow out of blobs, at a resolution rising from `lowpass_start` to Nyquist); the next
+    `free_iterations` let subtomograms change class."""
+    from scipy.spatial.transform import Rotation
+    say = say or (lambda *_: None)
+    labels = np.asarray(labels)
+    ks = np.unique(labels)
+    lab = np.searchsorted(ks, labels)
+    k_count = len(ks)
+    ref = Refinement(data, tilt_range=tilt_range, n_rotations=n_rotations, top=top, seed=seed)
+    rng = np.random.default_rng(seed)
+    grid_mats = np.stack([geometry.euler_to_matrix(*e) for e in ref.grid])
+    # Start: each member at a random orientation, i.e. every reference a blob.
+    gamma = np.eye(k_count)[lab]
+    if start_mats is not None:
+        start = np.asarray(start_mats)
+    elif start_eulers is not None:
+        start = np.stack([geometry.euler_to_matrix(*e) for e in start_eulers])
+    else:
+        start = Rotation.random(ref.n_part, random_state=rng).as_matrix()
+    if tau2 is not None:
+        ref.tau2 = float(tau2)
+    if anneal_iterations is None:
+        anneal_iterations = 0.6 * fixed_iterations
+    mats = np.broadcast_to(start[:, None], (ref.n_part, k_count, 3, 3)).copy()
+    refs = (ref.maximisation_mats(gamma, mats, lowpass=lowpass_start) if start_refs is None
+            else np.asarray(start_refs, np.float32))
+    history = []
+    allowed_fixed = gamma > 0
+    log_prior = np.zeros(k_count)
+    for it in range(fixed_iterations + free_iterations):
+        fixed = it < fixed_iterations
+        lowpass = lowpass_start + (0.5 - lowpass_start) * min(1.0, it / max(1, fixed_iterations - 1))
+        gamma, lse, top_ll, top_idx = ref.expectation(refs, log_prior, allowed=allowed_fixed if fixed else None)
+        temperature = 1.0 + (anneal - 1.0) * max(0.0, 1.0 - it / max(1.0, anneal_iterations))
+        best_ll = top_ll[:, :, 0].max(axis=1)
+        if temperature > 1.0:
+            # Early on, orientations are uncertain: average over the top ones with tempered weights, so the
+            # references grow out of the blob without locking onto the first, mostly wrong, alignments.
+            refs = ref.maximisation(gamma, top_ll / temperature, top_idx)
+            mats = np.stack([grid_mats[top_idx[:, k, 0]] for k in range(k_count)], axis=1)
+            ks_loop = ()
+        else:
+            ks_loop = range(k_count)
+        for k in ks_loop:
+            rows = np.flatnonzero(gamma[:, k] > 0.05)
+            if not len(rows):
+                continue
+            m, ll = ref.local_refine(refs[k], rows, grid_mats[top_idx[rows, k, 0]], top_ll[rows, k, 0],
+                                     local_step, rng=rng)
+            mats[rows, k] = m
+            best_ll[rows] = np.maximum(best_ll[rows], ll)
+        if temperature <= 1.0:
+            refs = ref.maximisation_mats(gamma, mats, lowpass=lowpass)
+        hard = gamma.argmax(axis=1)
+        # τ² from the residuals at each subtomogram's best class and refined orientation
+        res = 0.0
+        for k in range(k_count):
+            rows = np.flatnonzero(hard == k)
+            if len(rows):
+                res += float(np.square(ref.flat[rows] - ref.render_matrices(refs[k], mats[rows, k])).sum())
+        ref.tau2 = res / (ref.n_part * ref.flat.shape[1] * ref.wedge_fraction)
+        row = {'iteration': it, 'fixed': fixed, 'temperature': round(temperature, 2), 'lowpass': round(lowpass, 3), 'tau2': round(ref.tau2, 4),
+               'sizes': np.bincount(hard, minlength=k_count).tolist(),
+               'loglik': round(float(np.logaddexp.reduce(lse, axis=1).sum()), 1),
+               'refined_gain': round(float(np.mean(best_ll - top_ll[np.arange(ref.n_part), hard, 0])), 2)}
+        if truth is not None:
+            from sklearn.metrics import v_measure_score
+            row['v_measure'] = round(float(v_measure_score(truth, hard)), 4)
+        history.append(row)
+        say(row)
+    return {'labels': ks[gamma.argmax(axis=1)], 'gamma': gamma, 'references': refs, 'history': history,
+            'orientations': mats, 'tau2': ref.tau2,
+            'loglik': history[-1]['loglik'] if history else None}
+
+
+def split_test(data, members, mats, tilt_range=None, n_rotations=2000, iterations=8, anneal=5.0, tau2=None,
+               seed=0, say=None, start_sides=None, ab_initio_iterations=0):
+    """Does a cluster hold two molecules? Cross-validated on its members' own subtomograms.
+
+    The members are halved at random. A two-class refinement of the first half (random start, member
+    orientations from the cluster's refinement) makes two references; each subtomogram of the second half
+    is then scored against both (orientations searched): Δ = log p(x | a) − log p(x | b). Two molecules
+    give two separated groups of Δ; one molecule — whatever its orientations to the wedge, which the
+    references and the scoring both account for — gives one group around zero, because the first half's
+    noise, which is all that can make its two references differ, is independent of the second half's.
+    Returns dict(delta, bic_two_better, separation, sides_first_half, refs)."""
+    from sklearn.mixture import GaussianMixture
+    rng = np.random.default_rng(seed)
+    members = np.asarray(members)
+    order = rng.permutation(len(members))
+    first, second = order[: len(members) // 2], order[len(members) // 2:]
+    sides = rng.integers(0, 2, len(first)) if start_sides is None else np.asarray(start_sides)[first]
+    if ab_initio_iterations:
+        # Each side's reference grown afresh (random orientations, annealed), then members free to move.
+        res = refine(data[members[first]], sides, tilt_range=tilt_range, n_rotations=n_rotations,
+                     fixed_iterations=ab_initio_iterations, free_iterations=iterations, anneal=anneal,
+                     lowpass_start=0.5, top=5, tau2=tau2, seed=seed + 1)
+    else:
+        res = refine(data[members[first]], sides, tilt_range=tilt_range,
+                     n_rotations=n_rotations, fixed_iterations=0, free_iterations=iterations, anneal=anneal,
+                     anneal_iterations=iterations // 2, start_mats=mats[first], tau2=tau2, seed=seed + 1,
+                     top=5)
+    held = Refinement(data[members[second]], tilt_range=tilt_range, n_rotations=n_rotations, seed=seed)
+    held.tau2 = res['tau2']
+    _, lse, _, _ = held.expectation(res['references'], np.zeros(2))
+    delta = lse[:, 0] - lse[:, 1]
+    d = delta.reshape(-1, 1)
+    one = GaussianMixture(1, random_state=seed).fit(d)
+    two = GaussianMixture(2, random_state=seed, n_init=3).fit(d)
+    mu, var = two.means_.ravel(), two.covariances_.ravel()
+    sep = float(abs(mu[0] - mu[1]) / np.sqrt(0.5 * (var[0] + var[1])))
+    # Cross-validated likelihood: the two references against one, all made from the first half, on the
+    # second. One reference from twice the members is less noisy, so it wins on one molecule; two
+    # references win only when the second half really holds two kinds of subtomogram.
+    # The single reference made exactly as the two were, so that only the number of references differs.
+    if ab_initio_iterations:
+        single = refine(data[members[first]], np.zeros(len(first), int), tilt_range=tilt_range,
+                        n_rotations=n_rotations, fixed_iterations=ab_initio_iterations, free_iterations=iterations,
+                        anneal=anneal, lowpass_start=0.5, top=5, tau2=tau2, seed=seed + 1)['references']
+    else:
+        first_data = Refinement(data[members[first]], tilt_range=tilt_range, n_rotations=n_rotations, seed=seed)
+        single = first_data.maximisation_mats(np.ones((len(first), 1)), mats[first][:, None])
+    _, lse_one, _, _ = held.expectation(single, np.zeros(1))
+    share = np.clip(np.bincount(res['labels'], minlength=2) / len(first), 0.05, 0.95)
+    mixture = np.logaddexp(lse[:, 0] + np.log(share[0]), lse[:, 1] + np.log(share[1]))
+    gain = mixture - lse_one[:, 0]
+    z = float(gain.mean() / (gain.std() + 1e-12) * np.sqrt(len(gain)))
+    out = {'delta': delta, 'second_half': members[second], 'bic_two_better': bool(two.bic(d) < one.bic(d)),
+           'separation': sep, 'weights': two.weights_.round(3).tolist(), 'means': mu.round(2).tolist(),
+           'first_half_sizes': np.bincount(res['labels'], minlength=2).tolist(), 'refs': res['references'],
+           'cv_gain': float(gain.mean()), 'cv_z': z}
+    if say:
+        say({k: v for k, v in out.items() if k not in ('delta', 'second_half', 'refs')})
+    return out
+
+
+# Separation (Ashman's D) of the two groups of held-out Δ that a split needs, beside BIC's preference for two.
+SPLIT_MIN_SEPARATION = 3.0
+
+
+def split_accepted(test, min_separation=SPLIT_MIN_SEPARATION):
+    """`split_test`'s verdict: the held-out members fall into two groups of Δ, clearly apart."""
+    return bool(test['bic_two_better'] and test['separation'] >= min_separation)
+
+
+def feature_sides(features, seed=0, dim=6):
+    """A two-way partition of one cluster's members on DISCA's network features (a start for `split_test`)."""
+    from sklearn.mixture import GaussianMixture
+    from .features import standardised_pca
+    z = standardised_pca(np.asarray(features, np.float64), dim, seed=seed)
+    return GaussianMixture(2, random_state=seed, n_init=3).fit_predict(z)
+
+
+def align_refine(data, labels, features=None, tilt_range=None, n_rotations=2000, fixed_iterations=14,
+                 free_iterations=3, split_ab_initio=10, split_iterations=8, min_separation=SPLIT_MIN_SEPARATION,
+                 min_size=10,
+                 seed=0, say=None, truth=None, base=None):
+    """DISCA's clusters refined by alignment: references grown per cluster, every cluster tested for two
+    molecules (`split_test`, accepted when BIC prefers two groups of Δ and they lie `min_separation`
+    apart), accepted splits made, then `free_iterations` of multi-reference classification."""
+    say = say or (lambda *_: None)
+    labels = np.asarray(labels)
+    base = base or refine(data, labels, tilt_range=tilt_range, n_rotations=n_rotations, fixed_iterations=fixed_iterations,
+                  free_iterations=0, anneal=10.0, top=5, lowpass_start=0.5, seed=seed, truth=truth,
+                  say=lambda r: say({'stage': 'references', **r}))
+    ks = np.unique(labels)
+    new_labels = np.searchsorted(ks, labels)
+    refs = list(base['references'])
+    tests = []
+    for j in range(len(ks)):
+        members = np.flatnonzero(new_labels == j)
+        if len(members) < 4 * min_size:
+            continue
+        sides = feature_sides(features[members], seed) if features is not None else None
+        t = split_test(data, members, base['orientations'][:, j], tilt_range=tilt_range, n_rotations=n_rotations,
+                       iterations=split_iterations, tau2=base['tau2'], seed=seed + 17 * j, start_sides=sides,
+                       ab_initio_iterations=split_ab_initio)
+        held = Refinement(data[members], tilt_range=tilt_range, n_rotations=n_rotations, seed=seed)
+        held.tau2 = base['tau2']
+        _, lse, _, _ = held.expectation(t['refs'], np.zeros(2))
+        side = (lse[:, 1] > lse[:, 0]).astype(int)
+        sizes = np.bincount(side, minlength=2)
+        accepted = bool(split_accepted(t, min_separation) and sizes.min() >= min_size)
+        row = {'cluster': j, 'size': int(len(members)), 'separation': round(t['separation'], 3),
+               'cv_gain': round(t['cv_gain'], 3), 'cv_z': round(t['cv_z'], 2),
+               'bic_two_better': t['bic_two_better'], 'sides': sizes.tolist(), 'accepted': accepted}
+        if truth is not None:
+            row['truth'] = np.bincount(truth[members], minlength=int(truth.max()) + 1).tolist()
+            row['truth_side1'] = np.bincount(truth[members[side == 1]], minlength=int(truth.max()) + 1).tolist()
+        say({'stage': 'split test', **row})
+        tests.append(row)
+        if accepted:
+            new_labels[members[side == 1]] = len(refs)
+            refs[j] = t['refs'][0]
+            refs.append(t['refs'][1])
+    if free_iterations:
+        final = refine(data, new_labels, tilt_range=tilt_range, n_rotations=n_rotations, fixed_iterations=0,
+                       free_iterations=free_iterations, top=1, seed=seed + 1, tau2=base['tau2'], lowpass_start=0.5,
+                       start_refs=np.stack(refs), truth=truth, say=lambda r: say({'stage': 'classification', **r}))
+        out_labels = final['labels']
+    else:
+        final, out_labels = None, new_labels
+    return {'labels': out_labels, 'split_labels': new_labels, 'tests': tests, 'base': base, 'final': final}
+
+
+def aligned_averages(stack, labels, matrices, tilt_range=None, wiener=0.05):
+    """Each class's wedge-compensated average at the subtomograms' own box: members turned back by their
+    orientations (RELION A matrices, (n, 3, 3)) about voxel box//2, where particles are centred."""
+    stack = np.asarray(stack, np.float32)
+    box = stack.shape[-1]
+    n = box + 1 - box % 2  # odd, so voxel box//2 is the rotation centre
+    wedge_centred = np.fft.fftshift(wedge_filter(n, tilt_range))
+    out = {}
+    for c in np.unique(labels):
+        num = np.zeros((n,) * 3, np.complex128)
+        den = np.zeros((n,) * 3, np.float64)
+        for i in np.flatnonzero(labels == c):
+            padded = np.pad(stack[i], [(0, n - box)] * 3)
+            num += fft.fftn(geometry.rotate_volume(padded, matrices[i]))
+            den += np.fft.ifftshift(geometry.rotate_volume(wedge_centred, matrices[i]))
+        vol = np.real(fft.ifftn(num / (den + wiener * max(den.max(), 1e-12))))
+        out[int(c)] = vol[:box, :box, :box].astype(np.float32)
+    return out
+
+
+def run(stack, labels, features=None, tilt_range=None, n_rotations=2000, box=16, seed=0, say=None):
+    """`align_refine` on a stack as DISCA read it; returns dict(labels (0..K'-1), probability (of the
+    assigned class), matrices (n, 3, 3), averages {class: volume}, record (JSON-able))."""
+    import time
+    say = say or (lambda *_: None)
+    t0 = time.time()
+    labels = np.asarray(labels)
+    data = prepare(stack, box)
+    say(f"alignment refinement: {len(data)} subtomograms at {data.shape[-1]}³, {n_rotations} orientations, "
+        f"missing wedge {'±%g°' % tilt_range if tilt_range else 'not known (none assumed)'}")
+    steps = []
+
+    def log(row):
+        steps.append({k: v for k, v in row.items() if k != 'truth'})
+        say('alignment ' + ', '.join(f'{k} {v}' for k, v in row.items()))
+    res = align_refine(data, labels, features=features, tilt_range=tilt_range, n_rotations=n_rotations,
+                       seed=seed, say=log)
+    final = res['final'] or res['base']
+    gamma = final['gamma']
+    hard = gamma.argmax(axis=1)
+    # Classes that lost every member are dropped; labels renumbered 0..K'-1 in order of first use.
+    used, new = np.unique(hard, return_inverse=True)
+    matrices = final['orientations'][np.arange(len(hard)), hard]
+    averages = aligned_averages(stack, new, matrices, tilt_range)
+    record = {'steps': steps, 'tests': res['tests'], 'k_before': int(len(np.unique(labels))),
+              'k': int(len(used)), 'orientations': n_rotations, 'box': int(data.shape[-1]),
+              'tilt_range': tilt_range, 'seconds': round(time.time() - t0, 1)}
+    return {'labels': new, 'probability': gamma[np.arange(len(hard)), hard], 'matrices': matrices,
+            'averages': averages, 'record': record}

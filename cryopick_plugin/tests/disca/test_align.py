@@ -1,0 +1,128 @@
+"""DISCA's alignment refinement (`engine.disca.align`): wedge-compensated averages, references grown from
+blobs by alignment, the held-out split test, and `cryopick disca --align-refine`."""
+import json
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from cryopick_plugin.engine import geometry
+from cryopick_plugin.engine.disca import align
+from cryopick_plugin.engine.sim.subtomograms import simulate_subtomograms
+
+
+def _cc(a, b):
+    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+    return float(a @ b / np.sqrt((a @ a) * (b @ b)))
+
+
+def _through_wedge(volume, tilt):
+    w = align.wedge_filter(volume.shape[-1], tilt)
+    return np.real(np.fft.ifftn(np.fft.fftn(volume) * w)).astype(np.float32)
+
+
+@pytest.fixture(scope='module')
+def two_molecules():
+    """Two small synthetic molecules (two lobes; a rod), 24 each, ±60° wedge, moderate noise."""
+    return simulate_subtomograms(classes=['two_lobe', 'rod'], n_per_class=24, box=24, snr=1.0, tilt_range=60.0,
+                                 seed=5, synthetic=True)
+
+
+def test_wedge_compensated_average_restores_what_each_view_misses():
+    """Ten copies of one asymmetric shape at known orientations, each missing a ±30° wedge: turned back and
+    divided by their turned-back wedges they give the shape again; a plain aligned average keeps the
+    wedges' blur."""
+    box = 21
+    z, y, x = np.indices((box,) * 3).astype(float) - box // 2
+    shape = (((x - 3) / 5.0) ** 2 + (y / 2.5) ** 2 + (z / 2.5) ** 2 <= 1) | ((x + 4) ** 2 + (y - 3) ** 2 + z ** 2 <= 9)
+    shape = shape.astype(np.float32)
+    mats = np.stack([geometry.euler_to_matrix(*e) for e in geometry.random_eulers(10, np.random.default_rng(1))])
+    stack = np.stack([_through_wedge(geometry.rotate_volume(shape, a.T), 30.0) for a in mats])
+    compensated = align.aligned_averages(stack, np.zeros(len(stack), int), mats, tilt_range=30.0)[0]
+    plain = align.aligned_averages(stack, np.zeros(len(stack), int), mats, tilt_range=None)[0]
+    assert _cc(compensated, shape) > 0.85
+    assert _cc(compensated, shape) > _cc(plain, shape) + 0.04
+
+
+def test_references_grow_from_blobs_and_members_keep_their_classes(two_molecules):
+    """From random orientations (every reference a blob) the annealed alignment finds each molecule: its
+    reference correlates with the true shape turned to the best orientation, and with its members
+    free to move, each class keeps its own molecule."""
+    sim = two_molecules
+    data = align.prepare(sim.stack, 16)
+    assert data.shape[1:] == (17, 17, 17)
+    res = align.refine(data, sim.labels, tilt_range=60.0, n_rotations=300, fixed_iterations=6, free_iterations=2,
+                       anneal=10.0, top=5, lowpass_start=0.5, seed=0)
+    assert np.mean(res['labels'] == sim.labels) > 0.95
+    logliks = [row['loglik'] for row in res['history']]
+    assert logliks[5] > logliks[0]                       # the fixed phase sharpened the references
+    # Each reference is its molecule, turned: against the true shape (the clean subtomograms turned back
+    # by their true orientations), the best turn of the grown reference correlates far better than the
+    # blob it grew from.
+    clean = align.prepare(simulate_subtomograms(classes=['two_lobe', 'rod'], n_per_class=24, box=24, snr=1.0,
+                                                tilt_range=90.0, seed=5, synthetic=True, keep_clean=True).clean, 16)
+    grid = align.rotation_grid(1500, seed=1)
+    blobs = align.Refinement(data, tilt_range=60.0).maximisation_mats(
+        np.eye(2)[sim.labels], np.broadcast_to(Rotation.random(len(data), random_state=0).as_matrix()[:, None],
+                                               (len(data), 2, 3, 3)))
+    for k in (0, 1):
+        members = np.flatnonzero(sim.labels == k)
+        truth = np.mean([geometry.reference_from_particle(clean[i], *sim.eulers[i]) for i in members], axis=0)
+
+        def best_cc(ref):
+            return max(_cc(geometry.particle_from_reference(ref, *e) * align.soft_sphere(17), truth * align.soft_sphere(17))
+                       for e in grid)
+        grown, blob = best_cc(res['references'][k]), best_cc(blobs[k])
+        assert grown > 0.8 and grown > blob + 0.1, (k, grown, blob)
+
+
+def test_split_test_finds_two_molecules_and_keeps_one_whole(two_molecules):
+    sim = two_molecules
+    data = align.prepare(sim.stack, 16)
+    base = align.refine(data, np.zeros(len(data), int), tilt_range=60.0, n_rotations=300, fixed_iterations=4,
+                        free_iterations=0, anneal=10.0, top=5, lowpass_start=0.5, seed=0)
+    both = np.arange(len(data))
+    mixed = align.split_test(data, both, base['orientations'][:, 0], tilt_range=60.0, n_rotations=300,
+                             tau2=base['tau2'], seed=0, ab_initio_iterations=4, iterations=3)
+    assert align.split_accepted(mixed)
+    lobes = np.flatnonzero(sim.labels == 0)
+    one = align.refine(data[lobes], np.zeros(len(lobes), int), tilt_range=60.0, n_rotations=300,
+                       fixed_iterations=4, free_iterations=0, anneal=10.0, top=5, lowpass_start=0.5, seed=0)
+    single = align.split_test(data[lobes], np.arange(len(lobes)), one['orientations'][:, 0], tilt_range=60.0,
+                              n_rotations=300, tau2=one['tau2'], seed=0, ab_initio_iterations=4, iterations=3)
+    assert not align.split_accepted(single)
+
+
+def test_disca_command_with_alignment_refinement(tmp_path, two_molecules):
+    from cryopick_plugin.commands import main
+    from cryopick_plugin.engine.io.star import read_star_blocks
+    from cryopick_plugin.tests.disca.test_disca import _write_star
+    sim = two_molecules
+    star = _write_star(tmp_path, sim.stack, cpTiltAngleMin=-60.0, cpTiltAngleMax=60.0)
+    out = tmp_path / 'run'
+    # The network made to keep both molecules in one cluster (K = 1): the alignment refinement finds two.
+    assert main(['disca', str(star), '--out', str(out), '--max-iter', '1', '--k-min', '1', '--k-max', '1',
+                 '--device', 'cpu', '--no-split-check', '--align-refine', '--align-orientations', '300']) == 0
+    table = next(iter(read_star_blocks(out / 'labels.star').values()))
+    history = json.loads((out / 'history.json').read_text())
+    k = history['k']
+    assert int(table['rlnClassNumber'].max()) == k and table['rlnClassNumber'].min() == 1
+    assert ((table['rlnAutopickFigureOfMerit'] > 0) & (table['rlnAutopickFigureOfMerit'] <= 1)).all()
+    record = history['alignment']
+    assert record['k_before'] == history['network_k'] and record['tilt_range'] == 60.0
+    assert record['k_before'] == 1 and [t['accepted'] for t in record['tests']] == [True] and k == 2
+    found = table['rlnClassNumber'].to_numpy() - 1
+    assert max(np.mean(found == sim.labels), np.mean(found != sim.labels)) > 0.9
+    assert [a['aligned'] for a in history['class_averages']] == [True] * k
+    assert sum(a['size'] for a in history['class_averages']) == len(sim.stack)
+
+
+def test_disca_command_refuses_a_tiny_orientation_grid(tmp_path, capsys, two_molecules):
+    from cryopick_plugin.commands import main
+    from cryopick_plugin.tests.disca.test_disca import _write_star
+    star = _write_star(tmp_path, two_molecules.stack[:20])
+    assert main(['disca', str(star), '--out', str(tmp_path / 'o'), '--align-refine',
+                 '--align-orientations', '10']) != 0
+    err = capsys.readouterr().err
+    assert '--align-orientations' in err and 'at least 50' in err
+    assert not (tmp_path / 'o').exists()
