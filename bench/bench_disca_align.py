@@ -65,7 +65,7 @@ def main(argv=None):
     t0 = time.time()
     data = align.prepare(sim.stack, args.box)
     if args.pipeline:
-        feats = saved['features'] if args.start == 'run' else None
+        feats = saved['features'] if args.start == 'run' and 'features' in saved.files else None
         cache = os.path.join(args.out, f"{args.condition}_seed{args.seed}_{args.start.replace(':', '').replace(',', '')}_base_f{args.fixed}.npz")
         base = None
         if os.path.exists(cache):

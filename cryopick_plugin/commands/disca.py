@@ -12,6 +12,13 @@ writes to --out:
   embeddings.npz             per iteration: 2D PCA embedding (iterations, N, 2) and labels (iterations, N)
   class_001_average.mrc ...  plain (unaligned) average of each cluster's subtomograms
 
+With --align-refine the clusters are then refined by multi-reference alignment with the missing wedge
+(`engine.disca.align`): a reference per cluster grown from its members, each cluster tested on held-out
+members for two molecules and split when it holds them, every subtomogram classified against all
+references. labels.star then holds those classes, the class averages are aligned and wedge-compensated,
+and history.json's 'alignment' records each step and test; disca_model.pt still predicts the network's
+clusters ('network_k').
+
 Needs at least 10 subtomograms per cluster of the smallest K; the largest K is lowered to N // 10.
 
 The missing wedge (tilt axis Y): --wedge-tilt when given (0: ignore the wedge); else the STAR file's

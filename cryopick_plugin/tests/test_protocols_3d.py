@@ -157,6 +157,17 @@ class TestProtocols3D(BaseTest):
         model = disca.outputModel
         self.assertEqual(model.getMethod(), 'disca')
         self.assertTrue(model.exists())
+        # the alignment refinement, asked for in the form, runs after the clustering: its classes are the
+        # output, with aligned class averages
+        aligned = self.newProtocol(CryopickDisca, inputSubtomograms=subtomos, kMin=2, kMax=3, maxIter=1,
+                                   alignRefine=True)
+        self.launchProtocol(aligned)
+        refined = json.load(open(aligned._getExtraPath('disca', 'history.json')))
+        self.assertEqual(refined['alignment']['tilt_range'], 60.0)
+        self.assertEqual(refined['alignment']['k'], refined['k'])
+        self.assertEqual([a['aligned'] for a in refined['class_averages']], [True] * refined['k'])
+        self.assertEqual(sum(c.getSize() for c in aligned.outputClasses.iterItems()), n)
+        self.assertIn('aligned and wedge-compensated', ' '.join(aligned.summary()))
         pred = self.newProtocol(CryopickDiscaPredict, inputSubtomograms=subtomos, inputModel=model)
         self.launchProtocol(pred)
         self.assertEqual(sum(c.getSize() for c in pred.outputClasses.iterItems()), n)

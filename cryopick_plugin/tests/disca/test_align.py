@@ -23,8 +23,8 @@ def _through_wedge(volume, tilt):
 
 @pytest.fixture(scope='module')
 def two_molecules():
-    """Two small synthetic molecules (two lobes; a rod), 24 each, ±60° wedge, moderate noise."""
-    return simulate_subtomograms(classes=['two_lobe', 'rod'], n_per_class=24, box=24, snr=1.0, tilt_range=60.0,
+    """Two small synthetic molecules (two lobes; a rod), 32 each, ±60° wedge, moderate noise."""
+    return simulate_subtomograms(classes=['two_lobe', 'rod'], n_per_class=32, box=24, snr=1.0, tilt_range=60.0,
                                  seed=5, synthetic=True)
 
 
@@ -59,7 +59,7 @@ def test_references_grow_from_blobs_and_members_keep_their_classes(two_molecules
     # Each reference is its molecule, turned: against the true shape (the clean subtomograms turned back
     # by their true orientations), the best turn of the grown reference correlates far better than the
     # blob it grew from.
-    clean = align.prepare(simulate_subtomograms(classes=['two_lobe', 'rod'], n_per_class=24, box=24, snr=1.0,
+    clean = align.prepare(simulate_subtomograms(classes=['two_lobe', 'rod'], n_per_class=32, box=24, snr=1.0,
                                                 tilt_range=90.0, seed=5, synthetic=True, keep_clean=True).clean, 16)
     grid = align.rotation_grid(1500, seed=1)
     blobs = align.Refinement(data, tilt_range=60.0).maximisation_mats(
@@ -77,6 +77,8 @@ def test_references_grow_from_blobs_and_members_keep_their_classes(two_molecules
 
 
 def test_split_test_finds_two_molecules_and_keeps_one_whole(two_molecules):
+    """Two references made from half of a cluster explain its other half better than one only when the
+    cluster holds two molecules; one molecule in all its orientations to the wedge stays whole."""
     sim = two_molecules
     data = align.prepare(sim.stack, 16)
     base = align.refine(data, np.zeros(len(data), int), tilt_range=60.0, n_rotations=300, fixed_iterations=4,
@@ -84,13 +86,17 @@ def test_split_test_finds_two_molecules_and_keeps_one_whole(two_molecules):
     both = np.arange(len(data))
     mixed = align.split_test(data, both, base['orientations'][:, 0], tilt_range=60.0, n_rotations=300,
                              tau2=base['tau2'], seed=0, ab_initio_iterations=4, iterations=3)
-    assert align.split_accepted(mixed)
-    lobes = np.flatnonzero(sim.labels == 0)
+    assert align.split_accepted(mixed) and mixed['cv_z'] > 2 * align.SPLIT_MIN_Z
+    for molecule in (0, 1):
+        _one_molecule_stays_whole(data, np.flatnonzero(sim.labels == molecule))
+
+
+def _one_molecule_stays_whole(data, lobes):
     one = align.refine(data[lobes], np.zeros(len(lobes), int), tilt_range=60.0, n_rotations=300,
                        fixed_iterations=4, free_iterations=0, anneal=10.0, top=5, lowpass_start=0.5, seed=0)
     single = align.split_test(data[lobes], np.arange(len(lobes)), one['orientations'][:, 0], tilt_range=60.0,
                               n_rotations=300, tau2=one['tau2'], seed=0, ab_initio_iterations=4, iterations=3)
-    assert not align.split_accepted(single)
+    assert not align.split_accepted(single) and single['cv_z'] < align.SPLIT_MIN_Z - 1, single['cv_z']
 
 
 def test_disca_command_with_alignment_refinement(tmp_path, two_molecules):
