@@ -347,16 +347,23 @@ def split_test(data, members, mats, tilt_range=None, n_rotations=2000, iteration
     return out
 
 
-# How many standard errors the held-out log-likelihood gain of two references over one must reach for a
-# split (`split_test`'s cv_z). Measured (bench/README.md §2, "ninth pass"): clusters of one molecule
-# −2.7 … +1.2 (+4.2 once, with 12 members per side), clusters of two molecules +7.2 … +26.
+# A split needs both verdicts of `split_test` (bench/README.md §2, "ninth pass", SNR 0.01 and 0.1, ±40°):
+# - the held-out log-likelihood gain of two references over one, in standard errors (cv_z): clusters of
+#   one molecule −3.0 … +4.2 (the +4.2 at SNR 0.1, where a second reference also fits what one
+#   reference of a molecule misses), clusters of two molecules +7.2 … +26;
+# - two clearly separated groups of the held-out Δ (BIC, and Ashman's D at least 3, the bar of the split
+#   check on features): one molecule D 0.8 … 2.5 with BIC for one group; two molecules D 1.9 … 30, so this
+#   verdict alone misses mixtures the refinement does not sort cleanly enough to separate.
 SPLIT_MIN_Z = 5.0
+SPLIT_MIN_SEPARATION = 3.0
 
 
-def split_accepted(test, min_z=SPLIT_MIN_Z):
-    """`split_test`'s verdict: two references, made from half of the members, explain the other half
-    better than one made the same way, by at least `min_z` standard errors."""
-    return bool(test['cv_gain'] > 0 and test['cv_z'] >= min_z)
+def split_accepted(test, min_z=SPLIT_MIN_Z, min_separation=SPLIT_MIN_SEPARATION):
+    """`split_test`'s verdict: two references made from half of the members explain the other half better
+    than one made the same way, by at least `min_z` standard errors, and that half's Δ falls into two
+    clearly separated groups."""
+    return bool(test['cv_gain'] > 0 and test['cv_z'] >= min_z and test['bic_two_better']
+                and test['separation'] >= min_separation)
 
 
 def feature_sides(features, seed=0, dim=6):
@@ -368,7 +375,7 @@ def feature_sides(features, seed=0, dim=6):
 
 
 def align_refine(data, labels, features=None, tilt_range=None, n_rotations=2000, fixed_iterations=14,
-                 free_iterations=3, split_ab_initio=10, split_iterations=8, min_z=SPLIT_MIN_Z, min_size=10,
+                 free_iterations=8, split_ab_initio=10, split_iterations=8, min_z=SPLIT_MIN_Z, min_size=10,
                  seed=0, say=None, truth=None, base=None):
     """DISCA's clusters refined by alignment: references grown per cluster, every cluster of at least
     4·`min_size` members tested for two molecules (`split_test`, `split_accepted` at `min_z`; `features`,
