@@ -34,7 +34,6 @@ import time
 
 import numpy as np
 from scipy import fft
-from scipy.spatial.transform import Rotation
 from sklearn.metrics import accuracy_score, confusion_matrix, v_measure_score
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

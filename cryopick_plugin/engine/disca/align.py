@@ -349,11 +349,11 @@ def split_test(data, members, mats, tilt_range=None, n_rotations=2000, iteration
 
 # A split needs both verdicts of `split_test` (bench/README.md §2, "ninth pass", SNR 0.01 and 0.1, ±40°):
 # - the held-out log-likelihood gain of two references over one, in standard errors (cv_z): clusters of
-#   one molecule −3.0 … +4.2 (the +4.2 at SNR 0.1, where a second reference also fits what one
-#   reference of a molecule misses), clusters of two molecules +7.2 … +26;
+#   one molecule −3.0 … +5.6 (the highest at SNR 0.1, where a second reference also fits what one
+#   reference of a molecule misses), clusters of two molecules +7.2 … +20;
 # - two clearly separated groups of the held-out Δ (BIC, and Ashman's D at least 3, the bar of the split
-#   check on features): one molecule D 0.8 … 2.5 with BIC for one group; two molecules D 1.9 … 30, so this
-#   verdict alone misses mixtures the refinement does not sort cleanly enough to separate.
+#   check on features): one molecule D 0.8 … 3.0, BIC for one group every time; two molecules D 1.9 … 23,
+#   so this verdict alone misses mixtures the refinement does not sort cleanly enough to separate.
 SPLIT_MIN_Z = 5.0
 SPLIT_MIN_SEPARATION = 3.0
 
