@@ -100,7 +100,7 @@ def add_args(parser):
                              'alignment), is tested for two molecules on held-out members and split when they '
                              'are, then every subtomogram is classified against all references. Recovers '
                              'molecules the network features mix at very low SNR; writes aligned, '
-                             'wedge-compensated class averages. Adds ~10 min per 1 000 subtomograms on 2 CPU cores')
+                             'wedge-compensated class averages. Adds about 20 min per 1 000 subtomograms on one CPU core')
     parser.add_argument('--align-orientations', type=int, default=2000, metavar='N',
                         help='orientations of the global search grid of --align-refine (2000, ≈ 20° apart; '
                              'each best one is then refined locally)')

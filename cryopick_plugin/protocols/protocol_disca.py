@@ -166,8 +166,8 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                            'two molecules and split when it holds them, then every subtomogram is classified '
                            'against all references. At very low SNR with a strong wedge, where the network\'s '
                            'features mix molecules, this recovers them; the class averages become aligned, '
-                           'wedge-compensated averages. Costs about 10 minutes per 1 000 subtomograms on 2 CPU '
-                           'cores. The DISCA model output still predicts the network\'s clusters.')
+                           'wedge-compensated averages. Costs about 20 minutes per 1 000 subtomograms on one CPU '
+                           'core. The DISCA model output still predicts the network\'s clusters.')
         form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,
                       help='Seed of the random number generators (weights, sampling), so a run can be repeated.')
         self._defineComputeParams(form, gpu=True)

@@ -349,7 +349,7 @@ def split_test(data, members, mats, tilt_range=None, n_rotations=2000, iteration
 
 # A split needs both verdicts of `split_test` (bench/README.md §2, "ninth pass", SNR 0.01 and 0.1, ±40°):
 # - the held-out log-likelihood gain of two references over one, in standard errors (cv_z): clusters of
-#   one molecule −3.0 … +5.6 (the highest at SNR 0.1, where a second reference also fits what one
+#   one molecule −3.0 … +6.4 (the highest at SNR 0.1, where a second reference also fits what one
 #   reference of a molecule misses), clusters of two molecules +7.2 … +20;
 # - two clearly separated groups of the held-out Δ (BIC, and Ashman's D at least 3, the bar of the split
 #   check on features): one molecule D 0.8 … 3.0, BIC for one group every time; two molecules D 1.9 … 23,
