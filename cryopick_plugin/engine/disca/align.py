@@ -45,8 +45,9 @@ def prepare(stack, box=16):
 
 
 def wedge_filter(n, tilt_range):
-    """Full-spectrum (fftfreq layout) float mask of what a ±tilt_range series samples; ones if unknown."""
-    if tilt_range is None or tilt_range >= 90:
+    """Full-spectrum (fftfreq layout) float mask of what a ±tilt_range series samples; ones when the
+    wedge is unknown or to be ignored (None or 0, as `--wedge-tilt 0` asks)."""
+    if not tilt_range or tilt_range >= 90:
         return np.ones((n,) * 3, np.float32)
     return geometry.wedge_mask((n,) * 3, float(tilt_range)).astype(np.float32)
 

@@ -42,6 +42,9 @@ def test_wedge_compensated_average_restores_what_each_view_misses():
     plain = align.aligned_averages(stack, np.zeros(len(stack), int), mats, tilt_range=None)[0]
     assert _cc(compensated, shape) > 0.85
     assert _cc(compensated, shape) > _cc(plain, shape) + 0.04
+    # no wedge known, or one to be ignored (0): nothing is missing
+    assert align.wedge_filter(9, None).min() == align.wedge_filter(9, 0).min() == 1.0
+    assert 0.3 < align.wedge_filter(9, 30.0).mean() < 0.5
 
 
 def test_references_grow_from_blobs_and_members_keep_their_classes(two_molecules):
