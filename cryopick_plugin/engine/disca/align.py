@@ -52,6 +52,22 @@ def wedge_filter(n, tilt_range):
     return geometry.wedge_mask((n,) * 3, float(tilt_range)).astype(np.float32)
 
 
+def turned_back_spectrum(volumes, matrices, weights, wedge_centred, wiener=0.05):
+    """The wedge-compensated weighted average of `volumes` turned back by their orientations (RELION A
+    matrices): Σ w·F(turned back) / (Σ w·turned-back wedge + wiener·its maximum), an (n, n, n) complex
+    spectrum in the fftfreq layout; None when there is nothing to average. `wedge_centred` is the wedge
+    mask fftshifted to the (odd) box centre, so it turns with the same rotations as the volumes."""
+    n = wedge_centred.shape[-1]
+    num = np.zeros((n,) * 3, np.complex128)
+    den = np.zeros((n,) * 3, np.float64)
+    for volume, a, w in zip(volumes, matrices, weights):
+        num += w * fft.fftn(geometry.rotate_volume(volume, a))
+        den += w * np.fft.ifftshift(geometry.rotate_volume(wedge_centred, a))
+    if den.max() <= 0:
+        return None
+    return num / (den + wiener * den.max())
+
+
 def rotation_grid(n_rotations, seed=0):
     """`n_rotations` orientations, uniformly random over SO(3) (RELION angles, degrees), reproducible."""
     return geometry.random_eulers(int(n_rotations), np.random.default_rng(int(seed) + 7919))
@@ -80,21 +96,16 @@ class Refinement:
         self.lowpass = 0.5 if lowpass is None else float(lowpass)
         self.band = (radius <= self.lowpass).astype(np.float32)
         self.grid = rotation_grid(n_rotations, seed)
+        self.grid_mats = np.stack([geometry.euler_to_matrix(*e) for e in self.grid])
         self.top = int(top)
         self.chunk = int(chunk)
         self.mask = soft_sphere(n)
         self.tau2 = 1.0 / max(self.wedge_fraction, 1e-3)
 
     # -- rendering ---------------------------------------------------------------------------------------
-    def render(self, ref, eulers):
-        """The reference turned to each orientation and passed through the wedge: (m, n³) float32."""
-        turned = np.stack([geometry.particle_from_reference(ref, *e) for e in eulers])
-        out = fft.irfftn(fft.rfftn(turned, axes=(1, 2, 3)) * self.wedge[..., :self.n // 2 + 1],
-                         s=(self.n,) * 3, axes=(1, 2, 3))
-        return out.reshape(len(eulers), -1).astype(np.float32)
-
     def render_matrices(self, ref, mats):
-        """As `render`, for RELION A matrices (m, 3, 3)."""
+        """The reference turned to each orientation (RELION A matrices, (m, 3, 3)) and passed through the
+        wedge: (m, n³) float32."""
         turned = np.stack([geometry.rotate_volume(ref, a.T) for a in mats])
         out = fft.irfftn(fft.rfftn(turned, axes=(1, 2, 3)) * self.wedge[..., :self.n // 2 + 1],
                          s=(self.n,) * 3, axes=(1, 2, 3))
@@ -137,7 +148,7 @@ class Refinement:
             if allowed is not None and not allowed[:, k].any():
                 continue
             for s in range(0, len(self.grid), self.chunk):
-                s_flat = self.render(ref, self.grid[s:s + self.chunk])
+                s_flat = self.render_matrices(ref, self.grid_mats[s:s + self.chunk])
                 ll = (self.flat @ s_flat.T - 0.5 * np.square(s_flat).sum(axis=1)[None, :]) / self.tau2
                 ll = ll.astype(np.float64)
                 lse[:, k] = np.logaddexp(lse[:, k], np.logaddexp.reduce(ll, axis=1))
@@ -161,25 +172,15 @@ class Refinement:
     # -- M-step ------------------------------------------------------------------------------------------
     def maximisation(self, gamma, top_ll, top_idx, min_weight=1e-3, wiener=0.05):
         """References from the members turned back by their top orientations, wedge-compensated."""
-        k_count = gamma.shape[1]
-        refs = np.zeros((k_count,) + (self.n,) * 3, np.float32)
         w_rot = np.exp(top_ll - np.logaddexp.reduce(top_ll, axis=2, keepdims=True))
-        for k in range(k_count):
-            num = np.zeros((self.n,) * 3, np.complex128)
-            den = np.zeros((self.n,) * 3, np.float64)
-            for i in np.flatnonzero(gamma[:, k] > min_weight):
-                for m in range(self.top):
-                    w = gamma[i, k] * w_rot[i, k, m]
-                    if w < min_weight:
-                        continue
-                    e = self.grid[top_idx[i, k, m]]
-                    back = geometry.reference_from_particle(self.x[i], *e)
-                    num += w * fft.fftn(back)
-                    den += w * np.fft.ifftshift(geometry.reference_from_particle(self.wedge_centred, *e))
-            if den.max() <= 0:
-                continue
-            ref_f = num / (den + wiener * den.max()) * self.band
-            refs[k] = np.real(fft.ifftn(ref_f)).astype(np.float32) * self.mask
+        weights = gamma[:, :, None] * w_rot
+        refs = np.zeros((gamma.shape[1],) + (self.n,) * 3, np.float32)
+        for k in range(gamma.shape[1]):
+            rows, tops = np.nonzero((gamma[:, k, None] > min_weight) & (weights[:, k] >= min_weight))
+            spectrum = turned_back_spectrum(self.x[rows], self.grid_mats[top_idx[rows, k, tops]],
+                                            weights[rows, k, tops], self.wedge_centred, wiener)
+            if spectrum is not None:
+                refs[k] = np.real(fft.ifftn(spectrum * self.band)).astype(np.float32) * self.mask
         return refs
 
     def maximisation_mats(self, gamma, mats, lowpass=None, min_weight=0.05, wiener=0.05):
@@ -189,16 +190,10 @@ class Refinement:
         band = self.band if lowpass is None else (_fft_grid_radius(self.n) <= lowpass).astype(np.float32)
         refs = np.zeros((k_count,) + (self.n,) * 3, np.float32)
         for k in range(k_count):
-            num = np.zeros((self.n,) * 3, np.complex128)
-            den = np.zeros((self.n,) * 3, np.float64)
-            for i in np.flatnonzero(gamma[:, k] > min_weight):
-                a = mats[i, k]
-                num += gamma[i, k] * fft.fftn(geometry.rotate_volume(self.x[i], a))
-                den += gamma[i, k] * np.fft.ifftshift(geometry.rotate_volume(self.wedge_centred, a))
-            if den.max() <= 0:
-                continue
-            ref_f = num / (den + wiener * den.max()) * band
-            refs[k] = np.real(fft.ifftn(ref_f)).astype(np.float32) * self.mask
+            rows = np.flatnonzero(gamma[:, k] > min_weight)
+            spectrum = turned_back_spectrum(self.x[rows], mats[rows, k], gamma[rows, k], self.wedge_centred, wiener)
+            if spectrum is not None:
+                refs[k] = np.real(fft.ifftn(spectrum * band)).astype(np.float32) * self.mask
         return refs
 
 
@@ -218,7 +213,7 @@ def refine(data, labels, tilt_range=None, n_rotations=2000, fixed_iterations=6, 
     k_count = len(ks)
     ref = Refinement(data, tilt_range=tilt_range, n_rotations=n_rotations, top=top, seed=seed)
     rng = np.random.default_rng(seed)
-    grid_mats = np.stack([geometry.euler_to_matrix(*e) for e in ref.grid])
+    grid_mats = ref.grid_mats
     # Start: each member at a random orientation, i.e. every reference a blob.
     gamma = np.eye(k_count)[lab]
     if start_mats is not None:
@@ -436,14 +431,10 @@ def aligned_averages(stack, labels, matrices, tilt_range=None, wiener=0.05):
     wedge_centred = np.fft.fftshift(wedge_filter(n, tilt_range))
     out = {}
     for c in np.unique(labels):
-        num = np.zeros((n,) * 3, np.complex128)
-        den = np.zeros((n,) * 3, np.float64)
-        for i in np.flatnonzero(labels == c):
-            padded = np.pad(stack[i], [(0, n - box)] * 3)
-            num += fft.fftn(geometry.rotate_volume(padded, matrices[i]))
-            den += np.fft.ifftshift(geometry.rotate_volume(wedge_centred, matrices[i]))
-        vol = np.real(fft.ifftn(num / (den + wiener * max(den.max(), 1e-12))))
-        out[int(c)] = vol[:box, :box, :box].astype(np.float32)
+        members = np.flatnonzero(labels == c)
+        padded = (np.pad(stack[i], [(0, n - box)] * 3) for i in members)
+        spectrum = turned_back_spectrum(padded, matrices[members], np.ones(len(members)), wedge_centred, wiener)
+        out[int(c)] = np.real(fft.ifftn(spectrum))[:box, :box, :box].astype(np.float32)
     return out
 
 
