@@ -14,6 +14,13 @@ starting from DISCA's clusters:
 - Posteriors over (class, orientation) are the E-step; the M-step averages the members turned back,
   divided in Fourier space by the sum of their turned-back wedges (wedge compensation).
 
+Both steps work in Fourier space, as RELION's do: a volume turned by A has the spectrum v̂(Aᵀk), sampled
+trilinearly from its spectrum oversampled twice (zero padding), so scoring needs no real-space rotation
+and no inverse transform (Parseval), only the frequencies the wedge keeps, and the fixed orientation grid
+becomes one sparse matrix that turns every reference at once. (Trilinear interpolation of a twice
+oversampled spectrum is also closer to the exact turn than trilinear interpolation in real space:
+tests/disca/test_align.py.)
+
 Work is done on subtomograms binned to a small odd box (default 17³: Fourier cropping to 16³ keeps the
 low frequencies that carry the signal at low SNR; one voxel of zero padding puts the particle centre —
 voxel box//2 — at the rotation centre). Engine code: no Scipion imports.
@@ -80,14 +87,55 @@ def soft_sphere(n, radius=None, edge=2.0):
     return np.clip((radius + edge - r) / edge, 0.0, 1.0).astype(np.float32)
 
 
+_PERM = np.array([2, 1, 0])  # RELION matrices act on (x, y, z); arrays are (z, y, x)
+
+
+def _centred_spectrum(volumes):
+    """fftn of (…, n, n, n) volumes with the origin at voxel n//2 (n odd), i.e. Σ v(p)·exp(−2πi k·(p − c)/n)."""
+    return fft.fftn(np.fft.ifftshift(volumes, axes=(-3, -2, -1)), axes=(-3, -2, -1))
+
+
+def _trilinear_corners(coords, size):
+    """Flat indices (…, 8) into a periodic size³ grid and trilinear weights (…, 8) for fractional (z, y, x)
+    coordinates (…, 3)."""
+    base = np.floor(coords)
+    frac = (coords - base).astype(np.float32)
+    base = base.astype(np.int32) % size
+    # per axis: the lower and upper neighbour (wrapped) and their weights
+    lo = [base[..., i] for i in range(3)]
+    hi = [np.where(b == size - 1, 0, b + 1) for b in lo]
+    w_hi = [frac[..., i] for i in range(3)]
+    w_lo = [1 - f for f in w_hi]
+    stride = (size * size, size, 1)
+    idx, wts = [], []
+    for z, wz in ((lo[0], w_lo[0]), (hi[0], w_hi[0])):
+        for y, wy in ((lo[1], w_lo[1]), (hi[1], w_hi[1])):
+            zy, wzy = z * stride[0] + y * stride[1], wz * wy
+            for x, wx in ((lo[2], w_lo[2]), (hi[2], w_hi[2])):
+                idx.append(zy + x)
+                wts.append(wzy * wx)
+    return np.stack(idx, axis=-1), np.stack(wts, axis=-1)
+
+
+def _logsumexp_rows(values):
+    peak = values.max(axis=1)
+    return peak + np.log(np.exp(values - peak[:, None]).sum(axis=1))
+
+
+_GRID_OPERATORS = {}
+
+
 class Refinement:
-    """State and steps of one alignment refinement (see the module docstring)."""
+    """State and steps of one alignment refinement (see the module docstring). Scores use the frequencies
+    the subtomograms' wedge keeps within Nyquist, one of each Friedel pair."""
 
     def __init__(self, data, tilt_range=None, n_rotations=2000, top=3, lowpass=None, seed=0, chunk=256):
         self.x = np.asarray(data, np.float32)
         self.n_part, n = len(data), data.shape[-1]
+        if n % 2 == 0:
+            raise InputError('subtomograms', f"alignment needs an odd box (see prepare), got {n}")
         self.n = n
-        self.flat = self.x.reshape(self.n_part, -1)
+        self.tilt_range = tilt_range
         self.wedge = wedge_filter(n, tilt_range)
         self.wedge_fraction = float(self.wedge.mean())
         # The wedge as a real volume centred in the box (fftshift), so it turns with the same rotations.
@@ -97,24 +145,94 @@ class Refinement:
         self.band = (radius <= self.lowpass).astype(np.float32)
         self.grid = rotation_grid(n_rotations, seed)
         self.grid_mats = np.stack([geometry.euler_to_matrix(*e) for e in self.grid])
+        self.grid_key = (n, tilt_range, int(n_rotations), int(seed))
         self.top = int(top)
         self.chunk = int(chunk)
         self.mask = soft_sphere(n)
         self.tau2 = 1.0 / max(self.wedge_fraction, 1e-3)
+        # The scored frequencies: kept by the wedge, within Nyquist, one of each Friedel pair (weight 2;
+        # the origin weight 1), as integer (z, y, x) offsets from the origin.
+        k = np.stack(np.meshgrid(*[np.rint(np.fft.fftfreq(n) * n)] * 3, indexing='ij'), axis=-1).reshape(-1, 3)
+        half = (k[:, 2] > 0) | ((k[:, 2] == 0) & (k[:, 1] > 0)) | ((k[:, 2] == 0) & (k[:, 1] == 0) & (k[:, 0] >= 0))
+        keep = half & (self.wedge.reshape(-1) > 0.5) & (np.sqrt((k ** 2).sum(axis=1)) <= n / 2.0)
+        self.k_index = np.flatnonzero(keep)
+        self.k_vectors = k[keep]
+        pair = np.where((self.k_vectors == 0).all(axis=1), 1.0, 2.0)
+        self.k_weight = np.concatenate([pair, pair]).astype(np.float32) / n ** 3
+        spectra = _centred_spectrum(self.x).reshape(self.n_part, -1)[:, self.k_index]
+        # ⟨x, W·m⟩ = Σ_k weight·(Re x̂·Re m̂ + Im x̂·Im m̂): the data side carries the weights.
+        self.feat = (np.concatenate([spectra.real, spectra.imag], axis=1) * self.k_weight).astype(np.float32)
+        self.x_norm2 = np.square(self.x.reshape(self.n_part, -1)).sum(axis=1).astype(np.float64)
 
     # -- rendering ---------------------------------------------------------------------------------------
-    def render_matrices(self, ref, mats):
-        """The reference turned to each orientation (RELION A matrices, (m, 3, 3)) and passed through the
-        wedge: (m, n³) float32."""
-        turned = np.stack([geometry.rotate_volume(ref, a.T) for a in mats])
-        out = fft.irfftn(fft.rfftn(turned, axes=(1, 2, 3)) * self.wedge[..., :self.n // 2 + 1],
-                         s=(self.n,) * 3, axes=(1, 2, 3))
-        return out.reshape(len(mats), -1).astype(np.float32)
+    def reference_spectrum(self, ref):
+        """The reference's centred spectrum sampled twice as finely (zero padding to 2n), flat (8n³,)."""
+        n = self.n
+        padded = np.zeros((2 * n,) * 3, np.float32)
+        c = n // 2
+        centred = np.roll(np.asarray(ref, np.float32), (-c, -c, -c), axis=(0, 1, 2))  # voxel c → index 0
+        # Offsets −c … c around the origin, wrapped into the padded box.
+        sl = np.r_[0:c + 1, 2 * n - c:2 * n]
+        src = np.r_[0:c + 1, n - c:n]
+        padded[np.ix_(sl, sl, sl)] = centred[np.ix_(src, src, src)]
+        return fft.fftn(padded).reshape(-1)
 
-    def loglik_rows(self, rows, rendered):
-        """log p(x_row | rendered_row) for paired rows (m,) and renderings (m, n³)."""
-        return (np.einsum('ij,ij->i', self.flat[rows], rendered)
-                - 0.5 * np.square(rendered).sum(axis=1)) / self.tau2
+    def _coords(self, mats):
+        """Sampling positions on the padded grid, (m, n_k, 3): m̂(k) = r̂(Aᵀ k) for a reference turned by A."""
+        a_zyx = np.asarray(mats)[:, _PERM][:, :, _PERM]
+        return 2.0 * np.einsum('mji,kj->mki', a_zyx, self.k_vectors)
+
+    def _grid_operator(self):
+        op = _GRID_OPERATORS.get(self.grid_key)
+        if op is None:
+            from scipy import sparse
+            size = 2 * self.n
+            rows, n_k = len(self.grid_mats), len(self.k_vectors)
+            idx, wts = [], []
+            for s in range(0, rows, self.chunk):
+                i, w = _trilinear_corners(self._coords(self.grid_mats[s:s + self.chunk]), size)
+                idx.append(i.reshape(-1).astype(np.int32))
+                wts.append(w.reshape(-1))
+            op = sparse.csr_matrix((np.concatenate(wts), np.concatenate(idx), np.arange(0, rows * n_k * 8 + 1, 8)),
+                                   shape=(rows * n_k, size ** 3))
+            _GRID_OPERATORS.clear()  # one grid at a time: a few hundred MB for 2 000 orientations
+            _GRID_OPERATORS[self.grid_key] = op
+        return op
+
+    def _as_features(self, values):
+        return np.concatenate([values.real, values.imag], axis=-1).astype(np.float32)
+
+    def project(self, ref, mats):
+        """The reference turned to each orientation (RELION A matrices, (m, 3, 3)), as the scored
+        frequencies: (m, 2·n_k) float32 (real parts, then imaginary)."""
+        spectrum = self.reference_spectrum(ref)
+        out = np.empty((len(mats), 2 * len(self.k_vectors)), np.float32)
+        for s in range(0, len(mats), self.chunk):
+            i, w = _trilinear_corners(self._coords(mats[s:s + self.chunk]), 2 * self.n)
+            out[s:s + self.chunk] = self._as_features((spectrum[i] * w).sum(axis=-1))
+        return out
+
+    def project_grid(self, refs):
+        """Every reference turned to every grid orientation: (K, n_rotations, 2·n_k) float32."""
+        op = self._grid_operator()
+        spectra = np.stack([self.reference_spectrum(r) for r in refs], axis=1)  # (8n³, K)
+        sampled = op @ np.concatenate([spectra.real, spectra.imag], axis=1).astype(np.float32)
+        k_count, n_k = len(refs), len(self.k_vectors)
+        sampled = sampled.reshape(len(self.grid_mats), n_k, 2, k_count)
+        return np.ascontiguousarray(np.moveaxis(sampled, 3, 0).transpose(0, 1, 3, 2).reshape(k_count, len(self.grid_mats), 2 * n_k))
+
+    def norms(self, projected):
+        """‖W·R r‖² for projections (…, 2·n_k)."""
+        return np.square(projected) @ self.k_weight
+
+    def loglik_rows(self, rows, projected):
+        """log p(x_row | projected_row) for paired rows (m,) and projections (m, 2·n_k)."""
+        return (np.einsum('ij,ij->i', self.feat[rows], projected) - 0.5 * self.norms(projected)) / self.tau2
+
+    def residual(self, rows, projected):
+        """Σ ‖x − W·R r‖² over paired rows and projections."""
+        return float((self.x_norm2[rows] - 2.0 * np.einsum('ij,ij->i', self.feat[rows], projected)
+                      + self.norms(projected)).sum())
 
     def local_refine(self, ref, rows, mats, ll, step_deg, tries=12, rounds=2, rng=None):
         """Hill-climb each row's orientation A (RELION matrix) against `ref` by small random turns of
@@ -130,7 +248,7 @@ class Refinement:
                 angle = np.deg2rad(step) * rng.uniform(0.3, 1.0, size=(len(rows), 1))
                 turn = Rotation.from_rotvec(axis * angle).as_matrix()
                 cand = np.einsum('nij,njk->nik', mats, turn)
-                cand_ll = self.loglik_rows(rows, self.render_matrices(ref, cand))
+                cand_ll = self.loglik_rows(rows, self.project(ref, cand))
                 better = cand_ll > ll
                 mats[better], ll[better] = cand[better], cand_ll[better]
             step /= 2.0
@@ -144,14 +262,15 @@ class Refinement:
         lse = np.full((self.n_part, k_count), -np.inf)
         top_ll = np.full((self.n_part, k_count, self.top), -np.inf)
         top_idx = np.zeros((self.n_part, k_count, self.top), np.int64)
-        for k, ref in enumerate(refs):
+        projected = self.project_grid(refs)
+        for k in range(k_count):
             if allowed is not None and not allowed[:, k].any():
                 continue
             for s in range(0, len(self.grid), self.chunk):
-                s_flat = self.render_matrices(ref, self.grid_mats[s:s + self.chunk])
-                ll = (self.flat @ s_flat.T - 0.5 * np.square(s_flat).sum(axis=1)[None, :]) / self.tau2
+                block = projected[k, s:s + self.chunk]
+                ll = (self.feat @ block.T - 0.5 * self.norms(block)[None, :]) / self.tau2
                 ll = ll.astype(np.float64)
-                lse[:, k] = np.logaddexp(lse[:, k], np.logaddexp.reduce(ll, axis=1))
+                lse[:, k] = np.logaddexp(lse[:, k], _logsumexp_rows(ll))
                 # Merge this chunk's best into the running top list.
                 cand_ll = np.concatenate([top_ll[:, k], ll], axis=1)
                 cand_idx = np.concatenate([top_idx[:, k], np.broadcast_to(np.arange(s, s + ll.shape[1]),
@@ -170,6 +289,50 @@ class Refinement:
         return gamma, lse, top_ll, top_idx
 
     # -- M-step ------------------------------------------------------------------------------------------
+    def _padded_spectra(self):
+        """Every subtomogram's centred spectrum sampled twice as finely, (n, 8n³) complex64 (made once, on
+        the first M-step: scoring needs only the wedge-kept frequencies)."""
+        if getattr(self, '_padded', None) is None:
+            self._padded = np.stack([self.reference_spectrum(v) for v in self.x]).astype(np.complex64)
+        return self._padded
+
+    def turned_back(self, rows, mats, weights, band=None, wiener=0.05, chunk=128):
+        """The wedge-compensated weighted average of subtomograms `rows` turned back by their orientations
+        `mats` (RELION A), low-passed by `band` and masked: what `turned_back_spectrum` computes, here in
+        Fourier space — a subtomogram turned back by A has the spectrum x̂(A k), sampled from its
+        oversampled spectrum, and its wedge W(A k) — for one of each Friedel pair within the band (the
+        other is its conjugate). (n, n, n) float32; zeros when there is nothing to average."""
+        n = self.n
+        if not len(rows):
+            return np.zeros((n,) * 3, np.float32)
+        padded = self._padded_spectra()
+        k = np.stack(np.meshgrid(*[np.rint(np.fft.fftfreq(n) * n)] * 3, indexing='ij'), axis=-1).reshape(-1, 3)
+        half = (k[:, 2] > 0) | ((k[:, 2] == 0) & (k[:, 1] > 0)) | ((k[:, 2] == 0) & (k[:, 1] == 0) & (k[:, 0] >= 0))
+        inside = np.ones(n ** 3, bool) if band is None else band.reshape(-1) > 0
+        chosen = np.flatnonzero(half & inside)
+        partner = np.ravel_multi_index(tuple((-k[chosen].astype(np.int64) % n).T), (n,) * 3)
+        num = np.zeros(len(chosen), np.complex128)
+        den = np.zeros(len(chosen), np.float64)
+        wedge_flat = self.wedge.reshape(-1)
+        for s in range(0, len(rows), chunk):
+            r, a, w = rows[s:s + chunk], np.asarray(mats[s:s + chunk]), np.asarray(weights[s:s + chunk], np.float64)
+            turned = np.einsum('mij,kj->mki', a[:, _PERM][:, :, _PERM], k[chosen])  # A k, (z, y, x)
+            idx, wts = _trilinear_corners(2.0 * turned, 2 * n)
+            flat = idx + (r.astype(np.int64) * padded.shape[1])[:, None, None]
+            num += w @ (padded.reshape(-1)[flat] * wts).sum(axis=-1)
+            idx, wts = _trilinear_corners(turned, n)
+            den += w @ (wedge_flat[idx] * wts).sum(axis=-1)
+        if den.max() <= 0:
+            return np.zeros((n,) * 3, np.float32)
+        spectrum = np.zeros(n ** 3, np.complex128)
+        spectrum[chosen] = num / (den + wiener * den.max())
+        spectrum[partner] = np.conj(spectrum[chosen])
+        spectrum = spectrum.reshape((n,) * 3)
+        if band is not None:
+            spectrum = spectrum * band
+        # centred spectrum → volume with its centre at voxel n//2
+        return (np.fft.fftshift(np.real(fft.ifftn(spectrum))) * self.mask).astype(np.float32)
+
     def maximisation(self, gamma, top_ll, top_idx, min_weight=1e-3, wiener=0.05):
         """References from the members turned back by their top orientations, wedge-compensated."""
         w_rot = np.exp(top_ll - np.logaddexp.reduce(top_ll, axis=2, keepdims=True))
@@ -177,10 +340,8 @@ class Refinement:
         refs = np.zeros((gamma.shape[1],) + (self.n,) * 3, np.float32)
         for k in range(gamma.shape[1]):
             rows, tops = np.nonzero((gamma[:, k, None] > min_weight) & (weights[:, k] >= min_weight))
-            spectrum = turned_back_spectrum(self.x[rows], self.grid_mats[top_idx[rows, k, tops]],
-                                            weights[rows, k, tops], self.wedge_centred, wiener)
-            if spectrum is not None:
-                refs[k] = np.real(fft.ifftn(spectrum * self.band)).astype(np.float32) * self.mask
+            refs[k] = self.turned_back(rows, self.grid_mats[top_idx[rows, k, tops]], weights[rows, k, tops],
+                                       self.band, wiener)
         return refs
 
     def maximisation_mats(self, gamma, mats, lowpass=None, min_weight=0.05, wiener=0.05):
@@ -191,9 +352,7 @@ class Refinement:
         refs = np.zeros((k_count,) + (self.n,) * 3, np.float32)
         for k in range(k_count):
             rows = np.flatnonzero(gamma[:, k] > min_weight)
-            spectrum = turned_back_spectrum(self.x[rows], mats[rows, k], gamma[rows, k], self.wedge_centred, wiener)
-            if spectrum is not None:
-                refs[k] = np.real(fft.ifftn(spectrum * band)).astype(np.float32) * self.mask
+            refs[k] = self.turned_back(rows, mats[rows, k], gamma[rows, k], band, wiener)
         return refs
 
 
@@ -262,8 +421,8 @@ def refine(data, labels, tilt_range=None, n_rotations=2000, fixed_iterations=6, 
         for k in range(k_count):
             rows = np.flatnonzero(hard == k)
             if len(rows):
-                res += float(np.square(ref.flat[rows] - ref.render_matrices(refs[k], mats[rows, k])).sum())
-        ref.tau2 = res / (ref.n_part * ref.flat.shape[1] * ref.wedge_fraction)
+                res += ref.residual(rows, ref.project(refs[k], mats[rows, k]))
+        ref.tau2 = res / (ref.n_part * ref.n ** 3 * ref.wedge_fraction)
         row = {'iteration': it, 'fixed': fixed, 'temperature': round(temperature, 2), 'lowpass': round(lowpass, 3), 'tau2': round(ref.tau2, 4),
                'sizes': np.bincount(hard, minlength=k_count).tolist(),
                'loglik': round(float(np.logaddexp.reduce(lse, axis=1).sum()), 1),
@@ -279,7 +438,7 @@ def refine(data, labels, tilt_range=None, n_rotations=2000, fixed_iterations=6, 
 
 
 def split_test(data, members, mats, tilt_range=None, n_rotations=2000, iterations=8, anneal=5.0, tau2=None,
-               seed=0, say=None, start_sides=None, ab_initio_iterations=0):
+               seed=0, say=None, start_sides=None, ab_initio_iterations=0, random_starts=0):
     """Does a cluster hold two molecules? Cross-validated on its members' own subtomograms.
 
     The members are halved at random. A two-class refinement of the first half (from `start_sides`, else a
@@ -292,23 +451,44 @@ def split_test(data, members, mats, tilt_range=None, n_rotations=2000, iteration
     half as many members: the first half's noise, all that can make them differ, is independent of the
     second half's. Two molecules gain. Also recorded: Δ = log p(x | a) − log p(x | b) on the second
     half, BIC's choice of one or two Gaussians for it and their separation (Ashman's D).
-    Returns dict(delta, second_half, cv_gain, cv_z, bic_two_better, separation, first_half_sizes, refs)."""
+    With `random_starts`, that many random two-way partitions are refined as well as `start_sides`, and the
+    two references that fit the first half best are kept (a two-class refinement of a few hundred noisy
+    subtomograms can settle in a poor sorting; which start is best is judged on the first half only, so
+    the second half stays a fair test).
+    Returns dict(delta, second_half, cv_gain, cv_z, bic_two_better, separation, first_half_sizes, refs,
+    start_fits)."""
     from sklearn.mixture import GaussianMixture
     rng = np.random.default_rng(seed)
     members = np.asarray(members)
     order = rng.permutation(len(members))
     first, second = order[: len(members) // 2], order[len(members) // 2:]
-    sides = rng.integers(0, 2, len(first)) if start_sides is None else np.asarray(start_sides)[first]
-    if ab_initio_iterations:
-        # Each side's reference grown afresh (random orientations, annealed), then members free to move.
-        res = refine(data[members[first]], sides, tilt_range=tilt_range, n_rotations=n_rotations,
-                     fixed_iterations=ab_initio_iterations, free_iterations=iterations, anneal=anneal,
-                     lowpass_start=0.5, top=5, tau2=tau2, seed=seed + 1)
-    else:
-        res = refine(data[members[first]], sides, tilt_range=tilt_range,
-                     n_rotations=n_rotations, fixed_iterations=0, free_iterations=iterations, anneal=anneal,
-                     anneal_iterations=iterations // 2, start_mats=mats[first], tau2=tau2, seed=seed + 1,
-                     top=5)
+    starts = [rng.integers(0, 2, len(first)) if start_sides is None else np.asarray(start_sides)[first]]
+    starts += [rng.integers(0, 2, len(first)) for _ in range(int(random_starts))]
+    first_data = Refinement(data[members[first]], tilt_range=tilt_range, n_rotations=n_rotations, seed=seed)
+    best, start_fits = None, []
+    for sides in starts:
+        if ab_initio_iterations:
+            # Each side's reference grown afresh (random orientations, annealed), then members free to move.
+            res = refine(data[members[first]], sides, tilt_range=tilt_range, n_rotations=n_rotations,
+                         fixed_iterations=ab_initio_iterations, free_iterations=iterations, anneal=anneal,
+                         lowpass_start=0.5, top=5, tau2=tau2, seed=seed + 1)
+        else:
+            res = refine(data[members[first]], sides, tilt_range=tilt_range,
+                         n_rotations=n_rotations, fixed_iterations=0, free_iterations=iterations, anneal=anneal,
+                         anneal_iterations=iterations // 2, start_mats=mats[first], tau2=tau2, seed=seed + 1,
+                         top=5)
+        if len(starts) > 1:
+            # The first half's log-likelihood under each start's two references, at one noise level for all.
+            first_data.tau2 = tau2 if tau2 is not None else res['tau2']
+            share = np.clip(np.bincount(res['labels'], minlength=2) / len(first), 0.05, 0.95)
+            fit = float(np.logaddexp.reduce(first_data.expectation(res['references'], np.log(share))[1]
+                                            + np.log(share), axis=1).sum())
+        else:
+            fit = res['loglik']
+        start_fits.append(round(fit, 1))
+        if best is None or fit > best[0]:
+            best = (fit, res)
+    res = best[1]
     held = Refinement(data[members[second]], tilt_range=tilt_range, n_rotations=n_rotations, seed=seed)
     held.tau2 = res['tau2']
     _, lse, _, _ = held.expectation(res['references'], np.zeros(2))
@@ -327,7 +507,6 @@ def split_test(data, members, mats, tilt_range=None, n_rotations=2000, iteration
                         n_rotations=n_rotations, fixed_iterations=ab_initio_iterations, free_iterations=iterations,
                         anneal=anneal, lowpass_start=0.5, top=5, tau2=tau2, seed=seed + 1)['references']
     else:
-        first_data = Refinement(data[members[first]], tilt_range=tilt_range, n_rotations=n_rotations, seed=seed)
         single = first_data.maximisation_mats(np.ones((len(first), 1)), mats[first][:, None])
     _, lse_one, _, _ = held.expectation(single, np.zeros(1))
     share = np.clip(np.bincount(res['labels'], minlength=2) / len(first), 0.05, 0.95)
@@ -337,7 +516,7 @@ def split_test(data, members, mats, tilt_range=None, n_rotations=2000, iteration
     out = {'delta': delta, 'second_half': members[second], 'bic_two_better': bool(two.bic(d) < one.bic(d)),
            'separation': sep, 'weights': two.weights_.round(3).tolist(), 'means': mu.round(2).tolist(),
            'first_half_sizes': np.bincount(res['labels'], minlength=2).tolist(), 'refs': res['references'],
-           'cv_gain': float(gain.mean()), 'cv_z': z}
+           'cv_gain': float(gain.mean()), 'cv_z': z, 'start_fits': start_fits}
     if say:
         say({k: v for k, v in out.items() if k not in ('delta', 'second_half', 'refs')})
     return out
@@ -371,12 +550,14 @@ def feature_sides(features, seed=0, dim=6):
 
 
 def align_refine(data, labels, features=None, tilt_range=None, n_rotations=2000, fixed_iterations=14,
-                 free_iterations=8, split_ab_initio=10, split_iterations=8, min_z=SPLIT_MIN_Z, min_size=10,
-                 seed=0, say=None, truth=None, base=None):
+                 free_iterations=8, split_ab_initio=10, split_iterations=8, split_random_starts=2, split_depth=2,
+                 min_z=SPLIT_MIN_Z, min_size=10, seed=0, say=None, truth=None, base=None):
     """DISCA's clusters refined by alignment: references grown per cluster, every cluster of at least
     4·`min_size` members tested for two molecules (`split_test`, `split_accepted` at `min_z`; `features`,
-    DISCA's network features, give the test's two-way start), accepted splits made, then
-    `free_iterations` of multi-reference classification of every subtomogram against every reference."""
+    DISCA's network features, give one of the test's two-way starts, `split_random_starts` more are
+    random), accepted splits made and their sides tested again (down to `split_depth` splits from a
+    DISCA cluster: a cluster can hold three molecules), then `free_iterations` of multi-reference
+    classification of every subtomogram against every reference."""
     say = say or (lambda *_: None)
     labels = np.asarray(labels)
     base = base or refine(data, labels, tilt_range=tilt_range, n_rotations=n_rotations, fixed_iterations=fixed_iterations,
@@ -385,33 +566,42 @@ def align_refine(data, labels, features=None, tilt_range=None, n_rotations=2000,
     ks = np.unique(labels)
     new_labels = np.searchsorted(ks, labels)
     refs = list(base['references'])
+    # Orientations a cluster's test may start from: a side of a split keeps its parent DISCA cluster's.
+    parent = list(range(len(ks)))
     tests = []
-    for j in range(len(ks)):
+    queue = [(j, 0) for j in range(len(ks))]
+    while queue:
+        j, depth = queue.pop(0)
         members = np.flatnonzero(new_labels == j)
-        if len(members) < 4 * min_size:
+        if len(members) < 4 * min_size or depth >= split_depth:
             continue
         sides = feature_sides(features[members], seed) if features is not None else None
-        t = split_test(data, members, base['orientations'][:, j], tilt_range=tilt_range, n_rotations=n_rotations,
-                       iterations=split_iterations, tau2=base['tau2'], seed=seed + 17 * j, start_sides=sides,
-                       ab_initio_iterations=split_ab_initio)
+        t = split_test(data, members, base['orientations'][:, parent[j]], tilt_range=tilt_range,
+                       n_rotations=n_rotations, iterations=split_iterations, tau2=base['tau2'],
+                       seed=seed + 17 * j + 101 * depth, start_sides=sides, ab_initio_iterations=split_ab_initio,
+                       random_starts=split_random_starts)
         held = Refinement(data[members], tilt_range=tilt_range, n_rotations=n_rotations, seed=seed)
         held.tau2 = base['tau2']
         _, lse, _, _ = held.expectation(t['refs'], np.zeros(2))
         side = (lse[:, 1] > lse[:, 0]).astype(int)
         sizes = np.bincount(side, minlength=2)
         accepted = bool(split_accepted(t, min_z) and sizes.min() >= min_size)
-        row = {'cluster': j, 'size': int(len(members)), 'separation': round(t['separation'], 3),
+        row = {'cluster': j, 'depth': depth, 'size': int(len(members)), 'separation': round(t['separation'], 3),
                'cv_gain': round(t['cv_gain'], 3), 'cv_z': round(t['cv_z'], 2),
-               'bic_two_better': t['bic_two_better'], 'sides': sizes.tolist(), 'accepted': accepted}
+               'bic_two_better': t['bic_two_better'], 'start_fits': t['start_fits'], 'sides': sizes.tolist(),
+               'accepted': accepted}
         if truth is not None:
             row['truth'] = np.bincount(truth[members], minlength=int(truth.max()) + 1).tolist()
             row['truth_side1'] = np.bincount(truth[members[side == 1]], minlength=int(truth.max()) + 1).tolist()
         say({'stage': 'split test', **row})
         tests.append(row)
         if accepted:
-            new_labels[members[side == 1]] = len(refs)
+            new = len(refs)
+            new_labels[members[side == 1]] = new
             refs[j] = t['refs'][0]
             refs.append(t['refs'][1])
+            parent.append(parent[j])
+            queue += [(j, depth + 1), (new, depth + 1)]
     if free_iterations:
         final = refine(data, new_labels, tilt_range=tilt_range, n_rotations=n_rotations, fixed_iterations=0,
                        free_iterations=free_iterations, top=1, seed=seed + 1, tau2=base['tau2'], lowpass_start=0.5,
