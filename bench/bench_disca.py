@@ -207,9 +207,22 @@ def run_condition(name, args):
             else _merged_labels(result))
     if result.unrefined_labels is not None:
         record['disca']['before_refine'] = mixtures.clustering_scores(truth, result.unrefined_labels)
+    aligned = {}
+    if args.align_refine:
+        # what `cryopick disca --align-refine` does after the network: the same call, on the same tilt range
+        from cryopick_plugin.engine.disca import align
+        t0, c0 = time.time(), time.process_time()
+        out = align.run(stack, result.labels, result.features, tilt_range=result.options.get('wedge_tilt'),
+                        n_rotations=args.align_orientations, seed=args.seed, say=print)
+        record['align_refine'] = dict(mixtures.clustering_scores(truth, out['labels']), time_s=time.time() - t0,
+                                      cpu_s=time.process_time() - c0, tests=out['record']['tests'],
+                                      contingency={f'cluster {c}': np.bincount(truth[out['labels'] == c],
+                                                                               minlength=len(TEMPLATES)).tolist()
+                                                   for c in range(out['record']['k'])})
+        aligned = {'aligned_labels': out['labels']}
     # labels, truth, simulated orientations and the kept iteration's network features, to look at how a
     # class is split (and to try a check on the features without training again)
-    np.savez_compressed(os.path.join(args.out, f'{name}_labels.npz'), labels=result.labels, truth=truth,
+    np.savez_compressed(os.path.join(args.out, f'{name}_labels.npz'), labels=result.labels, truth=truth, **aligned,
                         iteration_labels=np.stack(result.iteration_labels),
                         features=np.asarray(result.features, dtype=np.float32),
                         eulers=np.asarray(sim.eulers), class_names=np.asarray(sim.class_names))
@@ -273,6 +286,10 @@ def main(argv=None):
     parser.add_argument('--mixture-view', choices=('network', 'joint'), default=None,
                         help="what each iteration's mixture is fitted on: the network's features, or those and "
                              "the rotation-invariant features side by side (default: the preset's)")
+    parser.add_argument('--align-refine', action='store_true',
+                        help="then refine DISCA's clusters by alignment (engine.disca.align.run, as `cryopick disca "
+                             "--align-refine`), scored as 'align_refine'")
+    parser.add_argument('--align-orientations', type=int, default=2000)
     parser.add_argument('--analysis', action='store_true',
                         help='also: per-cluster averages after undoing the simulated orientations, '
                              'correlated with the templates, and the Fig. 3B feature distances of rotated '
@@ -296,7 +313,7 @@ def main(argv=None):
         with open(path + '.part', 'w') as fh:
             json.dump(done, fh, indent=1)
         os.replace(path + '.part', path)
-        summary = {k: record[k] for k in ('disca', 'raw', 'spectral') if k in record}
+        summary = {k: record[k] for k in ('disca', 'align_refine', 'raw', 'spectral') if k in record}
         print(name, json.dumps({k: {m: v[m] for m in ('k', 'accuracy', 'homogeneity', 'completeness')}
                                 for k, v in summary.items()}) if summary else record.get('time_per_iteration_s'))
     return 0

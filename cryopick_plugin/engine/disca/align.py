@@ -513,7 +513,18 @@ def split_test(data, members, mats, tilt_range=None, n_rotations=2000, iteration
     mixture = np.logaddexp(lse[:, 0] + np.log(share[0]), lse[:, 1] + np.log(share[1]))
     gain = mixture - lse_one[:, 0]
     z = float(gain.mean() / (gain.std() + 1e-12) * np.sqrt(len(gain)))
-    out = {'delta': delta, 'second_half': members[second], 'bic_two_better': bool(two.bic(d) < one.bic(d)),
+    extra = {}
+    if ab_initio_iterations:
+        larger = int(np.bincount(res['labels'], minlength=2).max())
+        subset = rng.permutation(len(first))[:larger]
+        single_m = refine(data[members[first[subset]]], np.zeros(larger, int), tilt_range=tilt_range,
+                          n_rotations=n_rotations, fixed_iterations=ab_initio_iterations, free_iterations=iterations,
+                          anneal=anneal, lowpass_start=0.5, top=5, tau2=tau2, seed=seed + 1)['references']
+        _, lse_m, _, _ = held.expectation(single_m, np.zeros(1))
+        gain_m = mixture - lse_m[:, 0]
+        extra = {'cv_gain_matched': float(gain_m.mean()),
+                 'cv_z_matched': float(gain_m.mean() / (gain_m.std() + 1e-12) * np.sqrt(len(gain_m)))}
+    out = {**extra, 'delta': delta, 'second_half': members[second], 'bic_two_better': bool(two.bic(d) < one.bic(d)),
            'separation': sep, 'weights': two.weights_.round(3).tolist(), 'means': mu.round(2).tolist(),
            'first_half_sizes': np.bincount(res['labels'], minlength=2).tolist(), 'refs': res['references'],
            'cv_gain': float(gain.mean()), 'cv_z': z, 'start_fits': start_fits}
@@ -589,6 +600,7 @@ def align_refine(data, labels, features=None, tilt_range=None, n_rotations=2000,
         row = {'cluster': j, 'depth': depth, 'size': int(len(members)), 'separation': round(t['separation'], 3),
                'cv_gain': round(t['cv_gain'], 3), 'cv_z': round(t['cv_z'], 2),
                'bic_two_better': t['bic_two_better'], 'start_fits': t['start_fits'], 'sides': sizes.tolist(),
+               **{key: round(t[key], 2) for key in ('cv_z_matched', 'cv_gain_matched') if key in t},
                'accepted': accepted}
         if truth is not None:
             row['truth'] = np.bincount(truth[members], minlength=int(truth.max()) + 1).tolist()
