@@ -16,8 +16,8 @@ With --align-refine the clusters are then refined by multi-reference alignment w
 (`engine.disca.align`): a reference per cluster grown from its members, each cluster tested on held-out
 members for two molecules and split when it holds them, every subtomogram classified against all
 references. labels.star then holds those classes, the class averages are aligned and wedge-compensated,
-and history.json's 'alignment' records each step and test; disca_model.pt still predicts the network's
-clusters ('network_k').
+and history.json's 'alignment' records each step and test; disca_model.pt holds the refinement's
+references and predicts its classes (the network's own clusters: 'network_k').
 
 Needs at least 10 subtomograms per cluster of the smallest K; the largest K is lowered to N // 10.
 
@@ -141,9 +141,6 @@ def main(args):
                                                'precision': args.precision},
                                               **({'refine_iter': args.refine_iter}
                                                  if args.refine_iter is not None else {})))
-    model_path = os.path.join(args.out, 'disca_model.pt')
-    model.save_disca_model(model_path, result, {'voxel_size': voxel,
-                                                'source': os.path.abspath(args.subtomograms)})
     labels, probabilities, k, alignment = result.labels, result.probabilities, result.k, None
     if args.align_refine:
         from cryopick_plugin.engine.disca import align
@@ -154,6 +151,9 @@ def main(args):
         # posterior under the alignment model, where labelled_table reads it.
         probabilities = np.zeros((len(labels), k))
         probabilities[np.arange(len(labels)), labels] = alignment['probability']
+    model_path = os.path.join(args.out, 'disca_model.pt')
+    model.save_disca_model(model_path, result, {'voxel_size': voxel, 'source': os.path.abspath(args.subtomograms)},
+                           alignment=alignment['model'] if alignment is not None else None)
     write_star(os.path.join(args.out, 'labels.star'),
                {'particles': labelled_table(table, labels, probabilities)})
     averages = []
@@ -175,8 +175,9 @@ def main(args):
     if alignment is not None:
         summary['network_k'] = result.k
         summary['alignment'] = alignment['record']
-        summary['alignment']['note'] = ('labels.star holds the classes of the alignment refinement; '
-                                        'disca_model.pt predicts the network\'s clusters (network_k)')
+        summary['alignment']['note'] = ('labels.star holds the classes of the alignment refinement, and '
+                                        'disca_model.pt predicts them (against the refinement\'s references); '
+                                        'network_k: the network\'s clusters before it')
     with atomic_path(os.path.join(args.out, 'history.json')) as tmp:
         with open(tmp, 'w') as fh:
             json.dump(summary, fh, indent=1)

@@ -167,7 +167,7 @@ class CryopickDisca(_ClassesOutputMixin, CryopickProtocol, ProtTomoBase):
                            'against all references. At very low SNR with a strong wedge, where the network\'s '
                            'features mix molecules, this recovers them; the class averages become aligned, '
                            'wedge-compensated averages. Costs about 20 minutes per 1 000 subtomograms on one CPU '
-                           'core. The DISCA model output still predicts the network\'s clusters.')
+                           'core. The DISCA model output then predicts these classes.')
         form.addParam('seed', params.IntParam, default=0, label='Random seed', expertLevel=params.LEVEL_ADVANCED,
                       help='Seed of the random number generators (weights, sampling), so a run can be repeated.')
         self._defineComputeParams(form, gpu=True)

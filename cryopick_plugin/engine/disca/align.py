@@ -660,4 +660,21 @@ def run(stack, labels, features=None, tilt_range=None, n_rotations=2000, box=16,
               'k': int(len(used)), 'orientations': n_rotations, 'box': int(data.shape[-1]),
               'tilt_range': tilt_range, 'seconds': round(time.time() - t0, 1)}
     return {'labels': new, 'probability': gamma[np.arange(len(hard)), hard], 'matrices': matrices,
-            'averages': averages, 'record': record}
+            'averages': averages, 'record': record,
+            'model': {'references': final['references'][used].astype(np.float32), 'tau2': float(final['tau2']),
+                      'box': int(box), 'tilt_range': tilt_range, 'orientations': int(n_rotations),
+                      'seed': int(seed)}}
+
+
+def classify(stack, references, tau2, box=16, tilt_range=None, n_rotations=2000, seed=0):
+    """Subtomograms assigned to the classes of a finished refinement (its `run(...)['model']`): binned and
+    normalised as the refinement's were, scored against every reference over the orientation grid, the
+    missing wedge included. Returns (labels (n,), posteriors (n, K))."""
+    data = prepare(stack, box)
+    if data.shape[-1] != np.asarray(references).shape[-1]:
+        raise InputError('subtomograms', f"binned to {data.shape[-1]}³, the refinement's references are "
+                                         f"{np.asarray(references).shape[-1]}³: the box is too small")
+    scorer = Refinement(data, tilt_range=tilt_range, n_rotations=n_rotations, seed=seed)
+    scorer.tau2 = float(tau2)
+    gamma = scorer.expectation(np.asarray(references, np.float32), np.zeros(len(references)))[0]
+    return gamma.argmax(axis=1), gamma

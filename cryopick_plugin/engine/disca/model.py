@@ -12,13 +12,20 @@ from .mixtures import posterior, project
 METHOD = 'disca'
 
 
-def save_disca_model(path, result, meta=None):
-    """Write the kept network + PCA + mixture of a DiscaResult as a cryopick model file; return the path."""
+def save_disca_model(path, result, meta=None, alignment=None):
+    """Write the kept network + PCA + mixture of a DiscaResult as a cryopick model file; return the path.
+    With `alignment` (`align.run(...)['model']`), the refinement's references go in too, and the model
+    predicts its classes (what labels.star of that run holds) rather than the network's clusters."""
     info = dict(result.meta)
     info['options'] = result.options
     info['history'] = [{k: v for k, v in h.items() if k != 'bic_by_k'} for h in result.history]
     info.update(meta or {})
-    return save_model(path, METHOD, result.arch, result.model_state, info)
+    state = dict(result.model_state)
+    if alignment is not None:
+        import torch
+        state['align.references'] = torch.from_numpy(np.asarray(alignment['references'], np.float32))
+        info['alignment'] = {k: v for k, v in alignment.items() if k != 'references'}
+    return save_model(path, METHOD, result.arch, state, info)
 
 
 def disca_features(stack, model_path, device='auto', batch_size=64):
@@ -46,10 +53,22 @@ def disca_predict(stack, model_path, device='auto', batch_size=64):
 
     Labels follow the model's mixture and then, in order, the splits its split check stored (a member of
     a split cluster goes to the side its spectral features fall on); a split cluster's probability is
-    shared between its two sides by the split's posterior.
+    shared between its two sides by the split's posterior. A model of a run refined by alignment
+    (`--align-refine`) assigns them to that run's classes instead, against its references (`align.classify`).
     stack: (N, b, b, b) with the box size the model was trained on. Returns (labels (N,) 0-based,
     probabilities (N, K) posterior of each cluster).
     """
+    _, state, meta = load_model(model_path, METHOD)
+    if 'align.references' in state:
+        # a refined run: its classes are the alignment's, decided against its references
+        from . import align
+        settings = meta['alignment']
+        box = meta.get('input_box')
+        if box is not None and np.asarray(stack).shape[-1] != int(box):
+            raise InputError(model_path, f"model was trained on {box}³ subtomograms, got {np.asarray(stack).shape[-1]}³")
+        return align.classify(stack, state['align.references'].numpy(), settings['tau2'], box=settings['box'],
+                              tilt_range=settings['tilt_range'], n_rotations=settings['orientations'],
+                              seed=settings['seed'])
     _, x, state = disca_features(stack, model_path, device, batch_size)
     prob = posterior(x, state)
     labels, prob = apply_splits(np.asarray(stack), state, prob.argmax(axis=1).astype(int), prob)

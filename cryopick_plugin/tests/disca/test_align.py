@@ -124,6 +124,11 @@ def test_disca_command_with_alignment_refinement(tmp_path, two_molecules):
     assert max(np.mean(found == sim.labels), np.mean(found != sim.labels)) > 0.9
     assert [a['aligned'] for a in history['class_averages']] == [True] * k
     assert sum(a['size'] for a in history['class_averages']) == len(sim.stack)
+    # the saved model predicts the refinement's classes, not the network's single cluster
+    assert main(['disca-predict', str(star), '--model', str(out / 'disca_model.pt'),
+                 '--out', str(tmp_path / 'predicted.star')]) == 0
+    predicted = next(iter(read_star_blocks(tmp_path / 'predicted.star').values()))
+    assert np.mean(predicted['rlnClassNumber'].to_numpy() == table['rlnClassNumber'].to_numpy()) > 0.95
 
 
 def test_disca_command_refuses_a_tiny_orientation_grid(tmp_path, capsys, two_molecules):
