@@ -171,6 +171,14 @@ class TestProtocols3D(BaseTest):
         pred = self.newProtocol(CryopickDiscaPredict, inputSubtomograms=subtomos, inputModel=model)
         self.launchProtocol(pred)
         self.assertEqual(sum(c.getSize() for c in pred.outputClasses.iterItems()), n)
+        # the refined run's model predicts its classes (against the references), so the same subtomograms
+        # fall into classes of the same sizes
+        again = self.newProtocol(CryopickDiscaPredict, inputSubtomograms=subtomos, inputModel=aligned.outputModel)
+        self.launchProtocol(again)
+        predicted = sorted(c.getSize() for c in again.outputClasses.iterItems())
+        refined_sizes = sorted(c.getSize() for c in aligned.outputClasses.iterItems())
+        self.assertEqual(len(predicted), len(refined_sizes))
+        self.assertLessEqual(sum(abs(a - b) for a, b in zip(predicted, refined_sizes)), 0.1 * n)
 
     def test_labels_train_pick_and_model_import(self):
         """Weak labels → training (2 short epochs) → picking → model import → picking again."""
