@@ -125,7 +125,7 @@ class TestProtocols3D(BaseTest):
         self.assertGreaterEqual(n, 20)
         # no tilt given: the missing wedge comes from the tomograms' acquisition (imported at -60…60°)
         disca = self.newProtocol(CryopickDisca, inputSubtomograms=subtomos, kMin=2, kMax=3, maxIter=2,
-                                 refineIter=2)
+                                 refineIter=2, alignRefine=False)
         self.assertRegex(' '.join(disca.summary()), r"±60° from the .*acquisition \(-60…60°\)")
         self.launchProtocol(disca)
         classes = disca.outputClasses
@@ -157,10 +157,10 @@ class TestProtocols3D(BaseTest):
         model = disca.outputModel
         self.assertEqual(model.getMethod(), 'disca')
         self.assertTrue(model.exists())
-        # the alignment refinement, asked for in the form, runs after the clustering: its classes are the
-        # output, with aligned class averages
-        aligned = self.newProtocol(CryopickDisca, inputSubtomograms=subtomos, kMin=2, kMax=3, maxIter=1,
-                                   alignRefine=True)
+        # the alignment refinement, on by default, runs after the clustering: its classes are the output,
+        # with aligned class averages
+        aligned = self.newProtocol(CryopickDisca, inputSubtomograms=subtomos, kMin=2, kMax=3, maxIter=1)
+        self.assertTrue(aligned.alignRefine.get())
         self.launchProtocol(aligned)
         refined = json.load(open(aligned._getExtraPath('disca', 'history.json')))
         self.assertEqual(refined['alignment']['tilt_range'], 60.0)

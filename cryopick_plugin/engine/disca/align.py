@@ -518,6 +518,7 @@ def split_test(data, members, mats, tilt_range=None, n_rotations=2000, iteration
     gain = mixture - lse_one[:, 0]
     z = float(gain.mean() / (gain.std() + 1e-12) * np.sqrt(len(gain)))
     out = {'delta': delta, 'second_half': members[second], 'bic_two_better': bool(two.bic(d) < one.bic(d)),
+           'bic_margin': float(one.bic(d) - two.bic(d)),
            'separation': sep, 'weights': two.weights_.round(3).tolist(), 'means': mu.round(2).tolist(),
            'first_half_sizes': np.bincount(res['labels'], minlength=2).tolist(), 'refs': res['references'],
            'cv_gain': float(gain.mean()), 'cv_z': z, 'start_fits': start_fits}
@@ -592,7 +593,8 @@ def align_refine(data, labels, features=None, tilt_range=None, n_rotations=2000,
         accepted = bool(split_accepted(t, min_z) and sizes.min() >= min_size)
         row = {'cluster': j, 'depth': depth, 'size': int(len(members)), 'separation': round(t['separation'], 3),
                'cv_gain': round(t['cv_gain'], 3), 'cv_z': round(t['cv_z'], 2),
-               'bic_two_better': t['bic_two_better'], 'start_fits': t['start_fits'], 'sides': sizes.tolist(),
+               'bic_two_better': t['bic_two_better'], 'bic_margin': round(t['bic_margin'], 2),
+               'start_fits': t['start_fits'], 'sides': sizes.tolist(),
                'accepted': accepted}
         if truth is not None:
             row['truth'] = np.bincount(truth[members], minlength=int(truth.max()) + 1).tolist()

@@ -1,5 +1,5 @@
 """DISCA's alignment refinement (`engine.disca.align`): wedge-compensated averages, references grown from
-blobs by alignment, the held-out split test, and `cryopick disca --align-refine`."""
+blobs by alignment, the held-out split test, and `cryopick disca`, which refines by alignment by default."""
 import json
 
 import numpy as np
@@ -109,9 +109,10 @@ def test_disca_command_with_alignment_refinement(tmp_path, two_molecules):
     sim = two_molecules
     star = _write_star(tmp_path, sim.stack, cpTiltAngleMin=-60.0, cpTiltAngleMax=60.0)
     out = tmp_path / 'run'
-    # The network made to keep both molecules in one cluster (K = 1): the alignment refinement finds two.
+    # The network made to keep both molecules in one cluster (K = 1): the alignment refinement, on by
+    # default, finds two.
     assert main(['disca', str(star), '--out', str(out), '--max-iter', '1', '--k-min', '1', '--k-max', '1',
-                 '--device', 'cpu', '--no-split-check', '--align-refine', '--align-orientations', '300']) == 0
+                 '--device', 'cpu', '--no-split-check', '--align-orientations', '300']) == 0
     table = next(iter(read_star_blocks(out / 'labels.star').values()))
     history = json.loads((out / 'history.json').read_text())
     k = history['k']

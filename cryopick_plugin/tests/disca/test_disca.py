@@ -462,8 +462,9 @@ def test_commands_end_to_end(tmp_path):
     star = _write_star(tmp_path, stack)
     out = tmp_path / 'run'
     # One iteration of the 'cpu' network: features of the untrained network, clustering, outputs.
+    # the network's clusters as they are (the alignment refinement that follows by default: test_align.py)
     assert main(['disca', str(star), '--out', str(out), '--max-iter', '1', '--k-max', '3',
-                 '--device', 'cpu']) == 0
+                 '--device', 'cpu', '--no-align-refine']) == 0
     for name in ('disca_model.pt', 'disca_model.pt.json', 'labels.star', 'history.json', 'embeddings.npz'):
         assert (out / name).exists(), name
     table = next(iter(read_star_blocks(out / 'labels.star').values()))
@@ -486,7 +487,7 @@ def test_commands_end_to_end(tmp_path):
     # the acquisition's tilt range in the STAR file reaches the engine
     tilted = _write_star(tmp_path, stack, name='tilted.star', cpTiltAngleMin=-60.0, cpTiltAngleMax=60.0)
     assert main(['disca', str(tilted), '--out', str(tmp_path / 'nosplit'), '--max-iter', '1', '--k-max', '3',
-                 '--device', 'cpu', '--no-split-check']) == 0
+                 '--device', 'cpu', '--no-split-check', '--no-align-refine']) == 0
     nosplit = json.loads((tmp_path / 'nosplit' / 'history.json').read_text())
     assert 'split_check' not in nosplit['meta']
     assert nosplit['meta']['wedge'] == {'source': 'given', 'tilt_range': 60.0} and 'tilted.star' in nosplit['wedge_note']
