@@ -123,6 +123,7 @@ def _logsumexp_rows(values):
 
 
 _GRID_OPERATORS = {}
+PADDED_CACHE_BYTES = 4 << 30
 
 
 class Refinement:
@@ -138,8 +139,6 @@ class Refinement:
         self.tilt_range = tilt_range
         self.wedge = wedge_filter(n, tilt_range)
         self.wedge_fraction = float(self.wedge.mean())
-        # The wedge as a real volume centred in the box (fftshift), so it turns with the same rotations.
-        self.wedge_centred = np.fft.fftshift(self.wedge)
         radius = _fft_grid_radius(n)
         self.lowpass = 0.5 if lowpass is None else float(lowpass)
         self.band = (radius <= self.lowpass).astype(np.float32)
@@ -289,12 +288,16 @@ class Refinement:
         return gamma, lse, top_ll, top_idx
 
     # -- M-step ------------------------------------------------------------------------------------------
-    def _padded_spectra(self):
-        """Every subtomogram's centred spectrum sampled twice as finely, (n, 8n³) complex64 (made once, on
-        the first M-step: scoring needs only the wedge-kept frequencies)."""
-        if getattr(self, '_padded', None) is None:
-            self._padded = np.stack([self.reference_spectrum(v) for v in self.x]).astype(np.complex64)
-        return self._padded
+    def _padded_spectra(self, rows):
+        """Subtomograms' centred spectra sampled twice as finely, (len(rows), 8n³) complex64. Kept for all
+        subtomograms after the first M-step when they fit in PADDED_CACHE_BYTES (4 GiB: 13 000 subtomograms
+        at 17³), else made again for each use (slower, bounded memory)."""
+        cache = getattr(self, '_padded', None)
+        if cache is None and self.n_part * (2 * self.n) ** 3 * 8 <= PADDED_CACHE_BYTES:
+            cache = self._padded = np.stack([self.reference_spectrum(v) for v in self.x]).astype(np.complex64)
+        if cache is not None:
+            return cache[rows]
+        return np.stack([self.reference_spectrum(self.x[r]) for r in rows]).astype(np.complex64)
 
     def turned_back(self, rows, mats, weights, band=None, wiener=0.05, chunk=128):
         """The wedge-compensated weighted average of subtomograms `rows` turned back by their orientations
@@ -305,7 +308,6 @@ class Refinement:
         n = self.n
         if not len(rows):
             return np.zeros((n,) * 3, np.float32)
-        padded = self._padded_spectra()
         k = np.stack(np.meshgrid(*[np.rint(np.fft.fftfreq(n) * n)] * 3, indexing='ij'), axis=-1).reshape(-1, 3)
         half = (k[:, 2] > 0) | ((k[:, 2] == 0) & (k[:, 1] > 0)) | ((k[:, 2] == 0) & (k[:, 1] == 0) & (k[:, 0] >= 0))
         inside = np.ones(n ** 3, bool) if band is None else band.reshape(-1) > 0
@@ -318,7 +320,8 @@ class Refinement:
             r, a, w = rows[s:s + chunk], np.asarray(mats[s:s + chunk]), np.asarray(weights[s:s + chunk], np.float64)
             turned = np.einsum('mij,kj->mki', a[:, _PERM][:, :, _PERM], k[chosen])  # A k, (z, y, x)
             idx, wts = _trilinear_corners(2.0 * turned, 2 * n)
-            flat = idx + (r.astype(np.int64) * padded.shape[1])[:, None, None]
+            padded = self._padded_spectra(r)
+            flat = idx + (np.arange(len(r)) * padded.shape[1])[:, None, None]
             num += w @ (padded.reshape(-1)[flat] * wts).sum(axis=-1)
             idx, wts = _trilinear_corners(turned, n)
             den += w @ (wedge_flat[idx] * wts).sum(axis=-1)
