@@ -117,6 +117,19 @@ def _trilinear_corners(coords, size):
     return np.stack(idx, axis=-1), np.stack(wts, axis=-1)
 
 
+def _half_spectrum(n):
+    """Integer (z, y, x) frequencies of an n³ spectrum in the fftfreq layout, (n³, 3) float, and the mask of
+    one of each Friedel pair (k and −k; the origin is its own pair)."""
+    k = np.stack(np.meshgrid(*[np.rint(np.fft.fftfreq(n) * n)] * 3, indexing='ij'), axis=-1).reshape(-1, 3)
+    half = (k[:, 2] > 0) | ((k[:, 2] == 0) & (k[:, 1] > 0)) | ((k[:, 2] == 0) & (k[:, 1] == 0) & (k[:, 0] >= 0))
+    return k, half
+
+
+def _side_shares(labels, count):
+    """The two sides' shares of `count` members, kept off 0 and 1 (mixture weights)."""
+    return np.clip(np.bincount(labels, minlength=2) / count, 0.05, 0.95)
+
+
 def _logsumexp_rows(values):
     peak = values.max(axis=1)
     return peak + np.log(np.exp(values - peak[:, None]).sum(axis=1))
@@ -136,7 +149,6 @@ class Refinement:
         if n % 2 == 0:
             raise InputError('subtomograms', f"alignment needs an odd box (see prepare), got {n}")
         self.n = n
-        self.tilt_range = tilt_range
         self.wedge = wedge_filter(n, tilt_range)
         self.wedge_fraction = float(self.wedge.mean())
         radius = _fft_grid_radius(n)
@@ -151,14 +163,12 @@ class Refinement:
         self.tau2 = 1.0 / max(self.wedge_fraction, 1e-3)
         # The scored frequencies: kept by the wedge, within Nyquist, one of each Friedel pair (weight 2;
         # the origin weight 1), as integer (z, y, x) offsets from the origin.
-        k = np.stack(np.meshgrid(*[np.rint(np.fft.fftfreq(n) * n)] * 3, indexing='ij'), axis=-1).reshape(-1, 3)
-        half = (k[:, 2] > 0) | ((k[:, 2] == 0) & (k[:, 1] > 0)) | ((k[:, 2] == 0) & (k[:, 1] == 0) & (k[:, 0] >= 0))
-        keep = half & (self.wedge.reshape(-1) > 0.5) & (np.sqrt((k ** 2).sum(axis=1)) <= n / 2.0)
-        self.k_index = np.flatnonzero(keep)
+        k, half = _half_spectrum(n)
+        keep = np.flatnonzero(half & (self.wedge.reshape(-1) > 0.5) & (np.sqrt((k ** 2).sum(axis=1)) <= n / 2.0))
         self.k_vectors = k[keep]
         pair = np.where((self.k_vectors == 0).all(axis=1), 1.0, 2.0)
         self.k_weight = np.concatenate([pair, pair]).astype(np.float32) / n ** 3
-        spectra = _centred_spectrum(self.x).reshape(self.n_part, -1)[:, self.k_index]
+        spectra = _centred_spectrum(self.x).reshape(self.n_part, -1)[:, keep]
         # ⟨x, W·m⟩ = Σ_k weight·(Re x̂·Re m̂ + Im x̂·Im m̂): the data side carries the weights.
         self.feat = (np.concatenate([spectra.real, spectra.imag], axis=1) * self.k_weight).astype(np.float32)
         self.x_norm2 = np.square(self.x.reshape(self.n_part, -1)).sum(axis=1).astype(np.float64)
@@ -308,8 +318,7 @@ class Refinement:
         n = self.n
         if not len(rows):
             return np.zeros((n,) * 3, np.float32)
-        k = np.stack(np.meshgrid(*[np.rint(np.fft.fftfreq(n) * n)] * 3, indexing='ij'), axis=-1).reshape(-1, 3)
-        half = (k[:, 2] > 0) | ((k[:, 2] == 0) & (k[:, 1] > 0)) | ((k[:, 2] == 0) & (k[:, 1] == 0) & (k[:, 0] >= 0))
+        k, half = _half_spectrum(n)
         inside = np.ones(n ** 3, bool) if band is None else band.reshape(-1) > 0
         chosen = np.flatnonzero(half & inside)
         partner = np.ravel_multi_index(tuple((-k[chosen].astype(np.int64) % n).T), (n,) * 3)
@@ -483,7 +492,7 @@ def split_test(data, members, mats, tilt_range=None, n_rotations=2000, iteration
         if len(starts) > 1:
             # The first half's log-likelihood under each start's two references, at one noise level for all.
             first_data.tau2 = tau2 if tau2 is not None else res['tau2']
-            share = np.clip(np.bincount(res['labels'], minlength=2) / len(first), 0.05, 0.95)
+            share = _side_shares(res['labels'], len(first))
             fit = float(np.logaddexp.reduce(first_data.expectation(res['references'], np.log(share))[1]
                                             + np.log(share), axis=1).sum())
         else:
@@ -506,7 +515,7 @@ def split_test(data, members, mats, tilt_range=None, n_rotations=2000, iteration
     # side, so that neither model is favoured by its references' noise: on one molecule the mixture gains
     # nothing (measured: a single reference from the whole first half, less noisy, made the gain negative
     # on one molecule and small on some mixtures sorted imperfectly); two molecules gain.
-    share = np.clip(np.bincount(res['labels'], minlength=2) / len(first), 0.05, 0.95)
+    share = _side_shares(res['labels'], len(first))
     larger = int(np.bincount(res['labels'], minlength=2).max())
     subset = first[rng.permutation(len(first))[:larger]]
     if ab_initio_iterations:
@@ -531,13 +540,12 @@ def split_test(data, members, mats, tilt_range=None, n_rotations=2000, iteration
 
 
 # A split needs both verdicts of `split_test` (bench/README.md §2, "tenth pass": the single reference
-# matched in size to the larger side, SNR 0.01 and 0.1, ±40°, seeds 0 and 1):
+# matched in size to the larger side; twelve cells, SNR 0.01 / 0.03 / 0.1, ±40° and ±60°, seeds 0 and 1):
 # - the held-out log-likelihood gain of two references over one, in standard errors (cv_z): clusters of
-#   one molecule −0.1 … +4.5 at SNR 0.01 and +3.2 … +8.3 at SNR 0.1 (where the likelihood is sharp and a
-#   second reference also fits what one reconstruction of a molecule misses); clusters of two or three
-#   molecules +6.9 … +13.2;
-# - BIC prefers two Gaussians for the held-out Δ: true of every mixture, and of 1 of 11 single molecules
-#   (whose cv_z was 3.6). Ashman's D, recorded, is no verdict: a mixture of three molecules, or of two
+#   two or three molecules +6.9 … +13.2, but clusters of one molecule up to +8.3 at SNR 0.1 (where the
+#   likelihood is sharp and a second reference also fits what one reconstruction misses) and once +19.7;
+# - BIC prefers two Gaussians for the held-out Δ: true of every mixture, and of 2 of 51 single molecules
+#   (their cv_z 3.6 and −1.4). Ashman's D, recorded, is no verdict: a mixture of three molecules, or of two
 #   sorted imperfectly, gives D 2.2 … 2.9, single molecules up to 3.7.
 SPLIT_MIN_Z = 5.0
 

@@ -28,15 +28,19 @@ def save_disca_model(path, result, meta=None, alignment=None):
     return save_model(path, METHOD, result.arch, state, info)
 
 
+def _check_box(stack, meta, model_path):
+    box = meta.get('input_box')
+    if stack.ndim == 4 and box is not None and stack.shape[-1] != int(box):
+        raise InputError(model_path, f"model was trained on {box}³ subtomograms, got {stack.shape[-1]}³")
+
+
 def disca_features(stack, model_path, device='auto', batch_size=64):
     """Network features of subtomograms under a saved DISCA model: (features (N, F), their PCA projection
     (N, d) — the space the mixture lives in, with the subtomograms' rotation-invariant features beside the
     network's for a joint-view model —, state dict of the model file)."""
     arch, state, meta = load_model(model_path, METHOD)
     stack = np.asarray(stack)
-    box = meta.get('input_box')
-    if stack.ndim == 4 and box is not None and stack.shape[-1] != int(box):
-        raise InputError(model_path, f"model was trained on {box}³ subtomograms, got {stack.shape[-1]}³")
+    _check_box(stack, meta, model_path)
     device = resolve_device(device)
     data = yopo.prepare_stack(stack, arch)
     net = yopo.build_features(arch)
@@ -63,9 +67,7 @@ def disca_predict(stack, model_path, device='auto', batch_size=64):
         # a refined run: its classes are the alignment's, decided against its references
         from . import align
         settings = meta['alignment']
-        box = meta.get('input_box')
-        if box is not None and np.asarray(stack).shape[-1] != int(box):
-            raise InputError(model_path, f"model was trained on {box}³ subtomograms, got {np.asarray(stack).shape[-1]}³")
+        _check_box(np.asarray(stack), meta, model_path)
         return align.classify(stack, state['align.references'].numpy(), settings['tau2'], box=settings['box'],
                               tilt_range=settings['tilt_range'], n_rotations=settings['orientations'],
                               seed=settings['seed'])
